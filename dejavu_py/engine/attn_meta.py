@@ -1,0 +1,141 @@
+"""Where a step's tokens sit: positions, KV slots and the attention layout, shared by all layers.
+
+Legend: T = new tokens of the step (sequences packed one after another), B = decode sequences
+(one new token each), L = longest context among them, S = sequences whose logits are wanted,
+H = query heads, K = KV heads, D = head dim, N = KV cache slots.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SeqSlice:
+    """One sequence's part in a step, as the runner knows it."""
+
+    start_pos: int
+    """Tokens of the sequence already in the KV cache (the first new token's position)."""
+    num_tokens: int
+    """New tokens this step (the prompt on prefill, 1 on decode)."""
+    block_table: list[int]
+    """KV blocks of the sequence, in order."""
+    wants_logits: bool = True
+    """Whether the last new token's logits are needed (to sample the next token)."""
+
+
+@dataclass
+class PrefillSeq:
+    """A sequence with several new tokens, attended on its own with a causal mask."""
+
+    row: int
+    """First row of its tokens in the packed T dimension."""
+    num_tokens: int
+    start_pos: int
+    ctx_slots: torch.Tensor
+    """int64 [start_pos + num_tokens] cache slots of its whole context."""
+
+
+@dataclass
+class AttnMeta:
+    """Everything attention needs about one step, built once per step per stage."""
+
+    positions_T: torch.Tensor
+    """int64 [T] absolute position of each new token (for RoPE)."""
+    slots_T: torch.Tensor
+    """int64 [T] cache slot where each new token's K/V is written."""
+    decode_rows_B: torch.Tensor
+    """int64 [B] row in T of each single-token sequence."""
+    decode_slots_BL: torch.Tensor
+    """int64 [B, L] cache slots of each decode sequence's context, padded with slot 0."""
+    decode_mask_BL: torch.Tensor
+    """bool [B, L] True where a context position is real."""
+    prefills: list[PrefillSeq]
+    """Multi-token sequences, attended one by one."""
+    logits_rows_S: torch.Tensor
+    """int64 [S] rows whose hidden state yields logits (last new token of each sampling sequence)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions_T.numel())
+
+
+def slot_of(table: list[int], pos: int, block_size: int) -> int:
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def context_slots(table: list[int], length: int, block_size: int) -> list[int]:
+    """Cache slots of positions ``0..length-1`` of a sequence."""
+    return [slot_of(table, p, block_size) for p in range(length)]
+
+
+def build_attn_meta(seqs: list[SeqSlice], block_size: int, device: torch.device | str = "cpu") -> AttnMeta:
+    """Lay out one step: ``seqs`` in the order their tokens are packed in the step's input."""
+    positions: list[int] = []
+    slots: list[int] = []
+    decode_rows: list[int] = []
+    decode_ctx: list[list[int]] = []
+    prefills: list[PrefillSeq] = []
+    logits_rows: list[int] = []
+    row = 0
+    for s in seqs:
+        end = s.start_pos + s.num_tokens
+        if len(s.block_table) * block_size < end:
+            raise ValueError(f"block table of {len(s.block_table)} blocks cannot hold {end} tokens")
+        ctx = context_slots(s.block_table, end, block_size)
+        positions.extend(range(s.start_pos, end))
+        slots.extend(ctx[s.start_pos:])
+        if s.num_tokens == 1:
+            decode_rows.append(row)
+            decode_ctx.append(ctx)
+        else:
+            prefills.append(PrefillSeq(row, s.num_tokens, s.start_pos, torch.tensor(ctx, dtype=torch.long, device=device)))
+        if s.wants_logits:
+            logits_rows.append(row + s.num_tokens - 1)
+        row += s.num_tokens
+    width = max((len(c) for c in decode_ctx), default=0)
+    pad_slots = [c + [0] * (width - len(c)) for c in decode_ctx]
+    mask = [[True] * len(c) + [False] * (width - len(c)) for c in decode_ctx]
+
+    def t(x: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        return torch.tensor(x, dtype=dtype, device=device)
+
+    return AttnMeta(
+        positions_T=t(positions),
+        slots_T=t(slots),
+        decode_rows_B=t(decode_rows),
+        decode_slots_BL=t(pad_slots).reshape(len(decode_ctx), width),
+        decode_mask_BL=t(mask, torch.bool).reshape(len(decode_ctx), width),
+        prefills=prefills,
+        logits_rows_S=t(logits_rows),
+    )
+
+
+def paged_attention(
+    q_THD: torch.Tensor, k_NKD: torch.Tensor, v_NKD: torch.Tensor, meta: AttnMeta, scale: float
+) -> torch.Tensor:
+    """Causal attention of the step's new tokens over their cached context (new K/V already written)."""
+    out_THD = torch.empty_like(q_THD)
+    if meta.decode_rows_B.numel():
+        q_BH1D = q_THD[meta.decode_rows_B].unsqueeze(2)
+        k_BKLD = k_NKD[meta.decode_slots_BL].transpose(1, 2)
+        v_BKLD = v_NKD[meta.decode_slots_BL].transpose(1, 2)
+        o_BH1D = F.scaled_dot_product_attention(
+            q_BH1D, k_BKLD, v_BKLD, attn_mask=meta.decode_mask_BL[:, None, None, :], scale=scale, enable_gqa=True
+        )
+        out_THD[meta.decode_rows_B] = o_BH1D.squeeze(2)
+    for p in meta.prefills:
+        q_1HQD = q_THD[p.row : p.row + p.num_tokens].transpose(0, 1).unsqueeze(0)
+        k_1KLD = k_NKD[p.ctx_slots].transpose(0, 1).unsqueeze(0)
+        v_1KLD = v_NKD[p.ctx_slots].transpose(0, 1).unsqueeze(0)
+        if p.start_pos == 0:
+            o = F.scaled_dot_product_attention(q_1HQD, k_1KLD, v_1KLD, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(p.start_pos, p.start_pos + p.num_tokens, device=q_THD.device)
+            k_pos = torch.arange(p.start_pos + p.num_tokens, device=q_THD.device)
+            mask_QL = k_pos[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(q_1HQD, k_1KLD, v_1KLD, attn_mask=mask_QL, scale=scale, enable_gqa=True)
+        out_THD[p.row : p.row + p.num_tokens] = o.squeeze(0).transpose(0, 1)
+    return out_THD

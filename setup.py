@@ -1,0 +1,24 @@
+"""dejavu_py: a fault-tolerant, pipeline-parallel runtime for Mixture-of-Experts LLM inference."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dejavu_py",
+    version="0.1.0",
+    description="Fault-tolerant pipeline-parallel serving of Mixture-of-Experts LLMs on PyTorch",
+    packages=find_packages(include=["dejavu_py", "dejavu_py.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "tokenizers>=0.19",
+    ],
+    extras_require={
+        # transformers is the reference the tests compare against and what make_checkpoint writes with.
+        "test": ["pytest>=7", "transformers>=4.57"],
+        "bench": ["transformers>=4.57", "matplotlib>=3.7"],
+        "mpi": ["mpi4py>=3.1"],
+        "deepspeed": ["deepspeed>=0.14"],
+    },
+    entry_points={"console_scripts": ["dejavu-py=dejavu_py.cli:main"]},
+)

@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Write a Hugging Face checkpoint directory with random weights, as a download would hold it.
+
+Either a tiny preset per supported family (``--family olmoe``) or any real model's config.json
+(``--config path/config.json``), optionally overridden (``--set num_hidden_layers=4``). Weights are
+random from ``--seed`` and written by transformers' ``save_pretrained``: config.json,
+generation_config.json, model.safetensors or shards with model.safetensors.index.json. Expert weights
+are written per expert (what save_pretrained writes by default) or fused/stacked
+(``--expert-layout fused``). A byte-level BPE tokenizer is trained offline and saved beside them.
+
+    python tools/make_checkpoint.py --family qwen2_moe --out ckpt/qwen2_moe
+    python tools/make_checkpoint.py --config olmoe/config.json --dtype bfloat16 --out ckpt/olmoe-1b-7b
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "qwen3")
+
+_COMMON: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=384,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+# Tiny presets: real model types, small shapes, each exercising what its family does differently.
+PRESETS: dict[str, dict[str, Any]] = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6),
+    "qwen2_moe": dict(
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=96,
+        decoder_sparse_step=1,
+        mlp_only_layers=[2],
+        norm_topk_prob=False,
+        rope_theta=1e6,
+    ),
+    "qwen3_moe": dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, head_dim=32
+    ),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=None),
+    "llama": dict(
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+        attention_bias=False,
+    ),
+    "qwen2": dict(tie_word_embeddings=True),
+    "qwen3": dict(head_dim=32, rope_scaling=dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=128)),
+}
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A mixture of experts routes every token to a few experts.\n"
+    "Pipeline parallelism splits the layers of a model into stages; each stage runs on its own worker.\n"
+    "When a worker fails, the runtime replaces it and replays the steps that were lost, token by token.\n"
+    "def add(a, b):\n    return a + b\n"
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Punctuation: , . ; : ! ? ( ) [ ] { } ' \" - _ / \\ \n"
+)
+
+
+def _log(msg: str) -> None:
+    print(f"make_checkpoint: {msg}", file=sys.stderr, flush=True)
+
+
+def build_config(family: str | None = None, config_path: Path | None = None, overrides: dict[str, Any] | None = None):
+    """A transformers config from a preset family or a config.json, with overrides applied."""
+    from transformers import AutoConfig
+
+    overrides = dict(overrides or {})
+    if config_path is not None:
+        raw = json.loads(Path(config_path).read_text())
+        raw.update(overrides)
+        model_type = raw.pop("model_type", None)
+        if model_type is None:
+            raise SystemExit(f"error: {config_path}: no 'model_type' field")
+        for k in ("architectures", "transformers_version", "_name_or_path", "auto_map"):
+            raw.pop(k, None)
+        return AutoConfig.for_model(model_type, **raw)
+    if family not in PRESETS:
+        raise SystemExit(f"error: --family {family!r}: choose one of {', '.join(FAMILIES)}")
+    kw = {**_COMMON, **PRESETS[family], **overrides}
+    return AutoConfig.for_model(family, **kw)
+
+
+def _init_(model, seed: int, std: float) -> None:
+    """Random weights in place: matrices normal(0, std) as transformers does; norm weights 1 + N(0, 0.1)
+    and biases N(0, 0.1) rather than exactly 1 and 0, so that a loader that skips them is caught."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    step = 1 << 24  # fill in float32 chunks: a big bf16 tensor never needs a full float32 copy
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.view(-1)
+            base, scale = (1.0, 0.1) if p.dim() == 1 and not name.endswith("bias") else (0.0, 0.1 if p.dim() == 1 else std)
+            for i in range(0, flat.numel(), step):
+                n = min(step, flat.numel() - i)
+                flat[i : i + n] = torch.randn(n, generator=gen).mul_(scale).add_(base).to(p.dtype)
+
+
+def build_tokenizer(config, out_dir: Path) -> None:
+    """Train a byte-level BPE tokenizer offline that fits the model's vocab and special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    # Special ids of the config must point at the special tokens, else skip their mapping.
+    size = min(int(config.vocab_size), 1024)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", clean_up_tokenization_spaces=False
+    )
+    fast.save_pretrained(out_dir)
+
+
+def make_checkpoint(
+    out_dir: Path | str,
+    family: str | None = None,
+    config_path: Path | str | None = None,
+    overrides: dict[str, Any] | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    expert_layout: str = "per-expert",
+    max_shard_size: str | None = None,
+    tokenizer: bool = True,
+) -> Path:
+    """Write the checkpoint and return its directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = build_config(family, Path(config_path) if config_path else None, overrides)
+    torch_dtype = getattr(torch, dtype)
+    t0 = time.time()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.to_empty(device="cpu")  # non-persistent buffers (rotary) are not saved, so need no values
+    _init_(model, seed, float(getattr(config, "initializer_range", 0.02) or 0.02))
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    n_params = sum(p.numel() for p in model.parameters())
+    _log(f"{config.model_type}: {n_params / 1e6:.1f}M parameters initialised in {time.time() - t0:.1f}s")
+    model.generation_config = GenerationConfig.from_model_config(config)
+    kwargs: dict[str, Any] = {"save_original_format": expert_layout != "fused"}
+    if max_shard_size:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(out, **kwargs)
+    if tokenizer:
+        build_tokenizer(config, out)
+    _log(f"wrote {out} in {time.time() - t0:.1f}s")
+    return out
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE, e.g. num_hidden_layers=4")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--family", choices=FAMILIES, help="tiny preset of this model_type")
+    src.add_argument("--config", type=Path, help="a real model's config.json to take the shapes from")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (JSON value)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weight dtype")
+    p.add_argument(
+        "--expert-layout",
+        default="per-expert",
+        choices=["per-expert", "fused"],
+        help="per-expert keys (save_pretrained's default) or stacked gate_up_proj/down_proj tensors",
+    )
+    p.add_argument("--max-shard-size", default=None, help="write shards of at most this size, e.g. 200KB or 5GB")
+    p.add_argument("--no-tokenizer", action="store_true", help="do not write a tokenizer")
+    a = p.parse_args(argv)
+    if a.config is not None and not a.config.is_file():
+        raise SystemExit(f"error: --config {a.config}: no such file")
+    make_checkpoint(
+        a.out,
+        family=a.family,
+        config_path=a.config,
+        overrides=_parse_set(a.set),
+        seed=a.seed,
+        dtype=a.dtype,
+        expert_layout=a.expert_layout,
+        max_shard_size=a.max_shard_size,
+        tokenizer=not a.no_tokenizer,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
