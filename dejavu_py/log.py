@@ -6,7 +6,6 @@ Each process calls :func:`setup` once; every logger of the package then prints e
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -39,21 +38,28 @@ def set_identity(role: str | None = None, stage: int | str | None = None, rank: 
         _identity.rank = str(rank)
 
 
-def setup(level: str = "INFO", log_file: Path | None = None, console: bool = True) -> None:
-    """Configure the package logger: console (stderr) and optionally a per-process file."""
+def setup(level: str = "INFO", log_file: Path | None = None, console_level: str | None = None) -> None:
+    """Configure the package logger: a per-process file at ``level`` and stderr at ``console_level``
+    (None = no console)."""
     root = logging.getLogger("dejavu_py")
-    root.setLevel(level.upper())
+    root.setLevel(logging.DEBUG)
     root.propagate = False
     for h in list(root.handlers):
         root.removeHandler(h)
         h.close()
     fmt = logging.Formatter(_FORMAT, _DATEFMT)
     handlers: list[logging.Handler] = []
-    if console:
-        handlers.append(logging.StreamHandler(sys.stderr))
+    if console_level is not None:
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(console_level.upper())
+        handlers.append(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        to_file = logging.FileHandler(log_file)
+        to_file.setLevel(level.upper())
+        handlers.append(to_file)
+    if not handlers:  # silence, rather than logging's last-resort stderr handler
+        handlers.append(logging.NullHandler())
     for h in handlers:
         h.setFormatter(fmt)
         h.addFilter(_identity)
@@ -64,6 +70,3 @@ def get(name: str) -> logging.Logger:
     """The package logger for a module (``get(__name__)``)."""
     return logging.getLogger(name)
 
-
-def pid_tag() -> str:
-    return f"pid {os.getpid()}"

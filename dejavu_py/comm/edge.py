@@ -1,0 +1,133 @@
+"""One pipeline edge: a two-member process group between neighbours, under its own store prefix.
+
+Every pair of pipeline members that talk (coordinator -> stage 0, stage i -> stage i+1, last stage ->
+coordinator, and later prompt -> token stages and KV replicas) gets its own group, keyed by the two
+member names and a generation: ``edge/<a>~<b>/gen<g>``. When a member is replaced, only the edges that
+touch it are rebuilt, at a new generation, and everyone else keeps their groups (see
+design-notes: a single global group would force everyone to tear down).
+
+A message is a small picklable object plus an optional tensor. Control bytes always travel over gloo
+(CPU); the tensor travels over the data group: the same gloo group on CPU or between processes
+sharing a GPU, an NCCL group when the two ends own different GPUs.
+"""
+from __future__ import annotations
+
+import collections
+import pickle
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import log
+
+_log = log.get(__name__)
+_TAG = 0
+
+
+def edge_name(a: str, b: str, generation: int) -> str:
+    lo, hi = sorted((a, b))
+    return f"edge/{lo}~{hi}/gen{generation}"
+
+
+class Edge:
+    """Ordered, asynchronous-send, blocking-receive channel between two named members."""
+
+    def __init__(
+        self,
+        store: dist.Store,
+        me: str,
+        peer: str,
+        generation: int,
+        timeout_s: float,
+        data_backend: str = "gloo",
+        device: torch.device | None = None,
+        max_pending: int = 64,
+    ) -> None:
+        self.me, self.peer, self.generation = me, peer, generation
+        self.name = edge_name(me, peer, generation)
+        self.rank = sorted((me, peer)).index(me)
+        self.peer_rank = 1 - self.rank
+        self.timeout = timedelta(seconds=timeout_s)
+        self.device = device if device is not None else torch.device("cpu")
+        prefixed = dist.PrefixStore(self.name + "/", store)
+        self.ctl = dist.ProcessGroupGloo(dist.PrefixStore("ctl/", prefixed), self.rank, 2, self.timeout)
+        self.data_backend = data_backend
+        self.data = self.ctl if data_backend == "gloo" else self._nccl(prefixed)
+        self._pending: collections.deque = collections.deque()
+        self._max_pending = max_pending
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        _log.debug("edge %s up (rank %d, data over %s)", self.name, self.rank, data_backend)
+
+    def _nccl(self, prefixed: dist.Store) -> dist.ProcessGroup:
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = self.timeout
+        return dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", prefixed), self.rank, 2, opts)
+
+    # -- sending -------------------------------------------------------------------------------
+    def send(self, msg: Any, tensor: torch.Tensor | None = None) -> None:
+        """Queue ``msg`` (and ``tensor``) for the peer; returns without waiting for delivery."""
+        info = None
+        if tensor is not None:
+            tensor = self._for_wire(tensor)
+            info = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+        payload = torch.frombuffer(bytearray(pickle.dumps((msg, info), protocol=5)), dtype=torch.uint8)
+        header = torch.tensor([payload.numel()], dtype=torch.int64)
+        self._post(self.ctl, header)
+        self._post(self.ctl, payload)
+        self.bytes_sent += payload.numel() + 8
+        if tensor is not None:
+            self._post(self.data, tensor)
+            self.bytes_sent += tensor.numel() * tensor.element_size()
+        self._reap()
+
+    def _for_wire(self, t: torch.Tensor) -> torch.Tensor:
+        if self.data_backend == "gloo" and t.device.type != "cpu":
+            return t.to("cpu", non_blocking=False)
+        return t.contiguous()
+
+    def _post(self, pg: dist.ProcessGroup, t: torch.Tensor) -> None:
+        self._pending.append((pg.send([t], self.peer_rank, _TAG), t))
+
+    def _reap(self) -> None:
+        while self._pending and (self._pending[0][0].is_completed() or len(self._pending) > self._max_pending):
+            work, _ = self._pending.popleft()
+            work.wait(self.timeout)
+
+    def flush(self) -> None:
+        """Wait until everything sent has been delivered."""
+        while self._pending:
+            work, _ = self._pending.popleft()
+            work.wait(self.timeout)
+
+    # -- receiving -----------------------------------------------------------------------------
+    def recv(self, timeout_s: float | None = None) -> tuple[Any, torch.Tensor | None]:
+        """The next message from the peer (blocks at most the edge timeout, or ``timeout_s``)."""
+        timeout = self.timeout if timeout_s is None else timedelta(seconds=timeout_s)
+        header = torch.empty(1, dtype=torch.int64)
+        self.ctl.recv([header], self.peer_rank, _TAG).wait(timeout)
+        payload = torch.empty(int(header.item()), dtype=torch.uint8)
+        self.ctl.recv([payload], self.peer_rank, _TAG).wait(timeout)
+        msg, info = pickle.loads(payload.numpy().tobytes())
+        self.bytes_received += payload.numel() + 8
+        if info is None:
+            return msg, None
+        shape, dtype = info
+        on = self.device if self.data_backend != "gloo" else torch.device("cpu")
+        t = torch.empty(shape, dtype=getattr(torch, dtype), device=on)
+        self.data.recv([t], self.peer_rank, _TAG).wait(timeout)
+        self.bytes_received += t.numel() * t.element_size()
+        if t.device != self.device:
+            t = t.to(self.device, non_blocking=False)
+        return msg, t
+
+    def close(self) -> None:
+        """Drop the groups (after a failure, without waiting for the dead peer)."""
+        self._pending.clear()
+        for pg in {id(self.ctl): self.ctl, id(self.data): self.data}.values():
+            try:
+                pg.abort()
+            except Exception as e:  # already broken: nothing more to release
+                _log.debug("abort of %s: %s", self.name, e)

@@ -1,0 +1,152 @@
+"""Run configuration: one small dataclass per component, each checked in ``__post_init__``.
+
+The CLI (cli.py) fills these from a YAML file of defaults and the flags; workers receive the whole
+``RunConfig`` (it is picklable). Errors are ``UserError`` naming the flag and the value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _positive(flag: str, value: int | float | None, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise UserError(f"{flag} {value}: must be a positive number")
+
+
+@dataclass
+class PipelineConfig:
+    """How the model is split and where stages run."""
+
+    stages: int | None = None
+    """Pipeline stages; None = one per rank process."""
+    layers_per_stage: list[int] | None = None
+    """Decoder layers of each stage (e.g. [3, 5, 4]); None = balanced split."""
+    microbatches: int | None = None
+    """Microbatches in flight; None = as many as stages, which keeps every stage busy."""
+    device: str = "auto"
+    """'cpu', 'cuda' or 'auto' (cuda when a GPU is visible)."""
+    dtype: str = "auto"
+    """Compute and weight dtype: 'float32', 'bfloat16', 'float16' or 'auto' (float32 on CPU, bfloat16 on GPU)."""
+    threads: int = 1
+    """CPU threads per stage worker (intra-op)."""
+
+    def __post_init__(self) -> None:
+        _positive("--stages", self.stages, allow_none=True)
+        _positive("--microbatches", self.microbatches, allow_none=True)
+        _positive("--threads", self.threads)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UserError(f"--device {self.device!r}: choose auto, cpu or cuda")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UserError(f"--dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
+
+
+@dataclass
+class SchedulerConfig:
+    """How many sequences and tokens a microbatch step may carry."""
+
+    max_batch_size: int = 32
+    """Sequences per microbatch."""
+    max_batch_tokens: int = 2048
+    """New tokens per step (prompt tokens of prefills plus one per decoding sequence)."""
+
+    def __post_init__(self) -> None:
+        _positive("--max-batch-size", self.max_batch_size)
+        _positive("--max-batch-tokens", self.max_batch_tokens)
+
+
+@dataclass
+class CacheConfig:
+    """The KV cache each stage keeps for its layers."""
+
+    capacity_tokens: int = 16384
+    """Tokens the cache holds across all sequences (each stage, its own layers)."""
+    block_size: int = 16
+    """Tokens per cache block."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output); None = the model's max_position_embeddings."""
+
+    def __post_init__(self) -> None:
+        _positive("--kv-capacity-tokens", self.capacity_tokens)
+        _positive("--block-size", self.block_size)
+        _positive("--max-model-len", self.max_model_len, allow_none=True)
+        if self.capacity_tokens < self.block_size:
+            raise UserError(
+                f"--kv-capacity-tokens {self.capacity_tokens}: smaller than one block (--block-size {self.block_size})"
+            )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.capacity_tokens // self.block_size
+
+
+@dataclass
+class GenerationConfig:
+    """Defaults for requests that do not say."""
+
+    max_new_tokens: int = 64
+    """New tokens for a request without max_new_tokens."""
+    seed: int = 0
+    """Run seed: a sampled request without a seed gets one derived from this and its id."""
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence tokens (for benchmarks)."""
+
+    def __post_init__(self) -> None:
+        _positive("--max-new-tokens", self.max_new_tokens)
+        if not 0 <= self.seed < 2**63:
+            raise UserError(f"--seed {self.seed}: must be in [0, 2**63)")
+
+
+@dataclass
+class RuntimeConfig:
+    """Timeouts, logs and progress."""
+
+    comm_timeout_s: float = 300.0
+    """Longest wait for a pipeline neighbour's message before the run fails."""
+    startup_timeout_s: float = 600.0
+    """Longest wait for all workers to load their weights and connect."""
+    log_level: str = "INFO"
+    """Level of the log files and of rank 0's console."""
+    progress: bool = True
+    """Progress bar on rank 0 when stderr is a terminal."""
+
+    def __post_init__(self) -> None:
+        _positive("--comm-timeout", self.comm_timeout_s)
+        _positive("--startup-timeout", self.startup_timeout_s)
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise UserError(f"--log-level {self.log_level!r}: choose DEBUG, INFO, WARNING or ERROR")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; built once by the CLI and handed to every process."""
+
+    model: Path
+    """Checkpoint directory (config.json + safetensors)."""
+    prompts: Path
+    """Request file (JSONL)."""
+    run_dir: Path
+    """Where logs, workers.json and (by default) the output go."""
+    output: Path | None = None
+    """Output JSONL; None = RUN_DIR/outputs.jsonl."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        if self.output is None:
+            self.output = self.run_dir / "outputs.jsonl"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def workers_file(self) -> Path:
+        return self.run_dir / "workers.json"

@@ -1,0 +1,139 @@
+"""The output file: one JSON record per request line, in the request file's line order.
+
+Success::
+
+    {"line": 1, "id": "q1", "output_ids": [5, 9, 2], "text": "...", "finish_reason": "stop",
+     "num_prompt_tokens": 7, "timings": {"queued_s": 0.01, "first_token_s": 0.2, "total_s": 0.9}}
+
+("text" only when the checkpoint has a tokenizer.) Failure::
+
+    {"line": 3, "id": "q3", "error": "requests.jsonl line 3: field 'top_p': expected ..."}
+
+"line" is the request's 1-based line in the request file: the sort key, and the way back to a line
+whose id could not be read (its "id" is null).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from dejavu_py import log
+from dejavu_py.errors import UserError
+
+if TYPE_CHECKING:
+    from dejavu_py.engine.request import Request, RequestError
+    from dejavu_py.engine.tokenizer import Tokenizer
+
+_log = log.get(__name__)
+
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds from the request's arrival (the run's start for a request file) to each event."""
+
+    queued_s: float
+    """Until the request was admitted to a batch (its prefill began)."""
+    first_token_s: float
+    """Until its first generated token was known."""
+    total_s: float
+    """Until it finished."""
+
+    def as_dict(self) -> dict[str, float]:
+        return {"queued_s": _sec(self.queued_s), "first_token_s": _sec(self.first_token_s), "total_s": _sec(self.total_s)}
+
+
+def _sec(x: float) -> float:
+    x = float(x)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError(f"a timing must be a finite number of seconds >= 0, got {x!r}")
+    return round(x, 6)
+
+
+def success_record(
+    request: Request,
+    output_ids: Sequence[int],
+    finish_reason: str,
+    timings: Timings,
+    tokenizer: Tokenizer | None = None,
+) -> dict[str, Any]:
+    """The record of a request that generated ``output_ids``; "text" is added when a tokenizer is given."""
+    if finish_reason not in FINISH_REASONS:
+        raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {finish_reason!r}")
+    ids = [int(t) for t in output_ids]
+    rec: dict[str, Any] = {"line": request.line, "id": request.id, "output_ids": ids}
+    if tokenizer is not None:
+        rec["text"] = tokenizer.decode(ids)
+    rec["finish_reason"] = finish_reason
+    rec["num_prompt_tokens"] = len(request.input_ids)
+    rec["timings"] = timings.as_dict()
+    return rec
+
+
+def error_record(line: int, request_id: str | None, error: str) -> dict[str, Any]:
+    """The record of a request that failed (a bad line, or a request the run could not finish)."""
+    return {"line": int(line), "id": request_id, "error": str(error)}
+
+
+def request_error_record(err: RequestError) -> dict[str, Any]:
+    """The record of a bad request line; the message names the file and the line."""
+    return error_record(err.line, err.id, str(err))
+
+
+def _line_of(rec: dict[str, Any]) -> int:
+    line = rec.get("line")
+    if not isinstance(line, int) or isinstance(line, bool):
+        raise ValueError(f"output record without an integer 'line' (use the builders of this module): {rec!r:.200}")
+    return line
+
+
+def write_outputs(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Write ``records`` as JSONL sorted by line, atomically (temp file beside it, then os.replace)."""
+    path = Path(path)
+    ordered = sorted(records, key=_line_of)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"output file {path}: cannot create it ({e.strerror or e}); choose a writable path") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"output file {path}: cannot write it ({e.strerror or e}); choose a writable path") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _log.info("wrote %d records to %s", len(ordered), path)
+
+
+def read_outputs(path: Path) -> list[dict[str, Any]]:
+    """The records of an output file, in file order (blank lines skipped)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"output file {path}: cannot read it ({e})") from None
+    out: list[dict[str, Any]] = []
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise UserError(f"output file {path} line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"output file {path} line {lineno}: expected a JSON object")
+        out.append(rec)
+    return out

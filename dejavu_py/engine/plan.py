@@ -1,0 +1,68 @@
+"""What crosses between the scheduler and the stages: a step plan (a list of sequences) and its result.
+
+nano-vllm shape: the scheduler only decides, the stage runners only compute, and only these small
+records travel. A plan goes coordinator -> stage 0 -> ... -> last stage together with the activations;
+the last stage answers the coordinator with the sampled token of every sequence that wanted one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SeqState:
+    """Compact state a stage needs to (re)build one sequence: block table and sampling parameters."""
+
+    block_table: list[int]
+    """KV blocks reserved for the whole sequence (prompt + max new tokens)."""
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+
+
+@dataclass
+class StepPlan:
+    """One microbatch step: which sequences run, from which position, with which new tokens."""
+
+    mb: int
+    """Microbatch slot."""
+    step: int
+    """Coordinator-wide step number of this plan (increasing)."""
+    seq_ids: list[int]
+    """Sequences in the order their tokens are packed."""
+    start_pos: list[int]
+    """Tokens of each sequence already in the KV cache."""
+    num_tokens: list[int]
+    """New tokens per sequence this step."""
+    input_ids: list[int]
+    """The new tokens, packed (stage 0 embeds them; later stages ignore them)."""
+    wants_token: list[bool]
+    """Whether the last stage samples a next token for each sequence."""
+    new_seqs: dict[int, SeqState] = field(default_factory=dict)
+    """State of sequences the stages have not seen yet (or must refresh)."""
+    release: list[int] = field(default_factory=list)
+    """Sequences that finished: stages forget their state."""
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class StepResult:
+    """The last stage's answer to a plan."""
+
+    mb: int
+    step: int
+    seq_ids: list[int]
+    """Sequences that sampled, in plan order."""
+    token_ids: list[int]
+    """The sampled next token of each."""
+
+
+@dataclass
+class Stop:
+    """Ends the pipeline: each stage forwards it and exits."""
+
+    reason: str = "done"

@@ -1,0 +1,63 @@
+"""The stage runner computes; it never decides. One step plan in, activations or sampled ids out."""
+from __future__ import annotations
+
+import torch
+
+from .. import log
+from .attn_meta import SeqSlice, build_attn_meta
+from .kv_cache import KVCache
+from .plan import SeqState, StepPlan, StepResult
+from .sampler import sample
+from .split import StageSpec
+
+_log = log.get(__name__)
+
+
+class StageRunner:
+    """Runs one stage's layers for a plan, keeping the per-sequence state the plans announced."""
+
+    def __init__(self, model: torch.nn.Module, kv: KVCache, spec: StageSpec, block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.spec = spec
+        self.block_size = block_size
+        self.device = device
+        self.seqs: dict[int, SeqState] = {}
+
+    def _apply(self, plan: StepPlan) -> None:
+        for sid in plan.release:
+            self.seqs.pop(sid, None)
+        self.seqs.update(plan.new_seqs)
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan, x: torch.Tensor | None) -> torch.Tensor | StepResult:
+        """Hidden states [T, D] for the next stage, or (last stage) the sampled tokens."""
+        self._apply(plan)
+        slices = [
+            SeqSlice(start, n, self.seqs[sid].block_table, want)
+            for sid, start, n, want in zip(plan.seq_ids, plan.start_pos, plan.num_tokens, plan.wants_token)
+        ]
+        meta = build_attn_meta(slices, self.block_size, self.device)
+        if self.spec.has_embed:
+            x = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
+        elif x is None:
+            raise RuntimeError(f"stage {self.spec.index} got plan {plan.step} without activations")
+        out = self.model(x, meta, self.kv)
+        if not self.spec.has_head:
+            return out
+        return self._sample(plan, out)
+
+    def _sample(self, plan: StepPlan, logits_SV: torch.Tensor) -> StepResult:
+        rows = [i for i, want in enumerate(plan.wants_token) if want]
+        sids = [plan.seq_ids[i] for i in rows]
+        states = [self.seqs[s] for s in sids]
+        dev = logits_SV.device
+        ids = sample(
+            logits_SV,
+            torch.tensor([s.temperature for s in states], dtype=torch.float32, device=dev),
+            torch.tensor([s.top_p for s in states], dtype=torch.float32, device=dev),
+            torch.tensor([s.top_k for s in states], dtype=torch.long, device=dev),
+            torch.tensor([s.seed for s in states], dtype=torch.long, device=dev),
+            torch.tensor([plan.start_pos[i] + plan.num_tokens[i] for i in rows], dtype=torch.long, device=dev),
+        )
+        return StepResult(plan.mb, plan.step, sids, ids.tolist())

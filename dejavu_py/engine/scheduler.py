@@ -1,0 +1,116 @@
+"""The scheduler decides; it never computes. Continuous batching over microbatch slots.
+
+Each of the M microbatch slots holds a set of running sequences. When a slot's step comes back, its
+finished sequences leave, waiting requests join (FIFO, if their whole KV reservation fits and the
+step's token budget allows), and the slot's next plan is built. Slots are filled evenly so that every
+pipeline stage has work: a slot takes at most ceil(active sequences / M).
+"""
+from __future__ import annotations
+
+import collections
+import math
+import time
+
+from ..config import SchedulerConfig
+from .block_manager import BlockManager
+from .plan import StepPlan, StepResult
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(
+        self, cfg: SchedulerConfig, blocks: BlockManager, num_microbatches: int, stop_ids: frozenset[int]
+    ) -> None:
+        self.cfg = cfg
+        self.blocks = blocks
+        self.num_microbatches = num_microbatches
+        self.stop_ids = stop_ids
+        self.seqs: dict[int, Sequence] = {}
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: dict[int, list[Sequence]] = {m: [] for m in range(num_microbatches)}
+        self.inflight: dict[int, StepPlan] = {}
+        self._release: list[int] = []
+        self._step = 0
+
+    # -- state ---------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if self.blocks.blocks_for(seq.max_len) > self.blocks.num_blocks:
+            raise ValueError(f"sequence {seq.seq_id} needs more KV blocks than the cache has")
+        self.seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def idle_slots(self) -> list[int]:
+        return [m for m in range(self.num_microbatches) if m not in self.inflight]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or bool(self.inflight) or any(self.running.values())
+
+    def num_active(self) -> int:
+        return len(self.waiting) + sum(len(r) for r in self.running.values())
+
+    # -- deciding ------------------------------------------------------------------------------
+    def schedule(self, mb: int) -> StepPlan | None:
+        """The next step of slot ``mb`` (its running sequences plus admitted ones), or None if empty."""
+        assert mb not in self.inflight, f"microbatch {mb} already in flight"
+        admitted = self._admit(mb, len(self.running[mb]))
+        seqs = self.running[mb]  # the running ones, then those just admitted
+        if not seqs:
+            return None
+        plan = self._build(mb, seqs, admitted)
+        self.inflight[mb] = plan
+        return plan
+
+    def _admit(self, mb: int, num_running: int) -> list[Sequence]:
+        cap = min(self.cfg.max_batch_size, math.ceil(self.num_active() / self.num_microbatches))
+        budget = self.cfg.max_batch_tokens - num_running
+        admitted: list[Sequence] = []
+        while self.waiting and num_running + len(admitted) < cap:
+            seq = self.waiting[0]
+            # A prompt longer than the budget still runs, as the only prefill of its step.
+            if admitted and seq.prompt_len > budget:
+                break
+            if not self.blocks.can_allocate(seq.max_len):
+                break
+            self.waiting.popleft()
+            seq.block_table = self.blocks.allocate(seq.max_len)
+            seq.status, seq.mb, seq.t_admitted = Status.RUNNING, mb, time.monotonic()
+            admitted.append(seq)
+            budget -= seq.prompt_len
+        self.running[mb].extend(admitted)
+        return admitted
+
+    def _build(self, mb: int, seqs: list[Sequence], admitted: list[Sequence]) -> StepPlan:
+        self._step += 1
+        plan = StepPlan(mb=mb, step=self._step, seq_ids=[], start_pos=[], num_tokens=[], input_ids=[], wants_token=[])
+        for seq in seqs:
+            start, new = seq.next_input()
+            plan.seq_ids.append(seq.seq_id)
+            plan.start_pos.append(start)
+            plan.num_tokens.append(len(new))
+            plan.input_ids.extend(new)
+            plan.wants_token.append(True)
+        plan.new_seqs = {s.seq_id: s.state() for s in admitted}
+        plan.release, self._release = self._release, []
+        return plan
+
+    # -- results -------------------------------------------------------------------------------
+    def on_result(self, result: StepResult) -> list[Sequence]:
+        """Apply a step's sampled tokens; returns the sequences that finished with it."""
+        plan = self.inflight.pop(result.mb)
+        assert plan.step == result.step, f"result of step {result.step} for plan {plan.step}"
+        for sid, n in zip(plan.seq_ids, plan.num_tokens):
+            self.seqs[sid].num_cached += n
+        finished = []
+        for sid, token in zip(result.seq_ids, result.token_ids):
+            seq = self.seqs[sid]
+            if seq.append(token, self.stop_ids):
+                finished.append(seq)
+        for seq in finished:
+            self._retire(seq)
+        return finished
+
+    def _retire(self, seq: Sequence) -> None:
+        self.running[seq.mb].remove(seq)
+        self.blocks.free(seq.block_table)
+        self._release.append(seq.seq_id)
+        seq.block_table = []

@@ -1,0 +1,91 @@
+"""The part of a decoder-only model that one pipeline stage runs.
+
+Legend: T = tokens of the step (all sequences packed), D = hidden size, S = rows whose logits are
+wanted, V = vocabulary. Parameter names equal the Hugging Face checkpoint names (``model.layers.7.
+self_attn.q_proj.weight``), except routed experts, which are fused as transformers 5 holds them:
+``model.layers.{i}.mlp.experts.gate_up_proj`` [E, 2F, D] and ``...mlp.experts.down_proj`` [E, D, F].
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..engine.attn_meta import AttnMeta
+from ..engine.kv_cache import KVCache
+from ..engine.split import StageSpec
+from .attention import Attention
+from .config import ModelConfig
+from .layers import DenseMLP, RMSNorm, Rotary
+from .moe import RoutingSink, SparseMoE
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention, then a dense MLP or a sparse MoE block."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.mlp: nn.Module = (
+            SparseMoE(cfg, layer) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        )
+
+    def forward(
+        self,
+        h_TD: torch.Tensor,
+        cos_TD: torch.Tensor,
+        sin_TD: torch.Tensor,
+        meta: AttnMeta,
+        kv: KVCache,
+        sink: RoutingSink | None,
+    ) -> torch.Tensor:
+        h_TD = h_TD + self.self_attn(self.input_layernorm(h_TD), cos_TD, sin_TD, meta, kv)
+        x_TD = self.post_attention_layernorm(h_TD)
+        return h_TD + (self.mlp(x_TD, sink) if self.is_moe else self.mlp(x_TD))
+
+
+class _Body(nn.Module):
+    """The ``model.`` prefix: embedding, the owned layers (keyed by global index), final norm."""
+
+    def __init__(self, cfg: ModelConfig, spec: StageSpec) -> None:
+        super().__init__()
+        if spec.has_embed:
+            # _weight skips the random init (on the meta device it would import torch._refs: ~2 s)
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in spec.layers})
+        if spec.has_head:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class StageModel(nn.Module):
+    """One stage: ``model.embed_tokens`` (first stage), ``model.layers.{i}`` for its layers,
+    ``model.norm`` and ``lm_head`` (last stage)."""
+
+    def __init__(self, cfg: ModelConfig, spec: StageSpec) -> None:
+        super().__init__()
+        if spec.first_layer + spec.num_layers > cfg.num_layers:
+            raise ValueError(f"stage {spec.index} owns layers {spec.layers}, the model has {cfg.num_layers}")
+        self.cfg, self.spec = cfg, spec
+        self.model = _Body(cfg, spec)
+        if spec.has_head:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.rope, cfg.head_dim)
+        # When set, every MoE layer calls it with (layer, topk_ids_TK int64, topk_weights_TK float32).
+        self.routing_sink: RoutingSink | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, x: torch.Tensor, meta: AttnMeta, kv: KVCache) -> torch.Tensor:
+        """Token ids [T] (first stage) or hidden [T, D] -> hidden [T, D], or float32 logits [S, V] (last stage)."""
+        h_TD = self.model.embed_tokens(x) if self.spec.has_embed else x
+        cos_TD, sin_TD = self.rotary.cos_sin(meta.positions_T, h_TD.dtype)
+        for layer in self.model.layers.values():
+            h_TD = layer(h_TD, cos_TD, sin_TD, meta, kv, self.routing_sink)
+        if not self.spec.has_head:
+            return h_TD
+        h_SD = self.model.norm(h_TD[meta.logits_rows_S])
+        return self.lm_head(h_SD).float()

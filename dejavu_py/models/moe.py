@@ -1,0 +1,150 @@
+"""Sparse Mixture-of-Experts block: router, routed experts (fused weights) and qwen2_moe's shared expert.
+
+Legend (shape suffixes):
+  T = tokens of the step            D = hidden size
+  E = routed experts                K = experts per token (top-k)
+  F = expert width; in ``w_gate_up_EFD`` the F axis holds 2F rows: the F gate rows, then the F up rows
+  A = T * K token-expert assignments, sorted by expert
+
+Expert weights are fused as transformers 5 holds them in memory: ``experts.gate_up_proj`` [E, 2F, D]
+and ``experts.down_proj`` [E, D, F]. Tokens are grouped by expert (one sort, no loop over tokens);
+each expert's rows go through its SwiGLU, are scaled by their routing weight and summed per token.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import DenseMLP
+
+RoutingSink = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""Called as ``sink(layer, topk_ids_TK int64, topk_weights_TK float32)`` by every MoE layer."""
+
+
+def _grouped_mm_fn() -> Callable[..., torch.Tensor] | None:
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def use_grouped_mm(x_TD: torch.Tensor) -> bool:
+    """The grouped GEMM path: CUDA, bf16 and a torch that has it."""
+    return x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and _grouped_mm_fn() is not None
+
+
+def _swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
+    gate_AF, up_AF = h_A2F.chunk(2, dim=-1)
+    return F.silu(gate_AF) * up_AF  # [A, F]
+
+
+def _looped_ffn(
+    x_AD: torch.Tensor, counts_E: torch.Tensor, w_gate_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor
+) -> torch.Tensor:
+    """One pair of GEMMs per expert that has rows (rows already grouped by expert)."""
+    y_AD = torch.empty_like(x_AD)
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            rows = slice(start, start + n)
+            h_AF = _swiglu(F.linear(x_AD[rows], w_gate_up_EFD[e]))
+            y_AD[rows] = F.linear(h_AF, w_down_EDF[e])
+            start += n
+    return y_AD
+
+
+def _grouped_ffn(
+    x_AD: torch.Tensor, counts_E: torch.Tensor, w_gate_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor
+) -> torch.Tensor:
+    """All experts in two grouped GEMMs; no host sync on the expert counts."""
+    mm = _grouped_mm_fn()
+    assert mm is not None, "this torch has no grouped_mm"
+    offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)  # [E] end row of each expert's group
+    h_A2F = mm(x_AD, w_gate_up_EFD.transpose(-2, -1), offs=offs_E)
+    return mm(_swiglu(h_A2F), w_down_EDF.transpose(-2, -1), offs=offs_E)  # [A, D]
+
+
+def expert_ffn(
+    x_TD: torch.Tensor,
+    ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    w_gate_up_EFD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    grouped: bool | None = None,
+) -> torch.Tensor:
+    """Routed experts' output y_TD = sum_k weights_TK[t, k] * expert_{ids_TK[t, k]}(x_TD[t]).
+
+    ``grouped`` None picks the grouped GEMM on CUDA bf16 and the per-expert loop elsewhere. The
+    weighted rows are summed per token in the dtype of ``y * weight`` (float32 when the weights are),
+    then cast to x's dtype, as transformers' grouped_mm experts do.
+    """
+    T, K = ids_TK.shape
+    E = w_gate_up_EFD.shape[0]
+    ids_A = ids_TK.reshape(-1)
+    order_A = torch.argsort(ids_A, stable=True)  # assignment -> position in expert order
+    x_AD = x_TD[order_A // K]
+    counts_E = torch.bincount(ids_A, minlength=E)
+    use_grouped = use_grouped_mm(x_TD) if grouped is None else grouped
+    ffn = _grouped_ffn if use_grouped else _looped_ffn
+    y_AD = ffn(x_AD, counts_E, w_gate_up_EFD, w_down_EDF)
+    y_AD = y_AD * weights_TK.reshape(-1)[order_A, None]
+    out_AD = torch.empty_like(y_AD)
+    out_AD[order_A] = y_AD  # back to token-major order: row t * K + k
+    return out_AD.view(T, K, -1).sum(dim=1).to(x_TD.dtype)
+
+
+class Router(nn.Module):
+    """``mlp.gate``: softmax over all experts in float32, top-k, optional renormalisation."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))  # [E, D]
+        self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top-k expert ids [T, K] int64, their float32 weights [T, K])."""
+        logits_TE = F.linear(x_TD, self.weight)
+        probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+        weights_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return ids_TK, weights_TK
+
+
+class Experts(nn.Module):
+    """``mlp.experts``: the routed experts' fused weights."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, D, Fw = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fw, D))  # [E, 2F, D]
+        self.down_proj = nn.Parameter(torch.empty(E, D, Fw))  # [E, D, F]
+
+    def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        return expert_ffn(x_TD, ids_TK, weights_TK, self.gate_up_proj, self.down_proj)
+
+
+class SparseMoE(nn.Module):
+    """A decoder layer's ``mlp`` when it is sparse."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.weights_fp32 = cfg.router_weights_fp32
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        if cfg.shared_expert_intermediate_size:
+            self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+
+    def forward(self, x_TD: torch.Tensor, sink: RoutingSink | None = None) -> torch.Tensor:
+        ids_TK, weights_TK = self.gate(x_TD)
+        if sink is not None:
+            sink(self.layer, ids_TK, weights_TK)
+        if not self.weights_fp32:  # qwen and olmoe cast the routing weights to the model dtype; mixtral does not
+            weights_TK = weights_TK.to(x_TD.dtype)
+        y_TD = self.experts(x_TD, ids_TK, weights_TK)
+        if hasattr(self, "shared_expert"):
+            y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
+        return y_TD

@@ -1,0 +1,62 @@
+"""What one rank process does: validate, fork its zygote, start its workers, supervise; rank 0 also
+runs the coordinator. Returns the exit code."""
+from __future__ import annotations
+
+import sys
+
+from .. import log
+from ..comm.store import RankInfo, connect, put_json, resolve_address
+from ..config import RunConfig
+from ..errors import PipelineError, UserError
+from .layout import build_layout
+from .supervisor import DONE_KEY, Supervisor
+from .zygote import Zygote
+
+_log = log.get(__name__)
+
+
+def run_rank(cfg: RunConfig, info: RankInfo) -> int:
+    from ..models.config import load_model_config
+
+    model_cfg = load_model_config(cfg.model)
+    layout = build_layout(cfg, model_cfg.num_layers, info.world_size)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    level = cfg.runtime.log_level
+    log.setup(level, cfg.logs_dir / f"rank{info.rank}-supervisor.log", console_level=level if info.rank == 0 else "WARNING")
+    log.set_identity("coord" if info.rank == 0 else "sup", "-", info.rank)
+    coordinator = None
+    if info.rank == 0:
+        from ..engine.coordinator import Coordinator
+
+        coordinator = Coordinator(cfg, layout, model_cfg, store=None)
+        requests = coordinator.load_requests()  # whole-file mistakes fail here, before any worker starts
+    sys.stdout.flush()
+    sys.stderr.flush()
+    zygote = Zygote.start()  # still single-threaded: safe to fork
+    addr, host_server = resolve_address(info, cfg.runtime.startup_timeout_s)
+    store = connect(addr, host_server)
+    sup = Supervisor(cfg, info.rank, info.local_rank, store, addr, zygote, layout)
+    try:
+        sup.start_workers()
+        if coordinator is None:
+            return sup.wait_done()
+        coordinator.store = store
+        return _coordinate(coordinator, requests, store, sup)
+    finally:
+        sup.shutdown()
+
+
+def _coordinate(coordinator, requests, store, sup: Supervisor) -> int:
+    code = 1
+    try:
+        code = coordinator.run(requests)
+        return code
+    except UserError as e:
+        code = e.exit_code
+        raise
+    except PipelineError as e:
+        _log.error("%s", e)
+        return 1
+    finally:
+        put_json(store, DONE_KEY, {"code": code})
+        sup.wait_workers(coordinator.cfg.runtime.comm_timeout_s)

@@ -1,0 +1,43 @@
+"""RUN_DIR/workers.json: every worker and supervisor of the run, kept current (fault scripts read it)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from ..comm.store import get_json
+from .layout import Layout
+
+
+def collect(store, layout: Layout) -> list[dict]:
+    """One entry per member from the store: role, stage, rank, pid, host, device, supervisor pid."""
+    out = []
+    for m in layout.members:
+        info = get_json(store, f"member/{m.name}")
+        sup = get_json(store, f"supervisor/{m.rank}")
+        out.append(
+            {
+                "name": m.name,
+                "role": m.role,
+                "stage": m.stage.index,
+                "layers": [m.stage.first_layer, m.stage.first_layer + m.stage.num_layers - 1],
+                "rank": m.rank,
+                "pid": info["pid"],
+                "supervisor_pid": sup["pid"],
+                "host": info["host"],
+                "device": info["device"],
+                "generation": info.get("generation", 0),
+                "state": info.get("state"),
+            }
+        )
+    return out
+
+
+def write(path: Path, workers: list[dict], coordinator_pid: int, status: str = "running") -> None:
+    """Atomically replace the file."""
+    doc = {"updated": time.time(), "status": status, "coordinator_pid": coordinator_pid, "workers": workers}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,115 @@
+"""Output records and the atomic, line-ordered output file."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dejavu_py.engine.output import (
+    Timings,
+    error_record,
+    read_outputs,
+    request_error_record,
+    success_record,
+    write_outputs,
+)
+from dejavu_py.engine.request import Request, RequestError, SamplingParams
+from dejavu_py.errors import UserError
+
+
+class _FakeTokenizer:
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(f"t{i}" for i in ids)
+
+
+def _req(line: int, rid: str, n_prompt: int = 3) -> Request:
+    return Request(line=line, id=rid, input_ids=list(range(1, n_prompt + 1)), max_new_tokens=8, sampling=SamplingParams(seed=1))
+
+
+T = Timings(queued_s=0.0123456789, first_token_s=0.5, total_s=1.25)
+
+
+def test_success_record_shape():
+    rec = success_record(_req(2, "a"), [5, 6, 2], "stop", T)
+    assert rec == {
+        "line": 2,
+        "id": "a",
+        "output_ids": [5, 6, 2],
+        "finish_reason": "stop",
+        "num_prompt_tokens": 3,
+        "timings": {"queued_s": 0.012346, "first_token_s": 0.5, "total_s": 1.25},
+    }
+    with_text = success_record(_req(2, "a"), [5, 6], "length", T, tokenizer=_FakeTokenizer())
+    assert with_text["text"] == "t5 t6" and list(with_text)[:4] == ["line", "id", "output_ids", "text"]
+
+
+def test_success_record_checks():
+    with pytest.raises(ValueError, match="finish_reason"):
+        success_record(_req(1, "a"), [1], "eos", T)
+    with pytest.raises(ValueError, match="timing"):
+        success_record(_req(1, "a"), [1], "stop", Timings(-1.0, 0.0, 0.0))
+
+
+def test_error_records():
+    err = RequestError(line=3, id=None, message="invalid JSON: Expecting value at column 5", source="requests.jsonl")
+    assert request_error_record(err) == {
+        "line": 3,
+        "id": None,
+        "error": "requests.jsonl line 3: invalid JSON: Expecting value at column 5",
+    }
+    assert error_record(4, "q4", "stage 1 failed twice") == {"line": 4, "id": "q4", "error": "stage 1 failed twice"}
+
+
+def test_write_in_line_order_atomically_and_read_back(tmp_path):
+    out = tmp_path / "deep" / "er" / "out.jsonl"
+    records = [
+        success_record(_req(5, "e"), [1], "length", T),
+        error_record(1, None, "requests.jsonl line 1: bad"),
+        success_record(_req(3, "c\u00e9"), [2, 3], "stop", T, tokenizer=_FakeTokenizer()),
+    ]
+    write_outputs(out, records)
+    assert [r["line"] for r in read_outputs(out)] == [1, 3, 5]
+    assert read_outputs(out) == sorted(records, key=lambda r: r["line"])
+    text = out.read_text(encoding="utf-8")
+    assert text.endswith("\n") and "c\u00e9" in text and len(text.splitlines()) == 3
+    assert all(isinstance(json.loads(line), dict) for line in text.splitlines())
+    assert os.listdir(out.parent) == ["out.jsonl"]  # no temp file left behind
+    write_outputs(out, records[:1])  # replaces the whole file
+    assert read_outputs(out) == records[:1]
+
+
+def test_write_failure_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    write_outputs(out, [error_record(1, "a", "x")])
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(UserError, match="out.jsonl: cannot write it"):
+        write_outputs(out, [error_record(1, "b", "y")])
+    assert read_outputs(out) == [error_record(1, "a", "x")]
+    assert os.listdir(tmp_path) == ["out.jsonl"]
+
+
+def test_write_needs_lines_and_a_writable_place(tmp_path):
+    with pytest.raises(ValueError, match="line"):
+        write_outputs(tmp_path / "o.jsonl", [{"id": "a", "error": "x"}])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot create it"):
+        write_outputs(blocker / "o.jsonl", [error_record(1, "a", "x")])
+
+
+def test_read_outputs_errors(tmp_path):
+    p = tmp_path / "o.jsonl"
+    p.write_text('{"line": 1}\n\n[1]\n')
+    with pytest.raises(UserError, match="line 3: expected a JSON object"):
+        read_outputs(p)
+    p.write_text('{"line": 1}\n{oops\n')
+    with pytest.raises(UserError, match="line 2: invalid JSON"):
+        read_outputs(p)
+    with pytest.raises(UserError, match="cannot read"):
+        read_outputs(Path(tmp_path / "missing.jsonl"))
