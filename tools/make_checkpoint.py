@@ -101,12 +101,12 @@ def build_config(family: str | None = None, config_path: Path | None = None, ove
     return AutoConfig.for_model(family, **kw)
 
 
-def _init_(model, seed: int, std: float) -> None:
+def _init_(model, seed: int, std: float, device: str = "cpu") -> None:
     """Random weights in place: matrices normal(0, std) as transformers does; norm weights 1 + N(0, 0.1)
     and biases N(0, 0.1) rather than exactly 1 and 0, so that a loader that skips them is caught."""
     import torch
 
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     step = 1 << 24  # fill in float32 chunks: a big bf16 tensor never needs a full float32 copy
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -114,7 +114,7 @@ def _init_(model, seed: int, std: float) -> None:
             base, scale = (1.0, 0.1) if p.dim() == 1 and not name.endswith("bias") else (0.0, 0.1 if p.dim() == 1 else std)
             for i in range(0, flat.numel(), step):
                 n = min(step, flat.numel() - i)
-                flat[i : i + n] = torch.randn(n, generator=gen).mul_(scale).add_(base).to(p.dtype)
+                flat[i : i + n] = torch.randn(n, generator=gen, device=device).mul_(scale).add_(base).to(p.dtype)
 
 
 def build_tokenizer(config, out_dir: Path) -> None:
@@ -151,6 +151,7 @@ def make_checkpoint(
     expert_layout: str = "per-expert",
     max_shard_size: str | None = None,
     tokenizer: bool = True,
+    init_device: str = "cpu",
 ) -> Path:
     """Write the checkpoint and return its directory."""
     import torch
@@ -163,8 +164,8 @@ def make_checkpoint(
     t0 = time.time()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    model.to_empty(device="cpu")  # non-persistent buffers (rotary) are not saved, so need no values
-    _init_(model, seed, float(getattr(config, "initializer_range", 0.02) or 0.02))
+    model.to_empty(device=init_device)  # non-persistent buffers (rotary) are not saved, so need no values
+    _init_(model, seed, float(getattr(config, "initializer_range", 0.02) or 0.02), init_device)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     n_params = sum(p.numel() for p in model.parameters())
@@ -210,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-shard-size", default=None, help="write shards of at most this size, e.g. 200KB or 5GB")
     p.add_argument("--no-tokenizer", action="store_true", help="do not write a tokenizer")
+    p.add_argument(
+        "--init-device",
+        default="cpu",
+        help="where to draw the random weights: cpu, or cuda for big models (fast; other numbers than cpu)",
+    )
     a = p.parse_args(argv)
     if a.config is not None and not a.config.is_file():
         raise SystemExit(f"error: --config {a.config}: no such file")
@@ -223,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         expert_layout=a.expert_layout,
         max_shard_size=a.max_shard_size,
         tokenizer=not a.no_tokenizer,
+        init_device=a.init_device,
     )
     return 0
 

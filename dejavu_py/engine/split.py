@@ -92,7 +92,8 @@ def split_stages(num_layers: int, num_stages: int, counts: list[int] | None = No
         raise UserError(f"--stages {num_stages}: need at least one stage")
     if num_stages > num_layers:
         raise UserError(
-            f"--stages {num_stages}: the model has only {num_layers} decoder layers; use at most {num_layers} stages"
+            f"{num_stages} stages (--stages, or one per process): the model has only {num_layers} decoder layers; "
+            f"use at most {num_layers} stages"
         )
     if counts is None:
         counts = balanced_counts(num_layers, num_stages)

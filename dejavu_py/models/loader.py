@@ -151,32 +151,43 @@ def plan_stage(files: CheckpointFiles, cfg: ModelConfig, params: list[str]) -> l
     return pieces
 
 
+def _by_file(files: CheckpointFiles, pieces: list[Piece]) -> dict[str, list[Piece]]:
+    by_file: dict[str, list[Piece]] = {}
+    for piece in pieces:
+        by_file.setdefault(files.file_of[piece.key], []).append(piece)
+    return by_file
+
+
+def _check_shape(files: CheckpointFiles, name: str, handle: Any, piece: Piece, shapes: dict[str, torch.Size]) -> None:
+    """The piece exists in its file with the shape config.json implies (reads the header only)."""
+    want = tuple(torch.empty(shapes[piece.param], device="meta")[piece.index].shape)
+    try:
+        found = tuple(handle.get_slice(piece.key).get_shape())
+    except Exception:  # the index names a shard that does not hold the tensor
+        raise CheckpointError(f"{files.dir / name}: missing tensor '{piece.key}' (named by {INDEX_FILE})") from None
+    if found != want:
+        raise CheckpointError(
+            f"{files.dir / name}: tensor '{piece.key}' has shape {list(found)}, expected {list(want)} from config.json"
+        )
+
+
 def read_pieces(
     files: CheckpointFiles,
     pieces: list[Piece],
     shapes: dict[str, torch.Size],
     dtype: torch.dtype,
     device: torch.device | str,
+    check_only: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Read the pieces, one file at a time, into tensors of ``dtype`` on ``device``."""
+    """Read the pieces, one file at a time, into tensors of ``dtype`` on ``device`` (``check_only``:
+    verify names and shapes from the file headers and read no data)."""
     state: dict[str, torch.Tensor] = {}
-    by_file: dict[str, list[Piece]] = {}
-    for piece in pieces:
-        by_file.setdefault(files.file_of[piece.key], []).append(piece)
-    for name, group in by_file.items():
+    for name, group in _by_file(files, pieces).items():
         handle = files.open(name, for_key=group[0].key)
         for piece in group:
-            want = tuple(torch.empty(shapes[piece.param], device="meta")[piece.index].shape)
-            try:
-                found = tuple(handle.get_slice(piece.key).get_shape())
-            except Exception:  # the index names a shard that does not hold the tensor
-                msg = f"{files.dir / name}: missing tensor '{piece.key}' (named by {INDEX_FILE})"
-                raise CheckpointError(msg) from None
-            if found != want:
-                raise CheckpointError(
-                    f"{files.dir / name}: tensor '{piece.key}' has shape {list(found)}, "
-                    f"expected {list(want)} from config.json"
-                )
+            _check_shape(files, name, handle, piece, shapes)
+            if check_only:
+                continue
             tensor = handle.get_tensor(piece.key)
             if not piece.index:
                 state[piece.param] = tensor.to(device=device, dtype=dtype)
@@ -187,10 +198,8 @@ def read_pieces(
     return state
 
 
-def load_stage(ckpt_dir: Path, spec: StageSpec, dtype: torch.dtype, device: torch.device | str) -> StageModel:
-    """Build the stage's model and fill it with its tensors from the checkpoint (and nothing else)."""
-    t0 = time.perf_counter()
-    ckpt_dir = Path(ckpt_dir)
+def _meta_stage(ckpt_dir: Path, spec: StageSpec) -> tuple[ModelConfig, StageModel, dict[str, torch.Size], list[str], bool]:
+    """The stage's model on the meta device, its parameter shapes and the names to read from files."""
     cfg = load_model_config(ckpt_dir)
     if spec.first_layer + spec.num_layers > cfg.num_layers:
         raise CheckpointError(
@@ -202,6 +211,25 @@ def load_stage(ckpt_dir: Path, spec: StageSpec, dtype: torch.dtype, device: torc
     shapes = {name: p.shape for name, p in model.named_parameters()}
     tie = cfg.tie_word_embeddings and spec.has_embed and spec.has_head
     wanted = [n for n in shapes if not (tie and n == "lm_head.weight")]
+    return cfg, model, shapes, wanted, tie
+
+
+def check_stage(ckpt_dir: Path, spec: StageSpec) -> None:
+    """Every tensor the stage needs is in the checkpoint with the right shape; reads headers, not data.
+
+    Cheap enough to run for every stage before any worker starts, so a broken checkpoint is one
+    error line up front rather than a worker failing mid-start."""
+    ckpt_dir = Path(ckpt_dir)
+    cfg, _, shapes, wanted, _ = _meta_stage(ckpt_dir, spec)
+    with CheckpointFiles(ckpt_dir) as files:
+        read_pieces(files, plan_stage(files, cfg, wanted), shapes, torch.float32, "meta", check_only=True)
+
+
+def load_stage(ckpt_dir: Path, spec: StageSpec, dtype: torch.dtype, device: torch.device | str) -> StageModel:
+    """Build the stage's model and fill it with its tensors from the checkpoint (and nothing else)."""
+    t0 = time.perf_counter()
+    ckpt_dir = Path(ckpt_dir)
+    cfg, model, shapes, wanted, tie = _meta_stage(ckpt_dir, spec)
     with CheckpointFiles(ckpt_dir) as files:
         pieces = plan_stage(files, cfg, wanted)
         state = read_pieces(files, pieces, shapes, dtype, device)

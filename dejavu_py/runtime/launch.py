@@ -27,12 +27,10 @@ def validate(cfg: RunConfig, nproc: int) -> None:
     """Everything a whole run can get wrong that is cheap to check here."""
     from .. import log
     from ..engine.coordinator import Coordinator
-    from ..models.config import load_model_config
-    from .layout import build_layout
+    from .prepare import prepare
 
     log.setup("WARNING", None, console_level=None)  # the ranks report bad lines; stay quiet here
-    model_cfg = load_model_config(cfg.model)
-    layout = build_layout(cfg, model_cfg.num_layers, nproc)
+    model_cfg, layout = prepare(cfg, nproc)
     Coordinator(cfg, layout, model_cfg, store=None).load_requests()
 
 

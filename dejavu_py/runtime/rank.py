@@ -8,7 +8,7 @@ from .. import log
 from ..comm.store import RankInfo, connect, put_json, resolve_address
 from ..config import RunConfig
 from ..errors import PipelineError, UserError
-from .layout import build_layout
+from .prepare import prepare
 from .supervisor import DONE_KEY, Supervisor
 from .zygote import Zygote
 
@@ -16,10 +16,7 @@ _log = log.get(__name__)
 
 
 def run_rank(cfg: RunConfig, info: RankInfo) -> int:
-    from ..models.config import load_model_config
-
-    model_cfg = load_model_config(cfg.model)
-    layout = build_layout(cfg, model_cfg.num_layers, info.world_size)
+    model_cfg, layout = prepare(cfg, info.world_size)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     level = cfg.runtime.log_level
     log.setup(level, cfg.logs_dir / f"rank{info.rank}-supervisor.log", console_level=level if info.rank == 0 else "WARNING")

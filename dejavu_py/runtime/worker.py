@@ -52,12 +52,14 @@ def main(spec: WorkerSpec) -> int:
     store = connect(spec.store)
     try:
         device = resolve_device(cfg.pipeline, spec.local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         info = {"pid": os.getpid(), "rank": spec.rank, "role": m.role, "stage": m.stage.index, **placement(device)}
         put_json(store, member_key(m.name), {**info, "state": "loading", "generation": spec.generation})
         runner, load_s = _load(spec, device)
     except UserError as e:
-        put_json(store, f"error/{m.name}", str(e))
-        _log.error("%s", e)
+        put_json(store, f"error/{m.name}", str(e))  # rank 0 reports it as the run's error
+        _log.info("cannot start: %s", e)
         return 2
     put_json(store, member_key(m.name), {**info, "state": "ready", "generation": spec.generation, "load_s": load_s})
     in_edge, out_edge = _connect_edges(spec, store, device)

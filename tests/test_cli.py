@@ -1,0 +1,212 @@
+"""The command line: every bad input is one line naming the file, field and value, a non-zero exit,
+and no traceback. Most run in-process through ``cli.main`` (the same path as ``python -m dejavu_py``);
+a few through real subprocesses, one of them under torchrun."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from make_checkpoint import make_checkpoint
+from safetensors.torch import load_file, save_file
+
+from dejavu_py import cli
+from e2e import ROOT, dejavu, torchrun, write_requests
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ck") / "olmoe", family="olmoe", seed=1)
+
+
+@pytest.fixture
+def reqs(tmp_path) -> Path:
+    return write_requests(tmp_path / "req.jsonl", [{"id": "a", "input_ids": [5, 6, 7], "max_new_tokens": 2}])
+
+
+def copy_ckpt(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str]:
+    capsys.readouterr()  # drop what fixtures printed
+    code = cli.main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def one_line_error(code: int, err: str, *needles: str) -> str:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def base(ckpt: Path, reqs: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--model", str(ckpt), "--prompts", str(reqs), "--run-dir", str(tmp_path / "run"), *extra]
+
+
+# ---- flags and config file ------------------------------------------------------------------------
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for action in cli.build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 15, action.dest
+            assert action.option_strings[0] in out
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--max-batch-size", "-3"], ["--max-batch-size", "-3", "positive"]),
+        (["--kv-capacity-tokens", "4", "--block-size", "8"], ["--kv-capacity-tokens 4", "block"]),
+        (["--bogus", "1"], ["--bogus"]),
+        (["--dtype", "int8"], ["--dtype", "int8"]),
+        (["--layers-per-stage", "2,x"], ["--layers-per-stage", "2,x"]),
+        (["--seed", "-1"], ["--seed -1"]),
+    ],
+)
+def test_bad_flag(capsys, ckpt, reqs, tmp_path, extra, needles):
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, *extra)), *needles)
+
+
+def test_missing_required_flag(capsys, reqs):
+    one_line_error(*run_main(capsys, "--prompts", str(reqs)), "--model")
+
+
+def test_config_file_errors(capsys, ckpt, reqs, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_batch_size: 4\nbatch_sise: 8\n")
+    one_line_error(*run_main(capsys, "--config", str(cfg), *base(ckpt, reqs, tmp_path)), "c.yaml", "batch_sise")
+    cfg.write_text("max_batch_size: lots\n")
+    one_line_error(*run_main(capsys, "--config", str(cfg), *base(ckpt, reqs, tmp_path)), "max_batch_size", "lots")
+    one_line_error(*run_main(capsys, "--config", str(tmp_path / "nope.yaml"), *base(ckpt, reqs, tmp_path)), "nope.yaml")
+
+
+def test_config_file_sets_defaults_and_flags_win(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_batch_size: 4\nlayers_per_stage: [1, 3]\ndevice: cpu\nignore_eos: true\n")
+    run, _ = cli.parse(["--config", str(cfg), "--model", "m", "--prompts", "p", "--max-batch-size", "9"])
+    assert run.scheduler.max_batch_size == 9
+    assert run.pipeline.layers_per_stage == [1, 3] and run.pipeline.device == "cpu"
+    assert run.generation.ignore_eos is True
+    assert run.output == run.run_dir / "outputs.jsonl"
+
+
+# ---- stage split (issue scope 4) -----------------------------------------------------------------
+
+
+def test_split_does_not_add_up(capsys, ckpt, reqs, tmp_path):
+    one_line_error(
+        *run_main(capsys, *base(ckpt, reqs, tmp_path, "--nproc-per-node", "2", "--layers-per-stage", "1,1")),
+        "--layers-per-stage 1,1", "adds up to 2", "4 layers",
+    )
+
+
+def test_split_wrong_count(capsys, ckpt, reqs, tmp_path):
+    one_line_error(
+        *run_main(capsys, *base(ckpt, reqs, tmp_path, "--nproc-per-node", "2", "--layers-per-stage", "1,1,2")),
+        "3 entries for 2 stages",
+    )
+
+
+def test_more_stages_than_layers(capsys, ckpt, reqs, tmp_path):
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, "--nproc-per-node", "5")), "5 stages", "only 4 decoder layers")
+
+
+def test_stage_count_mismatch(capsys, ckpt, reqs, tmp_path):
+    one_line_error(
+        *run_main(capsys, *base(ckpt, reqs, tmp_path, "--nproc-per-node", "2", "--stages", "3")), "--stages 3", "2 processes"
+    )
+
+
+# ---- checkpoint (issue scope 3) ------------------------------------------------------------------
+
+
+def test_unknown_model_type(capsys, ckpt, reqs, tmp_path):
+    bad = copy_ckpt(ckpt, tmp_path / "bad")
+    raw = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**raw, "model_type": "gpt2"}))
+    one_line_error(*run_main(capsys, *base(bad, reqs, tmp_path)), "config.json", "model_type", "'gpt2'", "qwen2_moe")
+
+
+def test_missing_and_misshaped_tensor(capsys, ckpt, reqs, tmp_path):
+    bad = copy_ckpt(ckpt, tmp_path / "bad")
+    tensors = load_file(bad / "model.safetensors")
+    tensors.pop("model.layers.3.mlp.experts.5.down_proj.weight")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    one_line_error(
+        *run_main(capsys, *base(bad, reqs, tmp_path, "--nproc-per-node", "2")),
+        "model.safetensors", "model.layers.3.mlp.experts.5.down_proj.weight", "missing",
+    )
+    tensors["model.layers.3.mlp.experts.5.down_proj.weight"] = torch.zeros(3, 3)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    one_line_error(*run_main(capsys, *base(bad, reqs, tmp_path)), "down_proj", "[3, 3]", "expected")
+
+
+def test_missing_and_corrupt_shard(capsys, reqs, tmp_path):
+    ck = make_checkpoint(tmp_path / "sharded", family="mixtral", seed=2, max_shard_size="150KB", tokenizer=False)
+    shards = sorted(p.name for p in ck.glob("model-*.safetensors"))
+    data = (ck / shards[-1]).read_bytes()
+    (ck / shards[-1]).write_bytes(data[: len(data) // 3])
+    one_line_error(*run_main(capsys, *base(ck, reqs, tmp_path)), shards[-1], "safetensors")
+    (ck / shards[-1]).unlink()
+    one_line_error(*run_main(capsys, *base(ck, reqs, tmp_path)), shards[-1], "does not exist")
+
+
+def test_missing_checkpoint_dir(capsys, reqs, tmp_path):
+    one_line_error(*run_main(capsys, *base(tmp_path / "nowhere", reqs, tmp_path)), "nowhere", "config.json")
+
+
+# ---- request file (issue scope 7, whole-file problems) --------------------------------------------
+
+
+def test_missing_or_empty_requests_file(capsys, ckpt, tmp_path):
+    one_line_error(*run_main(capsys, *base(ckpt, tmp_path / "none.jsonl", tmp_path)), "none.jsonl", "no such file")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    one_line_error(*run_main(capsys, *base(ckpt, empty, tmp_path)), "empty.jsonl", "no requests")
+
+
+# ---- real processes -------------------------------------------------------------------------------
+
+
+def test_subprocess_front_end_error_is_one_line(ckpt, reqs, tmp_path):
+    proc = dejavu(base(ckpt, reqs, tmp_path, "--nproc-per-node", "2", "--layers-per-stage", "3,3"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --layers-per-stage 3,3: adds up to 6, the model has 4 layers"
+    ], proc.stderr
+
+
+def test_under_torchrun_rank0_says_the_error(ckpt, reqs, tmp_path):
+    bad = copy_ckpt(ckpt, tmp_path / "bad")
+    raw = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**raw, "model_type": "falcon"}))
+    proc = torchrun(2, base(bad, reqs, tmp_path))
+    assert proc.returncode != 0
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(ours) == 1 and "'falcon'" in ours[0], proc.stderr  # torchrun appends its own report
+    assert "dejavu_py/" not in proc.stderr  # no traceback through our code
+
+
+def test_front_end_runs_the_pipeline(ckpt, reqs, tmp_path):
+    out = tmp_path / "o.jsonl"
+    proc = dejavu(base(ckpt, reqs, tmp_path, "--nproc-per-node", "2", "--config", str(ROOT / "configs/tiny-cpu.yaml"),
+                       "--output", str(out)))
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(out.read_text())
+    assert rec["id"] == "a" and len(rec["output_ids"]) == 2
+    assert "done: 1/1 requests" in proc.stderr
