@@ -34,8 +34,13 @@ class PipelineConfig:
     """Compute and weight dtype: 'float32', 'bfloat16', 'float16' or 'auto' (float32 on CPU, bfloat16 on GPU)."""
     threads: int = 1
     """CPU threads per stage worker (intra-op)."""
+    cuda_graphs: str = "auto"
+    """Decode steps from captured CUDA graphs: 'auto' (on GPU), 'on', 'off'. 'on' on CPU runs the same
+    static-buffer path without capture."""
 
     def __post_init__(self) -> None:
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise UserError(f"--cuda-graphs {self.cuda_graphs!r}: choose auto, on or off")
         _positive("--stages", self.stages, allow_none=True)
         _positive("--microbatches", self.microbatches, allow_none=True)
         _positive("--threads", self.threads)

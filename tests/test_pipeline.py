@@ -44,7 +44,9 @@ def test_greedy_matches_transformers(ckpts, family, stages, tmp_path):
     reqs = mixed_requests(9, VOCAB, seed=100 + stages)
     reqs[0]["stop_token_ids"] = [reference(ckpts[family], reqs[0])[0]]  # stops on its first token
     rf = write_requests(tmp_path / "req.jsonl", reqs, BAD_LINES)
-    outs = run_pipeline(ckpts[family], rf, tmp_path / "run", stages, "--max-batch-size", "3")
+    # At 2 stages decode goes through the static-buffer path that CUDA graphs capture on a GPU.
+    static = ["--cuda-graphs", "on"] if stages == 2 else []
+    outs = run_pipeline(ckpts[family], rf, tmp_path / "run", stages, "--max-batch-size", "3", *static)
     for r in reqs:
         got = outs[r["id"]]
         assert "error" not in got, got

@@ -113,10 +113,64 @@ def build_attn_meta(seqs: list[SeqSlice], block_size: int, device: torch.device 
     )
 
 
+def decode_meta(tables_BM: torch.Tensor, ctx_len_B: torch.Tensor, width: int, block_size: int) -> AttnMeta:
+    """AttnMeta of a pure decode step computed on the device from block tables and context lengths,
+    with no host work: what a captured CUDA graph replays. ``width`` (a multiple of ``block_size``)
+    bounds every context length; rows padded past the real batch point at a scratch block."""
+    B = tables_BM.shape[0]
+    pos_L = torch.arange(width, device=tables_BM.device)
+    slots_BL = tables_BM[:, pos_L // block_size].long() * block_size + pos_L % block_size  # [B, L]
+    positions_B = ctx_len_B.long() - 1
+    rows_B = torch.arange(B, device=tables_BM.device)
+    return AttnMeta(
+        positions_T=positions_B,
+        slots_T=slots_BL.gather(1, positions_B[:, None]).squeeze(1),
+        decode_rows_B=rows_B,
+        decode_slots_BL=slots_BL,
+        decode_mask_BL=pos_L[None, :] < ctx_len_B[:, None],
+        prefills=[],
+        logits_rows_S=rows_B,
+    )
+
+
+def _prefill_groups(prefills: list[PrefillSeq]) -> tuple[dict[int, list[PrefillSeq]], list[PrefillSeq]]:
+    """Fresh prompts (start 0) grouped by length, to attend as one batch; the rest one by one."""
+    fresh: dict[int, list[PrefillSeq]] = {}
+    rest = []
+    for p in prefills:
+        if p.start_pos == 0:
+            fresh.setdefault(p.num_tokens, []).append(p)
+        else:
+            rest.append(p)
+    return fresh, rest
+
+
+def _fresh_prefill(q_THD, k_TKD, v_TKD, group: list[PrefillSeq], out_THD, scale: float) -> None:
+    """Prompts of equal length from position 0: their context is exactly their new K/V."""
+    n = group[0].num_tokens
+
+    def batch(x: torch.Tensor) -> torch.Tensor:  # [G, heads, n, D]
+        return torch.stack([x[p.row : p.row + n] for p in group]).transpose(1, 2)
+
+    o_GHnD = F.scaled_dot_product_attention(batch(q_THD), batch(k_TKD), batch(v_TKD), is_causal=True, scale=scale,
+                                            enable_gqa=True)
+    for i, p in enumerate(group):
+        out_THD[p.row : p.row + n] = o_GHnD[i].transpose(0, 1)
+
+
 def paged_attention(
-    q_THD: torch.Tensor, k_NKD: torch.Tensor, v_NKD: torch.Tensor, meta: AttnMeta, scale: float
+    q_THD: torch.Tensor,
+    k_NKD: torch.Tensor,
+    v_NKD: torch.Tensor,
+    meta: AttnMeta,
+    scale: float,
+    new_k_TKD: torch.Tensor | None = None,
+    new_v_TKD: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the step's new tokens over their cached context (new K/V already written)."""
+    """Causal attention of the step's new tokens over their cached context (new K/V already written).
+
+    With the step's own K/V (``new_k_TKD``/``new_v_TKD``) fresh prompts of equal length are attended
+    as one batch straight from them, without gathering from the cache."""
     out_THD = torch.empty_like(q_THD)
     if meta.decode_rows_B.numel():
         q_BH1D = q_THD[meta.decode_rows_B].unsqueeze(2)
@@ -126,7 +180,12 @@ def paged_attention(
             q_BH1D, k_BKLD, v_BKLD, attn_mask=meta.decode_mask_BL[:, None, None, :], scale=scale, enable_gqa=True
         )
         out_THD[meta.decode_rows_B] = o_BH1D.squeeze(2)
-    for p in meta.prefills:
+    prefills = meta.prefills
+    if new_k_TKD is not None and new_v_TKD is not None:
+        fresh, prefills = _prefill_groups(meta.prefills)
+        for group in fresh.values():
+            _fresh_prefill(q_THD, new_k_TKD, new_v_TKD, group, out_THD, scale)
+    for p in prefills:
         q_1HQD = q_THD[p.row : p.row + p.num_tokens].transpose(0, 1).unsqueeze(0)
         k_1KLD = k_NKD[p.ctx_slots].transpose(0, 1).unsqueeze(0)
         v_1KLD = v_NKD[p.ctx_slots].transpose(0, 1).unsqueeze(0)

@@ -90,8 +90,9 @@ class Coordinator:
         """The whole run once workers are starting; returns the exit code (0 when the pipeline worked)."""
         self.await_members()
         out_edge, in_edge = self.connect()
-        seqs = [Sequence(i, r, t_arrival=self.t_start) for i, r in enumerate(requests)]
-        code, t_gen = 0, time.monotonic()
+        t_gen = time.monotonic()  # a request file arrives whole when the pipeline starts serving
+        seqs = [Sequence(i, r, t_arrival=t_gen) for i, r in enumerate(requests)]
+        code = 0
         try:
             self._generate(seqs, out_edge, in_edge)
             self._stop(out_edge, in_edge)
@@ -109,7 +110,7 @@ class Coordinator:
     def _generate(self, seqs: list[Sequence], out_edge: Edge, in_edge: Edge) -> None:
         mc, gen = self.model_cfg, self.cfg.generation
         stop_ids = frozenset() if gen.ignore_eos else frozenset(mc.eos_token_ids)
-        microbatches = self.cfg.pipeline.microbatches or len(self.layout.members)
+        microbatches = self.cfg.pipeline.microbatches or self._default_microbatches()
         blocks = BlockManager(self.cfg.cache.num_blocks, self.cfg.cache.block_size)
         sched = Scheduler(self.cfg.scheduler, blocks, microbatches, stop_ids)
         for s in seqs:
@@ -131,6 +132,15 @@ class Coordinator:
         bar.close(done, tokens)
         if sched.waiting:  # cannot happen: every accepted request fits an empty cache
             raise RuntimeError(f"{len(sched.waiting)} requests could not be scheduled")
+
+    def _default_microbatches(self) -> int:
+        """One microbatch per stage keeps every stage busy when each has its own processor. Stages
+        sharing a GPU take turns on it anyway, and each extra microbatch would read all their weights
+        once more per step: there, one microbatch per distinct GPU."""
+        places = [get_json(self.store, f"member/{m.name}") for m in self.layout.members]
+        if all(p["device"] == "cpu" for p in places):
+            return len(places)
+        return len({(p["host"], p["device"]) for p in places})
 
     @staticmethod
     def _fill(sched: Scheduler, out_edge: Edge) -> None:

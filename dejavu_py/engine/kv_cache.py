@@ -39,12 +39,17 @@ class CacheSpec:
 
 
 class KVCache:
-    """K and V pools for the decoder layers a stage owns, indexed by global layer number."""
+    """K and V pools for the decoder layers a stage owns, indexed by global layer number.
+
+    One block beyond ``spec.num_blocks`` is a scratch block no sequence owns: padding rows of a
+    bucketed decode step write there."""
 
     def __init__(self, spec: CacheSpec, layers: range, dtype: torch.dtype, device: torch.device | str) -> None:
         self.spec = spec
         self.layers = layers
-        shape = (spec.capacity_tokens, spec.num_kv_heads, spec.head_dim)
+        self.device = torch.device(device)
+        self.scratch_block = spec.num_blocks
+        shape = ((spec.num_blocks + 1) * spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.k_NKD = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.v_NKD = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
 

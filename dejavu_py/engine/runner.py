@@ -5,6 +5,7 @@ import torch
 
 from .. import log
 from .attn_meta import SeqSlice, build_attn_meta
+from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .plan import SeqState, StepPlan, StepResult
 from .sampler import sample
@@ -16,12 +17,21 @@ _log = log.get(__name__)
 class StageRunner:
     """Runs one stage's layers for a plan, keeping the per-sequence state the plans announced."""
 
-    def __init__(self, model: torch.nn.Module, kv: KVCache, spec: StageSpec, block_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv: KVCache,
+        spec: StageSpec,
+        block_size: int,
+        device: torch.device,
+        graphs: DecodeGraphs | None = None,
+    ) -> None:
         self.model = model
         self.kv = kv
         self.spec = spec
         self.block_size = block_size
         self.device = device
+        self.graphs = graphs
         self.seqs: dict[int, SeqState] = {}
 
     def _apply(self, plan: StepPlan) -> None:
@@ -33,25 +43,39 @@ class StageRunner:
     def step(self, plan: StepPlan, x: torch.Tensor | None) -> torch.Tensor | StepResult:
         """Hidden states [T, D] for the next stage, or (last stage) the sampled tokens."""
         self._apply(plan)
+        if self.spec.has_embed:
+            x = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
+        elif x is None:
+            raise RuntimeError(f"stage {self.spec.index} got plan {plan.step} without activations")
+        out = self._decode_static(plan, x) if self._static_ok(plan) else self._eager(plan, x)
+        if not self.spec.has_head:
+            return out
+        return self._sample(plan, out)
+
+    def _static_ok(self, plan: StepPlan) -> bool:
+        if self.graphs is None or any(n != 1 for n in plan.num_tokens) or not all(plan.wants_token):
+            return False
+        return self.graphs.fits(len(plan.seq_ids), max(plan.start_pos) + 1)
+
+    def _decode_static(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
+        tables = [self.seqs[sid].block_table for sid in plan.seq_ids]
+        return self.graphs.run(tables, [s + 1 for s in plan.start_pos], x)
+
+    def _eager(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
         slices = [
             SeqSlice(start, n, self.seqs[sid].block_table, want)
             for sid, start, n, want in zip(plan.seq_ids, plan.start_pos, plan.num_tokens, plan.wants_token)
         ]
         meta = build_attn_meta(slices, self.block_size, self.device)
-        if self.spec.has_embed:
-            x = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
-        elif x is None:
-            raise RuntimeError(f"stage {self.spec.index} got plan {plan.step} without activations")
-        out = self.model(x, meta, self.kv)
-        if not self.spec.has_head:
-            return out
-        return self._sample(plan, out)
+        return self.model(x, meta, self.kv)
 
     def _sample(self, plan: StepPlan, logits_SV: torch.Tensor) -> StepResult:
         rows = [i for i, want in enumerate(plan.wants_token) if want]
         sids = [plan.seq_ids[i] for i in rows]
         states = [self.seqs[s] for s in sids]
         dev = logits_SV.device
+        if all(s.temperature == 0 for s in states):  # greedy: no per-row tensors, no device sync
+            return StepResult(plan.mb, plan.step, sids, logits_SV.argmax(dim=1).tolist())
         ids = sample(
             logits_SV,
             torch.tensor([s.temperature for s in states], dtype=torch.float32, device=dev),
@@ -59,5 +83,7 @@ class StageRunner:
             torch.tensor([s.top_k for s in states], dtype=torch.long, device=dev),
             torch.tensor([s.seed for s in states], dtype=torch.long, device=dev),
             torch.tensor([plan.start_pos[i] + plan.num_tokens[i] for i in rows], dtype=torch.long, device=dev),
+            all_greedy=False,
+            any_filter=any(s.top_k > 0 or s.top_p < 1 for s in states),
         )
         return StepResult(plan.mb, plan.step, sids, ids.tolist())

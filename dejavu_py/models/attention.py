@@ -57,5 +57,5 @@ class Attention(nn.Module):
         q_THD, k_TKD, v_TKD = self._qkv(x_TD)
         q_THD, k_TKD = apply_rotary(q_THD, cos_TD, sin_TD), apply_rotary(k_TKD, cos_TD, sin_TD)
         k_NKD, v_NKD = kv.update(self.layer, meta.slots_T, k_TKD, v_TKD)
-        o_THD = paged_attention(q_THD, k_NKD, v_NKD, meta, self.scale)
+        o_THD = paged_attention(q_THD, k_NKD, v_NKD, meta, self.scale, k_TKD, v_TKD)
         return self.o_proj(o_THD.reshape(x_TD.shape[0], -1))

@@ -84,7 +84,8 @@ def expert_ffn(
     ids_A = ids_TK.reshape(-1)
     order_A = torch.argsort(ids_A, stable=True)  # assignment -> position in expert order
     x_AD = x_TD[order_A // K]
-    counts_E = torch.bincount(ids_A, minlength=E)
+    # scatter_add, not bincount: bincount reads the max id back to the host, which CUDA graphs forbid
+    counts_E = torch.zeros(E, dtype=torch.long, device=ids_A.device).scatter_add_(0, ids_A, torch.ones_like(ids_A))
     use_grouped = use_grouped_mm(x_TD) if grouped is None else grouped
     ffn = _grouped_ffn if use_grouped else _looped_ffn
     y_AD = ffn(x_AD, counts_E, w_gate_up_EFD, w_down_EDF)

@@ -16,6 +16,7 @@ from .. import log
 from ..comm.edge import Edge
 from ..comm.store import StoreAddress, connect, get_json, put_json
 from ..config import RunConfig
+from ..engine.decode_graphs import DecodeGraphs, capturable
 from ..engine.kv_cache import CacheSpec, KVCache
 from ..engine.plan import StepResult, Stop
 from ..engine.runner import StageRunner
@@ -82,7 +83,13 @@ def _load(spec: WorkerSpec, device: torch.device) -> tuple[StageRunner, float]:
     kv = KVCache(cache, stage.layers, dtype, device)
     load_s = time.monotonic() - t0
     _log.info("loaded %d layers (%s) and a %d-token KV cache in %.2fs", stage.num_layers, dtype, cache.capacity_tokens, load_s)
-    return StageRunner(model, kv, stage, cfg.cache.block_size, device), load_s
+    graphs = None
+    if cfg.pipeline.cuda_graphs == "on" or (cfg.pipeline.cuda_graphs == "auto" and device.type == "cuda"):
+        max_len = min(cfg.cache.max_model_len or mcfg.max_position_embeddings, cache.capacity_tokens)
+        graphs = DecodeGraphs(model, kv, cfg.cache.block_size, cfg.scheduler.max_batch_size, max_len,
+                              capture=device.type == "cuda" and capturable(mcfg, dtype))
+        graphs.capture_all()
+    return StageRunner(model, kv, stage, cfg.cache.block_size, device, graphs), load_s
 
 
 def _edge_to(spec: WorkerSpec, store, peer: str, device: torch.device) -> Edge:
