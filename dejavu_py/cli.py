@@ -10,6 +10,8 @@ with torch's elastic launcher. Every YAML key is a flag name (``max_batch_size: 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,6 +58,9 @@ def build_parser() -> _Parser:
     pl = p.add_argument_group("pipeline")
     pl.add_argument("--stages", type=int, help="pipeline stages (default: one per process; must equal the process count)")
     pl.add_argument("--layers-per-stage", type=_int_list, help="decoder layers per stage, e.g. 3,5,4 (default: balanced, embedding and head counted as layers)")
+    pl.add_argument("--prompt-stages", type=int, help="stages of a separate prompt (prefill) pipeline; their KV streams layer by layer to the token stages (default 0: prefill and decode colocated)")
+    pl.add_argument("--token-stages", type=int, help="stages of the token (decode) pipeline with --prompt-stages (default: the remaining processes)")
+    pl.add_argument("--prompt-layers-per-stage", type=_int_list, help="decoder layers per prompt stage, e.g. 8,8 (default: balanced)")
     pl.add_argument("--microbatches", type=int, help="microbatches in flight (default: the number of stages)")
     pl.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where stages run (default auto: cuda when visible)")
     pl.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights and compute (default auto: float32 on CPU, bfloat16 on GPU)")
@@ -66,6 +71,8 @@ def build_parser() -> _Parser:
     bc.add_argument("--max-batch-tokens", type=int, help="new tokens per step, prompts included (default 2048)")
     bc.add_argument("--kv-capacity-tokens", type=int, help="KV cache capacity of each stage in tokens (default 16384); requests wait until theirs fits")
     bc.add_argument("--block-size", type=int, help="tokens per KV cache block (default 16)")
+    bc.add_argument("--swap", type=_bool, nargs="?", const=True, help="microbatch swapping: decode microbatches beyond --swap-resident keep their KV in pinned host memory and are swapped in before their turn, so more fit in flight (default false)")
+    bc.add_argument("--swap-resident", type=int, help="with --swap: microbatches whose KV the device cache holds at once, each getting capacity/resident tokens (default 2)")
     bc.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's max_position_embeddings)")
     ge = p.add_argument_group("generation defaults")
     ge.add_argument("--max-new-tokens", type=int, help="for requests that give none (default 64)")
@@ -143,6 +150,9 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
         pipeline=PipelineConfig(
             stages=ns.stages,
             layers_per_stage=ns.layers_per_stage,
+            prompt_stages=_pick(ns, "prompt_stages", 0),
+            token_stages=ns.token_stages,
+            prompt_layers_per_stage=ns.prompt_layers_per_stage,
             microbatches=ns.microbatches,
             device=_pick(ns, "device", "auto"),
             dtype=_pick(ns, "dtype", "auto"),
@@ -156,6 +166,8 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
             capacity_tokens=_pick(ns, "kv_capacity_tokens", 16384),
             block_size=_pick(ns, "block_size", 16),
             max_model_len=ns.max_model_len,
+            swap=_pick(ns, "swap", False),
+            swap_resident=_pick(ns, "swap_resident", 2),
         ),
         generation=GenerationConfig(
             max_new_tokens=_pick(ns, "max_new_tokens", 64),
@@ -186,7 +198,14 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--nproc-per-node {ns.nproc_per_node}: the launcher started {info.world_size} processes")
         from .runtime.rank import run_rank
 
-        return run_rank(cfg, info)
+        code = run_rank(cfg, info)
+        # A rank process ends here, without running C++ static destructors: threads of the
+        # communication libraries may still be parked in their calls, and tearing those objects
+        # down under them aborts the process ("terminate called without an active exception").
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     except UserError as e:
         if info.rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -23,9 +23,15 @@ class PipelineConfig:
     """How the model is split and where stages run."""
 
     stages: int | None = None
-    """Pipeline stages; None = one per rank process."""
+    """Pipeline stages (colocated mode); None = one per rank process."""
     layers_per_stage: list[int] | None = None
-    """Decoder layers of each stage (e.g. [3, 5, 4]); None = balanced split."""
+    """Decoder layers of each (token) stage (e.g. [3, 5, 4]); None = balanced split."""
+    prompt_stages: int = 0
+    """Stages of a separate prompt (prefill) pipeline; 0 = colocated prefill and decode."""
+    token_stages: int | None = None
+    """Stages of the token (decode) pipeline when disaggregated; None = the remaining processes."""
+    prompt_layers_per_stage: list[int] | None = None
+    """Decoder layers of each prompt stage; None = balanced split."""
     microbatches: int | None = None
     """Microbatches in flight; None = as many as stages, which keeps every stage busy."""
     device: str = "auto"
@@ -42,6 +48,11 @@ class PipelineConfig:
         if self.cuda_graphs not in ("auto", "on", "off"):
             raise UserError(f"--cuda-graphs {self.cuda_graphs!r}: choose auto, on or off")
         _positive("--stages", self.stages, allow_none=True)
+        _positive("--token-stages", self.token_stages, allow_none=True)
+        if self.prompt_stages < 0:
+            raise UserError(f"--prompt-stages {self.prompt_stages}: must be 0 (colocated) or more")
+        if self.prompt_stages and self.stages is not None:
+            raise UserError("--stages applies to the colocated mode; with --prompt-stages give --token-stages")
         _positive("--microbatches", self.microbatches, allow_none=True)
         _positive("--threads", self.threads)
         if self.device not in ("auto", "cpu", "cuda"):
@@ -74,8 +85,15 @@ class CacheConfig:
     """Tokens per cache block."""
     max_model_len: int | None = None
     """Longest sequence (prompt + output); None = the model's max_position_embeddings."""
+    swap: bool = False
+    """Microbatch swapping: decode microbatches beyond ``swap_resident`` keep their KV in pinned host
+    memory and are swapped in before their turn."""
+    swap_resident: int = 2
+    """With swap: decode microbatches whose KV the device cache holds at once; each gets
+    capacity_tokens / swap_resident tokens."""
 
     def __post_init__(self) -> None:
+        _positive("--swap-resident", self.swap_resident)
         _positive("--kv-capacity-tokens", self.capacity_tokens)
         _positive("--block-size", self.block_size)
         _positive("--max-model-len", self.max_model_len, allow_none=True)
@@ -86,7 +104,13 @@ class CacheConfig:
 
     @property
     def num_blocks(self) -> int:
+        """Blocks of a stage's device cache."""
         return self.capacity_tokens // self.block_size
+
+    @property
+    def partition_blocks(self) -> int:
+        """With swap: blocks of one microbatch's partition (device cache / resident partitions)."""
+        return self.num_blocks // self.swap_resident if self.swap else self.num_blocks
 
 
 @dataclass
@@ -147,6 +171,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.output is None:
             self.output = self.run_dir / "outputs.jsonl"
+
+    @property
+    def swap_partitions(self) -> int:
+        """With swap: decode microbatches, each with its own KV partition (default twice the resident ones)."""
+        return self.pipeline.microbatches or 2 * self.cache.swap_resident
 
     @property
     def logs_dir(self) -> Path:

@@ -1,7 +1,8 @@
 """Logging with the process's role, stage and rank in every record.
 
 Each process calls :func:`setup` once; every logger of the package then prints e.g.
-``12:00:01.234 token s1 r1 INFO dejavu_py.engine.runner: loaded 4 layers in 0.8 s``.
+``12:00:01.234 token t1 r3 INFO dejavu_py.runtime.worker: loaded 4 layers in 0.8 s`` (role, stage
+name, rank).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-_FORMAT = "%(asctime)s.%(msecs)03d %(role)s s%(stage)s r%(rank)s %(levelname)s %(name)s: %(message)s"
+_FORMAT = "%(asctime)s.%(msecs)03d %(role)s %(stage)s r%(rank)s %(levelname)s %(name)s: %(message)s"
 _DATEFMT = "%H:%M:%S"
 
 

@@ -104,3 +104,34 @@ def eos_ids(ckpt: Path) -> list[int]:
             v = json.loads(p.read_text()).get("eos_token_id")
             ids.update([v] if isinstance(v, int) else (v or []))
     return sorted(ids)
+
+
+def start_pipeline(ckpt: Path, requests_file: Path, run_dir: Path, nproc: int, *extra: str) -> subprocess.Popen:
+    """Start a torchrun job in the background (for fault tests); its output goes to run_dir/console.txt."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = ["--config", str(ROOT / "configs/tiny-cpu.yaml"), "--model", str(ckpt), "--prompts", str(requests_file),
+            "--output", str(run_dir / "out.jsonl"), "--run-dir", str(run_dir), *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--monitor-interval=0.1", "-m", "dejavu_py", *args]
+    console = open(run_dir / "console.txt", "w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=console, stderr=subprocess.STDOUT)
+
+
+def wait_for_workers(run_dir: Path, timeout: float = 120) -> dict:
+    """workers.json once every worker is up."""
+    import time
+
+    deadline = time.time() + timeout
+    path = run_dir / "workers.json"
+    while time.time() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.05)
+    raise TimeoutError(f"no {path} after {timeout}s")
+
+
+def finish(proc: subprocess.Popen, run_dir: Path, timeout: float = RUN_TIMEOUT_S) -> dict[str, dict]:
+    code = proc.wait(timeout=timeout)
+    console = (run_dir / "console.txt").read_text()
+    assert code == 0, f"exit {code}\n{console[-4000:]}\n{logs_of(run_dir)}"
+    return {r["id"]: r for r in map(json.loads, (run_dir / "out.jsonl").read_text().splitlines())}

@@ -8,6 +8,7 @@ A sequence owns a block table (list of block ids, given by the coordinator's blo
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,8 @@ class KVCache:
         self.layers = layers
         self.device = torch.device(device)
         self.scratch_block = spec.num_blocks
+        # Called as on_update(layer, slots_T, k_TKD, v_TKD) after each write (prompt stages stream KV).
+        self.on_update: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
         shape = ((spec.num_blocks + 1) * spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.k_NKD = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
         self.v_NKD = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layers}
@@ -60,6 +63,8 @@ class KVCache:
         k_NKD, v_NKD = self.k_NKD[layer], self.v_NKD[layer]
         k_NKD.index_copy_(0, slots_T, k_TKD.to(k_NKD.dtype))
         v_NKD.index_copy_(0, slots_T, v_TKD.to(v_NKD.dtype))
+        if self.on_update is not None:
+            self.on_update(layer, slots_T, k_TKD, v_TKD)
         return k_NKD, v_NKD
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,5 +72,6 @@ class KVCache:
         return self.k_NKD[layer][slots], self.v_NKD[layer][slots]
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Put K/V (from a replica or host copy) back into the given slots."""
-        self.update(layer, slots, k, v)
+        """Put K/V (from a prompt stage, a replica or a host copy) into the given slots."""
+        self.k_NKD[layer].index_copy_(0, slots, k.to(self.k_NKD[layer].dtype))
+        self.v_NKD[layer].index_copy_(0, slots, v.to(self.v_NKD[layer].dtype))

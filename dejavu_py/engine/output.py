@@ -62,8 +62,10 @@ def success_record(
     finish_reason: str,
     timings: Timings,
     tokenizer: Tokenizer | None = None,
+    extra_timings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The record of a request that generated ``output_ids``; "text" is added when a tokenizer is given."""
+    """The record of a request that generated ``output_ids``; "text" is added when a tokenizer is given;
+    ``extra_timings`` (e.g. the KV transfer of a disaggregated prefill) join "timings"."""
     if finish_reason not in FINISH_REASONS:
         raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {finish_reason!r}")
     ids = [int(t) for t in output_ids]
@@ -72,7 +74,7 @@ def success_record(
         rec["text"] = tokenizer.decode(ids)
     rec["finish_reason"] = finish_reason
     rec["num_prompt_tokens"] = len(request.input_ids)
-    rec["timings"] = timings.as_dict()
+    rec["timings"] = {**timings.as_dict(), **(extra_timings or {})}
     return rec
 
 

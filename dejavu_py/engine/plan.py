@@ -19,6 +19,8 @@ class SeqState:
     top_p: float
     top_k: int
     seed: int
+    kv_table: list[int] | None = None
+    """Disaggregated prefill: the token pipeline's block table, where this sequence's KV goes."""
 
 
 @dataclass
@@ -63,6 +65,39 @@ class StepResult:
 
 @dataclass
 class Stop:
-    """Ends the pipeline: each stage forwards it and exits."""
+    """Ends the pipeline: each stage forwards it and exits (``forward`` False: only the receiver
+    stops, e.g. the survivors of a pipeline that lost a stage)."""
 
     reason: str = "done"
+    forward: bool = True
+
+
+@dataclass
+class KVChunk:
+    """One layer's K/V of a prefill step, from the prompt stage that computed it to the token stage
+    that owns the layer; travels with a tensor [2, T, K, Dh] (K then V, tokens packed as in the plan)."""
+
+    layer: int
+    seq_ids: list[int]
+    start_pos: list[int]
+    num_tokens: list[int]
+    tables: list[list[int]]
+    """Token-pipeline block table of each sequence."""
+
+
+@dataclass
+class KVAck:
+    """A token stage holds every layer of these sequences' prompt KV."""
+
+    stage: str
+    seq_ids: list[int]
+    bytes: list[int]
+    """KV bytes this stage received per sequence."""
+
+
+@dataclass
+class EdgeBroken:
+    """Put in an inbox by a receiver thread whose edge failed (the peer died or the link broke)."""
+
+    peer: str
+    error: str

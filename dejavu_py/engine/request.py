@@ -38,6 +38,7 @@ KNOWN_FIELDS = (
     "top_k",
     "seed",
     "stop_token_ids",
+    "arrival_s",
 )
 
 _EXAMPLE = '{"id": "q1", "prompt": "Hello", "max_new_tokens": 16}'
@@ -92,6 +93,8 @@ class Request:
     """The prompt text when the request gave one (input_ids are then its encoding)."""
     max_new_tokens_requested: int | None = None
     """max_new_tokens before clamping (same as max_new_tokens when not clamped)."""
+    arrival_s: float = 0.0
+    """Seconds after the pipeline starts serving at which the request arrives (open-loop traces)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens_requested is None:
@@ -269,6 +272,13 @@ def _parse_max_new_tokens(obj: dict[str, Any], default: int) -> int:
     return v
 
 
+def _parse_arrival(obj: dict[str, Any]) -> float:
+    v = obj.get("arrival_s", 0.0)
+    if not _is_number(v) or not math.isfinite(v) or v < 0:
+        raise _bad("arrival_s", "a number of seconds >= 0", v)
+    return float(v)
+
+
 def _length_limit(limits: RequestLimits) -> tuple[int, str]:
     """The longest sequence allowed and a phrase saying what sets it."""
     if limits.max_model_len <= limits.kv_capacity_tokens:
@@ -296,6 +306,7 @@ def _parse_line(obj: dict[str, Any], rid: str, line: int, limits: RequestLimits,
         stop_token_ids=stop,
         prompt=prompt,
         max_new_tokens_requested=requested,
+        arrival_s=_parse_arrival(obj),
     )
 
 

@@ -10,6 +10,7 @@ from .kv_cache import KVCache
 from .plan import SeqState, StepPlan, StepResult
 from .sampler import sample
 from .split import StageSpec
+from .swap import Swapper
 
 _log = log.get(__name__)
 
@@ -25,6 +26,7 @@ class StageRunner:
         block_size: int,
         device: torch.device,
         graphs: DecodeGraphs | None = None,
+        swapper: Swapper | None = None,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -32,6 +34,7 @@ class StageRunner:
         self.block_size = block_size
         self.device = device
         self.graphs = graphs
+        self.swapper = swapper
         self.seqs: dict[int, SeqState] = {}
 
     def _apply(self, plan: StepPlan) -> None:
@@ -47,10 +50,18 @@ class StageRunner:
             x = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
         elif x is None:
             raise RuntimeError(f"stage {self.spec.index} got plan {plan.step} without activations")
+        if self.swapper is not None:
+            self.swapper.ensure(plan.mb)  # the microbatch's KV partition is on the device
         out = self._decode_static(plan, x) if self._static_ok(plan) else self._eager(plan, x)
+        if self.swapper is not None:
+            self.swapper.prefetch((plan.mb + 1) % self.swapper.P)  # overlaps the next microbatch's turn
         if not self.spec.has_head:
             return out
         return self._sample(plan, out)
+
+    def _table(self, sid: int) -> list[int]:
+        table = self.seqs[sid].block_table
+        return self.swapper.translate(table) if self.swapper is not None else table
 
     def _static_ok(self, plan: StepPlan) -> bool:
         if self.graphs is None or any(n != 1 for n in plan.num_tokens) or not all(plan.wants_token):
@@ -58,12 +69,12 @@ class StageRunner:
         return self.graphs.fits(len(plan.seq_ids), max(plan.start_pos) + 1)
 
     def _decode_static(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
-        tables = [self.seqs[sid].block_table for sid in plan.seq_ids]
+        tables = [self._table(sid) for sid in plan.seq_ids]
         return self.graphs.run(tables, [s + 1 for s in plan.start_pos], x)
 
     def _eager(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
         slices = [
-            SeqSlice(start, n, self.seqs[sid].block_table, want)
+            SeqSlice(start, n, self._table(sid), want)
             for sid, start, n, want in zip(plan.seq_ids, plan.start_pos, plan.num_tokens, plan.wants_token)
         ]
         meta = build_attn_meta(slices, self.block_size, self.device)

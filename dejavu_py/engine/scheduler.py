@@ -31,10 +31,12 @@ class Scheduler:
         self.inflight: dict[int, StepPlan] = {}
         self._release: list[int] = []
         self._step = 0
+        self.max_running = 0
+        """Most sequences ever running at once (all microbatches together)."""
 
     # -- state ---------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        if self.blocks.blocks_for(seq.max_len) > self.blocks.num_blocks:
+        if self.blocks.blocks_for(seq.max_len) > self.blocks.per_partition:
             raise ValueError(f"sequence {seq.seq_id} needs more KV blocks than the cache has")
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
@@ -64,19 +66,26 @@ class Scheduler:
         cap = min(self.cfg.max_batch_size, math.ceil(self.num_active() / self.num_microbatches))
         budget = self.cfg.max_batch_tokens - num_running
         admitted: list[Sequence] = []
-        while self.waiting and num_running + len(admitted) < cap:
-            seq = self.waiting[0]
+        partition = mb if self.blocks.partitions > 1 else 0
+        for seq in list(self.waiting):
+            if num_running + len(admitted) >= cap:
+                break
+            if seq.block_table and self.blocks.partitions > 1 and seq.mb != mb:
+                continue  # its KV lives in another microbatch's partition: it joins that one
             # A prompt longer than the budget still runs, as the only prefill of its step.
             if admitted and seq.prompt_len > budget:
                 break
-            if not self.blocks.can_allocate(seq.max_len):
-                break
-            self.waiting.popleft()
-            seq.block_table = self.blocks.allocate(seq.max_len)
-            seq.status, seq.mb, seq.t_admitted = Status.RUNNING, mb, time.monotonic()
+            if not seq.block_table:  # disaggregated: reserved when its prefill was admitted
+                if not self.blocks.can_allocate(seq.max_len, partition):
+                    break
+                seq.block_table = self.blocks.allocate(seq.max_len, partition)
+            self.waiting.remove(seq)
+            seq.status, seq.mb = Status.RUNNING, mb
+            seq.t_admitted = seq.t_admitted or time.monotonic()  # disaggregated: set at prefill admission
             admitted.append(seq)
             budget -= seq.prompt_len
         self.running[mb].extend(admitted)
+        self.max_running = max(self.max_running, sum(len(r) for r in self.running.values()))
         return admitted
 
     def _build(self, mb: int, seqs: list[Sequence], admitted: list[Sequence]) -> StepPlan:

@@ -25,6 +25,9 @@ class Sequence:
     num_cached: int = 0
     """Tokens whose K/V every stage holds."""
     block_table: list[int] = field(default_factory=list)
+    """KV blocks of the pipeline that decodes it (reserved for prompt + max new tokens)."""
+    prompt_table: list[int] = field(default_factory=list)
+    """Disaggregated: the prompt stages' blocks while it is prefilled there."""
     mb: int | None = None
     status: Status = Status.WAITING
     finish_reason: str | None = None
@@ -32,6 +35,12 @@ class Sequence:
     t_admitted: float | None = None
     t_first_token: float | None = None
     t_finish: float | None = None
+    t_prefilled: float | None = None
+    """Disaggregated: when the prompt pipeline returned its first token."""
+    t_kv_ready: float | None = None
+    """Disaggregated: when every token stage held its KV."""
+    kv_bytes: int = 0
+    """Disaggregated: prompt KV bytes streamed to the token stages."""
 
     @property
     def prompt_len(self) -> int:
@@ -47,9 +56,20 @@ class Sequence:
         tokens = self.request.input_ids + self.output_ids
         return self.num_cached, tokens[self.num_cached :]
 
-    def state(self) -> SeqState:
+    def state(self, table: list[int] | None = None, kv_table: list[int] | None = None) -> SeqState:
+        """What stages keep about it: a block table (its decode table unless given) and sampling."""
         s = self.request.sampling
-        return SeqState(list(self.block_table), s.temperature, s.top_p, s.top_k, s.seed)
+        blocks = list(self.block_table if table is None else table)
+        return SeqState(blocks, s.temperature, s.top_p, s.top_k, s.seed, kv_table)
+
+    def restart(self) -> None:
+        """Forget generated tokens and cached KV: it will be prefilled again (same tokens result:
+        greedy, or sampled from its own seed and positions)."""
+        self.output_ids.clear()
+        self.num_cached = 0
+        self.t_first_token = None
+        self.finish_reason = None
+        self.status = Status.WAITING
 
     def append(self, token: int, stop_ids: frozenset[int]) -> bool:
         """Add a sampled token; True when finished (a model stop id or one of the request's, or length)."""

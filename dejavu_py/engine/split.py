@@ -86,8 +86,11 @@ def parse_layers_per_stage(text: str) -> list[int]:
     return counts
 
 
-def split_stages(num_layers: int, num_stages: int, counts: list[int] | None = None) -> list[StageSpec]:
-    """Contiguous stages over ``num_layers`` decoder layers; ``counts`` overrides the balanced split."""
+def split_stages(
+    num_layers: int, num_stages: int, counts: list[int] | None = None, flag: str = "--layers-per-stage"
+) -> list[StageSpec]:
+    """Contiguous stages over ``num_layers`` decoder layers; ``counts`` (given as ``flag``) overrides
+    the balanced split."""
     if num_stages < 1:
         raise UserError(f"--stages {num_stages}: need at least one stage")
     if num_stages > num_layers:
@@ -99,11 +102,11 @@ def split_stages(num_layers: int, num_stages: int, counts: list[int] | None = No
         counts = balanced_counts(num_layers, num_stages)
     given = ",".join(map(str, counts))
     if len(counts) != num_stages:
-        raise UserError(f"--layers-per-stage {given}: {len(counts)} entries for {num_stages} stages")
+        raise UserError(f"{flag} {given}: {len(counts)} entries for {num_stages} stages")
     if any(c < 1 for c in counts):
-        raise UserError(f"--layers-per-stage {given}: every stage needs at least one layer")
+        raise UserError(f"{flag} {given}: every stage needs at least one layer")
     if sum(counts) != num_layers:
-        raise UserError(f"--layers-per-stage {given}: adds up to {sum(counts)}, the model has {num_layers} layers")
+        raise UserError(f"{flag} {given}: adds up to {sum(counts)}, the model has {num_layers} layers")
     specs, first = [], 0
     for i, c in enumerate(counts):
         specs.append(StageSpec(index=i, num_stages=num_stages, first_layer=first, num_layers=c))

@@ -12,12 +12,14 @@ each expert's rows go through its SwiGLU, are scaled by their routing weight and
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused_moe
 from .config import ModelConfig
 from .layers import DenseMLP
 
@@ -32,6 +34,27 @@ def _grouped_mm_fn() -> Callable[..., torch.Tensor] | None:
 def use_grouped_mm(x_TD: torch.Tensor) -> bool:
     """The grouped GEMM path: CUDA, bf16 and a torch that has it."""
     return x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and _grouped_mm_fn() is not None
+
+
+MOE_KERNELS = ("fused", "grouped", "loop")
+
+
+def moe_kernel(x_TD: torch.Tensor, grouped: bool | None = None) -> str:
+    """Which routed-expert path runs: ``fused`` (Triton), ``grouped`` (torch grouped_mm) or ``loop``.
+
+    An explicit ``grouped`` wins (True: grouped, False: loop); then env DEJAVU_MOE_KERNEL if set to one
+    of MOE_KERNELS; else auto: fused on CUDA with triton, grouped_mm on CUDA bf16, the loop elsewhere.
+    """
+    if grouped is not None:
+        return "grouped" if grouped else "loop"
+    env = os.environ.get("DEJAVU_MOE_KERNEL", "").strip().lower()
+    if env in MOE_KERNELS:
+        return env
+    if env not in ("", "auto"):
+        raise ValueError(f"DEJAVU_MOE_KERNEL={env!r}: expected one of {MOE_KERNELS} or auto")
+    if x_TD.is_cuda and fused_moe.available() and x_TD.dtype in fused_moe.DTYPES:
+        return "fused"
+    return "grouped" if use_grouped_mm(x_TD) else "loop"
 
 
 def _swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
@@ -75,10 +98,14 @@ def expert_ffn(
 ) -> torch.Tensor:
     """Routed experts' output y_TD = sum_k weights_TK[t, k] * expert_{ids_TK[t, k]}(x_TD[t]).
 
-    ``grouped`` None picks the grouped GEMM on CUDA bf16 and the per-expert loop elsewhere. The
+    The path is ``moe_kernel(x_TD, grouped)``: the Triton fused kernels (``fused_moe``), the grouped
+    GEMM or the per-expert loop, all with these semantics. The
     weighted rows are summed per token in the dtype of ``y * weight`` (float32 when the weights are),
     then cast to x's dtype, as transformers' grouped_mm experts do.
     """
+    kernel = moe_kernel(x_TD, grouped)
+    if kernel == "fused":
+        return fused_moe.fused_expert_ffn(x_TD, ids_TK, weights_TK, w_gate_up_EFD, w_down_EDF)
     T, K = ids_TK.shape
     E = w_gate_up_EFD.shape[0]
     ids_A = ids_TK.reshape(-1)
@@ -86,8 +113,7 @@ def expert_ffn(
     x_AD = x_TD[order_A // K]
     # scatter_add, not bincount: bincount reads the max id back to the host, which CUDA graphs forbid
     counts_E = torch.zeros(E, dtype=torch.long, device=ids_A.device).scatter_add_(0, ids_A, torch.ones_like(ids_A))
-    use_grouped = use_grouped_mm(x_TD) if grouped is None else grouped
-    ffn = _grouped_ffn if use_grouped else _looped_ffn
+    ffn = _grouped_ffn if kernel == "grouped" else _looped_ffn
     y_AD = ffn(x_AD, counts_E, w_gate_up_EFD, w_down_EDF)
     y_AD = y_AD * weights_TK.reshape(-1)[order_A, None]
     out_AD = torch.empty_like(y_AD)

@@ -21,6 +21,7 @@ from .zygote import Zygote
 _log = log.get(__name__)
 
 DONE_KEY = "done"
+EXIT_COUNT_KEY = "exit_count"
 
 
 def exit_key(name: str) -> str:
@@ -54,7 +55,7 @@ class Supervisor:
             self.start(member, generation=0)
 
     def start(self, member: Member, generation: int) -> int:
-        spec = WorkerSpec(member, self.cfg, self.addr, self.rank, self.local_rank, generation)
+        spec = WorkerSpec(member, self.layout, self.cfg, self.addr, self.rank, self.local_rank, generation)
         pid = self.zygote.spawn("dejavu_py.runtime.worker", "main", spec)
         self.workers[pid] = member
         _log.info("started worker of %s (pid %d, generation %d)", member.name, pid, generation)
@@ -68,6 +69,7 @@ class Supervisor:
         (_log.info if code == 0 else _log.error)("worker of %s (pid %d) %s", member.name, pid, how)
         if code != 0:
             put_json(self.store, exit_key(member.name), {"pid": pid, "code": code, "how": how, "time": time.time()})
+            self.store.add(EXIT_COUNT_KEY, 1)  # one counter for the coordinator to poll
         if not self.workers:
             self.exited.set()
 

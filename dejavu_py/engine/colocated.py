@@ -1,0 +1,42 @@
+"""Colocated serving: one pipeline prefills and decodes (continuous batching over its microbatches)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..runtime.layout import Member
+from .plan import StepResult
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+class ColocatedDriver:
+    """Turns results of the stage pipeline into the next plans; the coordinator moves messages."""
+
+    def __init__(self, sched: Scheduler, pipeline: tuple[Member, ...], send: Callable[[str, object], None]) -> None:
+        self.sched, self.pipeline, self.send = sched, pipeline, send
+
+    def add(self, seq: Sequence) -> None:
+        self.sched.add(seq)
+
+    def fill(self) -> None:
+        for mb in self.sched.idle_slots():
+            plan = self.sched.schedule(mb)
+            if plan is not None:
+                self.send(self.pipeline[0].name, plan)
+
+    def busy(self) -> bool:
+        return self.sched.has_work()
+
+    def on_message(self, source: str, msg: object) -> list[Sequence]:
+        if isinstance(msg, StepResult) and source == self.pipeline[-1].name:
+            return self.sched.on_result(msg)
+        raise RuntimeError(f"unexpected {type(msg).__name__} from {source}")
+
+    def on_member_lost(self, name: str, why: str) -> None:
+        raise RuntimeError(f"worker of {name} {why}")
+
+    def live_pipelines(self) -> list[tuple[Member, ...]]:
+        return [self.pipeline]
+
+    def notes(self) -> dict:
+        return {"max_running": self.sched.max_running}

@@ -1,0 +1,123 @@
+"""Disaggregated serving (DejaVu): prompts are prefilled on the prompt pipeline, their KV streams layer
+by layer to the token pipeline, and a request joins a decode microbatch once every token stage has
+acknowledged its KV. If the prompt pipeline is lost, its unfinished prefills are redone on the token
+pipeline (which holds every layer) and nothing is lost.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from .. import log
+from ..runtime.layout import Member
+from .plan import KVAck, StepResult, Stop
+from .prefill_scheduler import PrefillScheduler
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+_log = log.get(__name__)
+
+
+class DisaggDriver:
+    def __init__(self, prefill: PrefillScheduler, decode: Scheduler, prompt: tuple[Member, ...],
+                 token: tuple[Member, ...], send: Callable[[str, object], None]) -> None:
+        self.prefill, self.decode = prefill, decode
+        self.prompt, self.token, self.send = prompt, token, send
+        self.acks: dict[int, set[str]] = {}  # seq -> token stages holding its KV
+        self.kv_bytes: dict[int, int] = {}
+        self.prefilled: dict[int, Sequence] = {}  # first token known, KV maybe still arriving
+        self.prompt_alive = True
+        self.redone = 0
+
+    def add(self, seq: Sequence) -> None:
+        (self.prefill if self.prompt_alive else self.decode).add(seq)
+
+    def fill(self) -> None:
+        if self.prompt_alive:
+            for mb in self.prefill.idle_slots():
+                plan = self.prefill.schedule(mb)
+                if plan is None:
+                    break
+                for sid in plan.seq_ids:
+                    self.acks[sid] = set()
+                self.send(self.prompt[0].name, plan)
+        for mb in self.decode.idle_slots():
+            plan = self.decode.schedule(mb)
+            if plan is not None:
+                self.send(self.token[0].name, plan)
+
+    def busy(self) -> bool:
+        return bool(self.prefill.waiting or self.prefill.inflight or self.prefilled) or self.decode.has_work()
+
+    def on_message(self, source: str, msg: object) -> list[Sequence]:
+        if isinstance(msg, StepResult) and source == self.prompt[-1].name:
+            return self._prefilled(self.prefill.on_result(msg))
+        if isinstance(msg, KVAck):
+            return self._acked(msg)
+        if isinstance(msg, StepResult) and source == self.token[-1].name:
+            return self.decode.on_result(msg)
+        raise RuntimeError(f"unexpected {type(msg).__name__} from {source}")
+
+    def _prefilled(self, seqs: list[Sequence]) -> list[Sequence]:
+        now = time.monotonic()
+        for seq in seqs:
+            seq.t_prefilled = now
+            self.prefilled[seq.seq_id] = seq
+        return self._ready([s.seq_id for s in seqs])
+
+    def _acked(self, ack: KVAck) -> list[Sequence]:
+        for sid, nbytes in zip(ack.seq_ids, ack.bytes):
+            if sid in self.acks:  # else: a late ack for a prefill that was redone
+                self.acks[sid].add(ack.stage)
+                self.kv_bytes[sid] = self.kv_bytes.get(sid, 0) + nbytes
+        return self._ready(ack.seq_ids)
+
+    def _ready(self, seq_ids: list[int]) -> list[Sequence]:
+        """Sequences with first token and all KV: join decode, or are done (finished at prefill)."""
+        need = {t.name for t in self.token}
+        finished = []
+        for sid in seq_ids:
+            seq = self.prefilled.get(sid)
+            if seq is None or self.acks.get(sid) != need:
+                continue
+            del self.prefilled[sid], self.acks[sid]
+            seq.t_kv_ready, seq.kv_bytes = time.monotonic(), self.kv_bytes.pop(sid, 0)
+            if seq.finish_reason is not None:  # stopped at its first token: free its token-side blocks
+                self.decode.blocks.free(seq.block_table)
+                seq.block_table = []
+                finished.append(seq)
+            else:
+                self.decode.add(seq)
+        return finished
+
+    def on_member_lost(self, name: str, why: str) -> None:
+        if name not in {m.name for m in self.prompt}:
+            raise RuntimeError(f"worker of {name} {why}")
+        if self.prompt_alive:
+            self._lose_prompt_pipeline(name, why)
+
+    def _lose_prompt_pipeline(self, name: str, why: str) -> None:
+        """Redo on the token pipeline every prefill whose KV is not all there; nothing is lost."""
+        self.prompt_alive = False
+        redo = self.prefill.drain()
+        for sid, seq in list(self.prefilled.items()):
+            if seq.finish_reason is None:  # finished ones keep their blocks: late KV may still land there
+                redo.append(seq)
+                del self.prefilled[sid]
+        for seq in redo:
+            self.acks.pop(seq.seq_id, None)
+            self.kv_bytes.pop(seq.seq_id, None)
+            seq.restart()
+            self.decode.add(seq)
+        self.redone = len(redo)
+        _log.warning("prompt stage %s %s: %d prefills redone on the token pipeline", name, why, len(redo))
+        for m in self.prompt:
+            if m.name != name:
+                self.send(m.name, Stop(f"prompt pipeline lost {name}", forward=False))
+
+    def live_pipelines(self) -> list[tuple[Member, ...]]:
+        return ([self.prompt] if self.prompt_alive else []) + [self.token]
+
+    def notes(self) -> dict:
+        return {"prompt_pipeline_lost": not self.prompt_alive, "prefills_redone": self.redone,
+                "max_running": self.decode.max_running}
