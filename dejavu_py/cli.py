@@ -19,7 +19,15 @@ from typing import Any, NoReturn
 
 import yaml
 
-from .config import CacheConfig, GenerationConfig, PipelineConfig, RunConfig, RuntimeConfig, SchedulerConfig
+from .config import (
+    CacheConfig,
+    FTConfig,
+    GenerationConfig,
+    PipelineConfig,
+    RunConfig,
+    RuntimeConfig,
+    SchedulerConfig,
+)
 from .errors import UserError
 
 
@@ -83,6 +91,16 @@ def build_parser() -> _Parser:
     rt.add_argument("--startup-timeout", type=float, help="seconds for all workers to load and connect (default 600)")
     rt.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log files and rank 0 console (default INFO)")
     rt.add_argument("--progress", type=_bool, nargs="?", const=True, help="progress bar on rank 0 when stderr is a terminal (default true)")
+    ft = p.add_argument_group("fault tolerance")
+    ft.add_argument("--ft", choices=["on", "off"], help="on: a failed stage is replaced and replays from its peers while the others keep running; off: a failure ends the run and a rerun with the same --run-dir recomputes what was in flight (default on)")
+    ft.add_argument("--hang-timeout", type=float, help="seconds without a heartbeat after which a worker counts as hung and is replaced (default 5)")
+    ft.add_argument("--standby", type=int, help="warm processes per host ready to take over a failed stage (default 0: spawn one)")
+    ft.add_argument("--standby-preload", type=_bool, nargs="?", const=True, help="standbys load a stage's weights ahead of time (default false)")
+    ft.add_argument("--replica-lag", type=int, help="steps a stage may run ahead of its KV replica's acknowledgement (default 4)")
+    ft.add_argument("--checkpoint-policy", choices=["all", "interval", "adaptive"], help="which steps keep token-state checkpoints (default all)")
+    ft.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints for the interval policy (default 4)")
+    ft.add_argument("--max-checkpoints", type=int, help="checkpoints kept per microbatch, a ring (default 100)")
+    ft.add_argument("--recovery-timeout", type=float, help="seconds a recovery may take before the run fails (default 120)")
     la = p.add_argument_group("launching without torchrun")
     la.add_argument("--nproc-per-node", type=int, help="start this many rank processes here (what torchrun --nproc-per-node does)")
     return p
@@ -179,6 +197,17 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
             startup_timeout_s=_pick(ns, "startup_timeout", 600.0),
             log_level=_pick(ns, "log_level", "INFO"),
             progress=_pick(ns, "progress", True),
+        ),
+        ft=FTConfig(
+            enabled=_pick(ns, "ft", "on") == "on",
+            hang_timeout_s=_pick(ns, "hang_timeout", 5.0),
+            standby=_pick(ns, "standby", 0),
+            standby_preload=_pick(ns, "standby_preload", False),
+            replica_lag=_pick(ns, "replica_lag", 4),
+            checkpoint_policy=_pick(ns, "checkpoint_policy", "all"),
+            checkpoint_interval=_pick(ns, "checkpoint_interval", 4),
+            max_checkpoints=_pick(ns, "max_checkpoints", 100),
+            recovery_timeout_s=_pick(ns, "recovery_timeout", 120.0),
         ),
     )
     return cfg, ns

@@ -151,6 +151,48 @@ class RuntimeConfig:
 
 
 @dataclass
+class FTConfig:
+    """Fault tolerance: detection, replacement, KV replicas and token-state checkpoints."""
+
+    enabled: bool = True
+    """Replace a failed stage and go on (on); or end the run on a failure, recomputing everything in
+    flight from its prompt when rerun (off, the baseline)."""
+    hang_timeout_s: float = 5.0
+    """A worker whose heartbeat is older than this is hung (e.g. stopped): it is killed and replaced."""
+    standby: int = 0
+    """Warm processes per host (torch imported, device context made) that take over a failed stage."""
+    standby_preload: bool = False
+    """Standbys also load a stage's weights ahead of time, so a takeover skips loading."""
+    replica_lag: int = 4
+    """Steps a token stage may run ahead of its KV replica's acknowledgement, per microbatch."""
+    checkpoint_policy: str = "all"
+    """Token-state checkpoints of stage outputs: 'all' steps, every 'interval' steps, or 'adaptive'
+    (denser when routing entropy or expert load imbalance is high)."""
+    checkpoint_interval: int = 4
+    """Steps between checkpoints for the interval policy (and the adaptive policy's sparse rate)."""
+    max_checkpoints: int = 100
+    """Checkpoints kept per microbatch (a ring); older ones are dropped."""
+    recovery_timeout_s: float = 120.0
+    """Longest a recovery may take (replacement start, weights, edges, KV, replay) before it fails."""
+
+    def __post_init__(self) -> None:
+        _positive("--hang-timeout", self.hang_timeout_s)
+        _positive("--replica-lag", self.replica_lag)
+        _positive("--checkpoint-interval", self.checkpoint_interval)
+        _positive("--max-checkpoints", self.max_checkpoints)
+        _positive("--recovery-timeout", self.recovery_timeout_s)
+        if self.standby < 0:
+            raise UserError(f"--standby {self.standby}: must be 0 or more")
+        if self.checkpoint_policy not in ("all", "interval", "adaptive"):
+            raise UserError(f"--checkpoint-policy {self.checkpoint_policy!r}: choose all, interval or adaptive")
+        if self.replica_lag > self.max_checkpoints:
+            raise UserError(
+                f"--replica-lag {self.replica_lag} exceeds --max-checkpoints {self.max_checkpoints}: steps the "
+                "replica has not acknowledged must still have checkpoints to replay from"
+            )
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs; built once by the CLI and handed to every process."""
 
@@ -167,6 +209,7 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    ft: FTConfig = field(default_factory=FTConfig)
 
     def __post_init__(self) -> None:
         if self.output is None:

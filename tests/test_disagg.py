@@ -58,15 +58,17 @@ def test_disaggregated_equals_colocated_and_transformers(ckpt, workload, tmp_pat
     assert [w["role"] for w in doc["workers"]] == ["prompt"] * p + ["token"] * t
 
 
-def test_prompt_worker_killed_mid_prefill_is_redone(ckpt, tmp_path):
+@pytest.mark.parametrize("ft", ["on", "off"])
+def test_prompt_worker_killed_mid_prefill_is_redone(ckpt, tmp_path, ft):
     """SIGSTOP the last prompt stage so prefills pile up behind it, then SIGKILL it: the prefills it
-    held are redone on the token pipeline and every request still gets its exact output."""
+    held are redone, on its replacement (fault tolerance on) or on the token pipeline (off), and every
+    request still gets its exact output."""
     reqs = mixed_requests(16, VOCAB, seed=31)
     for i, r in enumerate(reqs):
         r["arrival_s"] = 0.1 * i
     rf = write_requests(tmp_path / "req.jsonl", reqs)
     ref = run_pipeline(ckpt, rf, tmp_path / "ref", 1)
-    proc = start_pipeline(ckpt, rf, tmp_path / "run", 3, "--prompt-stages", "2", "--max-batch-size", "2")
+    proc = start_pipeline(ckpt, rf, tmp_path / "run", 3, "--prompt-stages", "2", "--max-batch-size", "2", "--ft", ft)
     victim = next(w for w in wait_for_workers(tmp_path / "run")["workers"] if w["name"] == "p1")
     time.sleep(0.3)
     os.kill(victim["pid"], signal.SIGSTOP)
@@ -75,8 +77,13 @@ def test_prompt_worker_killed_mid_prefill_is_redone(ckpt, tmp_path):
     outs = finish(proc, tmp_path / "run")
     assert {k: v["output_ids"] for k, v in outs.items()} == {k: v["output_ids"] for k, v in ref.items()}
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["prompt_pipeline_lost"] is True and summary["prefills_redone"] >= 1
     assert summary["completed"] == len(reqs) and summary["failed"] == 0
+    if ft == "off":
+        assert summary["prompt_pipeline_lost"] is True and summary["prefills_redone"] >= 1
+    else:
+        rec = json.loads((tmp_path / "run" / "recoveries.jsonl").read_text().splitlines()[0])
+        assert rec["failed"] == ["p1"] and rec["plans_dropped"] >= 1
+        assert summary["prompt_pipeline_lost"] is False
 
 
 def test_swap_holds_more_microbatches_than_the_device_cache(ckpt, workload, tmp_path):

@@ -148,6 +148,13 @@ def test_expert_ffn_dispatches_to_fused(monkeypatch: pytest.MonkeyPatch) -> None
     torch.testing.assert_close(expert_ffn(*args), expert_ffn(*args, grouped=False), atol=1e-5, rtol=1e-5)
 
 
+@needs_triton
+def test_fused_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        fused_moe.fused_expert_ffn(*_problem(2, 4, 2, torch.float32))
+
+
 def test_moe_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.zeros(2, 4)
     monkeypatch.delenv("DEJAVU_MOE_KERNEL", raising=False)
@@ -164,12 +171,26 @@ def test_moe_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         moe_kernel(x)
 
 
-@pytest.mark.parametrize("E,K,T,block_m", [(4, 2, 3, 16), (8, 8, 17, 16), (60, 4, 64, 16), (8, 2, 64, 32), (4, 1, 1, 64)])
-def test_align_block_size(E: int, K: int, T: int, block_m: int) -> None:
+ALIGNERS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("kernel", id="kernel", marks=needs_triton),
+]
+ALIGN_CASES = [(4, 2, 3, 16), (8, 8, 17, 16), (60, 4, 64, 16), (8, 2, 64, 32), (4, 1, 1, 64), (64, 8, 1, 16),
+               (128, 8, 40, 16), (60, 8, 130, 64)]  # the last two: several chunks in the kernel's loops
+
+
+def _align(aligner: str, ids_TK: torch.Tensor, E: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    fn = fused_moe.align_block_size if aligner == "torch" else fused_moe.align_block_size_kernel
+    return fn(ids_TK, E, block_m)
+
+
+@pytest.mark.parametrize("aligner", ALIGNERS)
+@pytest.mark.parametrize("E,K,T,block_m", ALIGN_CASES)
+def test_align_block_size(E: int, K: int, T: int, block_m: int, aligner: str) -> None:
     gen = torch.Generator().manual_seed(E * 100 + T)
     ids_TK, _ = _routing(T, E, K, gen, experts=list(range(0, E, 2)) if E > K * 2 else None)
     A = T * K
-    rows_P, block_expert_B = fused_moe.align_block_size(ids_TK, E, block_m)
+    rows_P, block_expert_B = _align(aligner, ids_TK, E, block_m)
     B = fused_moe.max_blocks(A, E, block_m)
     assert rows_P.dtype == block_expert_B.dtype == torch.int32
     assert rows_P.shape == (B * block_m,) and block_expert_B.shape == (B,)  # static: only T, K, E, BLOCK_M
@@ -191,3 +212,20 @@ def test_align_block_size(E: int, K: int, T: int, block_m: int) -> None:
     for e in range(E):
         rows_e = rows_P[(block_expert_B[block_of_P] == e) & real_P]
         assert rows_e.tolist() == torch.nonzero(ids_A == e).flatten().tolist()
+
+
+@needs_triton
+@pytest.mark.parametrize("E,K,T,block_m", ALIGN_CASES)
+def test_align_kernel_equals_torch(E: int, K: int, T: int, block_m: int) -> None:
+    ids_TK = torch.topk(torch.randn(T, E, generator=torch.Generator().manual_seed(T)), K).indices
+    for got, want in zip(_align("kernel", ids_TK, E, block_m), _align("torch", ids_TK, E, block_m)):
+        assert torch.equal(got, want)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_with_torch_alignment(dtype: torch.dtype) -> None:
+    x, ids, w, w_gu, w_d = _problem(17, 8, 4, dtype, seed=6)
+    args = (x, ids, w.to(dtype), w_gu, w_d)
+    by_torch = fused_moe.fused_expert_ffn(*args, align="torch")
+    assert torch.equal(by_torch, fused_moe.fused_expert_ffn(*args, align="kernel"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import threading
 from datetime import timedelta
 from typing import Any
 
@@ -26,9 +27,9 @@ _log = log.get(__name__)
 _TAG = 0
 
 
-def edge_name(a: str, b: str, generation: int) -> str:
+def edge_name(a: str, b: str, generation: int, channel: str = "main") -> str:
     lo, hi = sorted((a, b))
-    return f"edge/{lo}~{hi}/gen{generation}"
+    return f"edge/{lo}~{hi}/{channel}/gen{generation}"
 
 
 class Edge:
@@ -44,9 +45,10 @@ class Edge:
         data_backend: str = "gloo",
         device: torch.device | None = None,
         max_pending: int = 64,
+        channel: str = "main",
     ) -> None:
-        self.me, self.peer, self.generation = me, peer, generation
-        self.name = edge_name(me, peer, generation)
+        self.me, self.peer, self.generation, self.channel = me, peer, generation, channel
+        self.name = edge_name(me, peer, generation, channel)
         self.rank = sorted((me, peer)).index(me)
         self.peer_rank = 1 - self.rank
         self.timeout = timedelta(seconds=timeout_s)
@@ -57,8 +59,10 @@ class Edge:
         self.data = self.ctl if data_backend == "gloo" else self._nccl(prefixed)
         self._pending: collections.deque = collections.deque()
         self._max_pending = max_pending
+        self._send_lock = threading.Lock()  # a message is 2-3 sends that must not interleave
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.closed = False
         _log.debug("edge %s up (rank %d, data over %s)", self.name, self.rank, data_backend)
 
     def _nccl(self, prefixed: dist.Store) -> dist.ProcessGroup:
@@ -75,13 +79,14 @@ class Edge:
             info = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
         payload = torch.frombuffer(bytearray(pickle.dumps((msg, info), protocol=5)), dtype=torch.uint8)
         header = torch.tensor([payload.numel()], dtype=torch.int64)
-        self._post(self.ctl, header)
-        self._post(self.ctl, payload)
-        self.bytes_sent += payload.numel() + 8
-        if tensor is not None:
-            self._post(self.data, tensor)
-            self.bytes_sent += tensor.numel() * tensor.element_size()
-        self._reap()
+        with self._send_lock:
+            self._post(self.ctl, header)
+            self._post(self.ctl, payload)
+            self.bytes_sent += payload.numel() + 8
+            if tensor is not None:
+                self._post(self.data, tensor)
+                self.bytes_sent += tensor.numel() * tensor.element_size()
+            self._reap()
 
     def _for_wire(self, t: torch.Tensor) -> torch.Tensor:
         if self.data_backend == "gloo" and t.device.type != "cpu":
@@ -98,9 +103,10 @@ class Edge:
 
     def flush(self) -> None:
         """Wait until everything sent has been delivered."""
-        while self._pending:
-            work, _ = self._pending.popleft()
-            work.wait(self.timeout)
+        with self._send_lock:
+            while self._pending:
+                work, _ = self._pending.popleft()
+                work.wait(self.timeout)
 
     # -- receiving -----------------------------------------------------------------------------
     def recv(self, timeout_s: float | None = None) -> tuple[Any, torch.Tensor | None]:
@@ -125,6 +131,7 @@ class Edge:
 
     def close(self) -> None:
         """Drop the groups (after a failure, without waiting for the dead peer)."""
+        self.closed = True
         self._pending.clear()
         for pg in {id(self.ctl): self.ctl, id(self.data): self.data}.values():
             try:

@@ -92,7 +92,11 @@ def resolve_address(info: RankInfo, timeout_s: float) -> tuple[StoreAddress, boo
 
 
 def connect(addr: StoreAddress, host_server: bool = False) -> dist.Store:
-    """A client (or the server, for the hosting rank) of the job's store, scoped to the run prefix."""
+    """A client (or the server, for the hosting rank) of the job's store, scoped to the run prefix.
+
+    A client serialises its calls: one thread blocked in a waiting call (a rendezvous, ``wait``)
+    stalls every other thread using that client. Blocking rendezvous therefore take a client of
+    their own (``connect`` again); the shared one only serves quick calls."""
     tcp = dist.TCPStore(
         addr.host,
         addr.port,

@@ -6,7 +6,13 @@ from collections.abc import Callable
 from ..runtime.layout import Member
 from .plan import StepResult
 from .scheduler import Scheduler
+from ..ft.messages import RecoverInfo
 from .sequence import Sequence
+
+
+def recompute_notes(dropped: int, redo: list[Sequence]) -> dict:
+    return {"plans_dropped": dropped, "sequences_recomputed": len(redo),
+            "tokens_recomputed": sum(s.prompt_len + len(s.output_ids) for s in redo)}
 
 
 class ColocatedDriver:
@@ -34,6 +40,12 @@ class ColocatedDriver:
 
     def on_member_lost(self, name: str, why: str) -> None:
         raise RuntimeError(f"worker of {name} {why}")
+
+    def recover(self, failed: set[str]) -> RecoverInfo:
+        """Every running sequence recomputes its KV (the failed stage's part of it is gone)."""
+        dropped, redo = self.sched.rollback()
+        states = self.sched.states()
+        return RecoverInfo({n: states for n in failed}, redo, recompute_notes(dropped, redo))
 
     def live_pipelines(self) -> list[tuple[Member, ...]]:
         return [self.pipeline]

@@ -1,10 +1,11 @@
 """The coordinator owns requests and results: it loads the request file, admits requests as they
-arrive, lets a driver (colocated or disaggregated) turn every message into the next plans, and
-writes the output. It lives in rank 0's supervisor process and computes nothing.
+arrive, lets a driver (colocated or disaggregated) turn every message into the next plans, keeps the
+request journal, and writes the output. It lives in rank 0's supervisor process and computes nothing.
 
-Everything reaches it through one inbox: a receiver thread per edge (results, KV acknowledgements)
-and a monitor thread that turns supervisors' exit reports into events. A pipeline that cannot go on
-ends the run with a clear error for every unfinished request: nothing is silently lost.
+Everything reaches it through one inbox: a receiver thread per edge (results, KV acknowledgements,
+recovery acknowledgements) and watchers that turn supervisors' exit reports and missing heartbeats
+into ``MemberLost`` events. With fault tolerance on, a lost member is replaced (ft/recovery.py) while
+the others keep running; with it off, the run ends and a rerun with the same run directory resumes.
 """
 from __future__ import annotations
 
@@ -14,21 +15,23 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 from .. import log
 from ..comm.edge import Edge
-from ..comm.store import get_json, has
+from ..comm.store import StoreAddress, connect, get_json, has
 from ..config import RunConfig
 from ..errors import PipelineError, UserError
+from ..ft.journal import Journal, fingerprint
+from ..ft.recovery import Recovery
+from ..ft.watch import MemberLost, watch
 from ..runtime import workers_file
 from ..runtime.layout import COORD, Layout
-from ..runtime.supervisor import EXIT_COUNT_KEY, exit_key
+from ..runtime.supervisor import exit_key
 from .block_manager import BlockManager
 from .colocated import ColocatedDriver
 from .disagg import DisaggDriver
 from .output import Timings, error_record, request_error_record, success_record, write_outputs
-from .plan import EdgeBroken, Stop
+from .plan import EdgeBroken, StepCounter, StepResult, Stop
 from .prefill_scheduler import PrefillScheduler
 from .progress import ProgressBar, RunSummary
 from .request import Request, RequestLimits, load_requests
@@ -40,24 +43,25 @@ _log = log.get(__name__)
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 
 
-@dataclass
-class MemberExited:
-    """A supervisor reported that a member's worker exited abnormally."""
-
-    name: str
-    how: str
+class PipelineLost(RuntimeError):
+    """A member was lost with fault tolerance off: the run ends, a rerun resumes from the journal."""
 
 
 class Coordinator:
-    def __init__(self, cfg: RunConfig, layout: Layout, model_cfg, store) -> None:
-        self.cfg, self.layout, self.model_cfg, self.store = cfg, layout, model_cfg, store
+    def __init__(self, cfg: RunConfig, layout: Layout, model_cfg, store, addr: StoreAddress | None = None) -> None:
+        self.cfg, self.layout, self.model_cfg, self.store, self.addr = cfg, layout, model_cfg, store, addr
         self.t_start = time.monotonic()
         self.tokenizer = load_tokenizer(cfg.model)
         self.records: list[dict] = []
         self.summary: RunSummary | None = None
         self.edges: dict[str, Edge] = {}
         self.inbox: queue.Queue = queue.Queue()
-        self._closing = False
+        self.member_gen = {m.name: 0 for m in layout.members}
+        self.steps = StepCounter()
+        self.recovery = Recovery(self)
+        self.driver = None
+        self.journal: Journal | None = None
+        self._stop_watch = threading.Event()
 
     # -- setup ---------------------------------------------------------------------------------
     def load_requests(self) -> list[Request]:
@@ -83,8 +87,8 @@ class Coordinator:
             for name in sorted(pending):
                 if has(self.store, f"error/{name}"):
                     raise UserError(get_json(self.store, f"error/{name}"))
-                if has(self.store, exit_key(name)):
-                    raise PipelineError(f"worker of {name} {get_json(self.store, exit_key(name))['how']} while starting")
+                if has(self.store, exit_key(name, 0)):
+                    raise PipelineError(f"worker of {name} {get_json(self.store, exit_key(name, 0))['how']} while starting")
                 if has(self.store, f"member/{name}") and get_json(self.store, f"member/{name}")["state"] == "ready":
                     pending.discard(name)
             if time.monotonic() > deadline:
@@ -93,79 +97,92 @@ class Coordinator:
                     "(raise --startup-timeout for big checkpoints)"
                 )
             time.sleep(0.02)
-        self._write_workers()
+        self.refresh_workers_file()
         _log.info("all %d stages ready after %.2fs", len(self.layout.members), time.monotonic() - self.t_start)
 
-    def _write_workers(self, status: str = "running") -> None:
+    def refresh_workers_file(self, status: str = "running") -> None:
         workers_file.write(self.cfg.workers_file, workers_file.collect(self.store, self.layout), os.getpid(), status)
 
     def connect(self) -> None:
-        """Edges to every member, in the layout's global order, each with a receiver thread."""
+        """Edges to every member, in the layout's global order, each with a receiver thread; watchers."""
         for peer in self.layout.peers_of(COORD):
-            self.edges[peer] = Edge(self.store, COORD, peer, 0, self.cfg.runtime.comm_timeout_s)
-        for peer, edge in self.edges.items():
-            threading.Thread(target=self._pump, args=(peer, edge), name=f"recv-{peer}", daemon=True).start()
-        threading.Thread(target=self._watch_exits, name="exit-monitor", daemon=True).start()
+            self.edges[peer] = self.make_edge(peer, 0)
+            self.start_pump(peer, self.edges[peer])
+        watch(self.store, [m.name for m in self.layout.members], self.generation_of, self.inbox,
+              self.cfg.ft.hang_timeout_s, self._stop_watch, lambda name: self.recovery.in_progress)
 
-    def _pump(self, peer: str, edge: Edge) -> None:
-        while True:
-            try:
-                msg, _ = edge.recv(IDLE_TIMEOUT_S)
-            except Exception as e:  # the member died or the link broke
-                if not self._closing:
-                    self.inbox.put((peer, EdgeBroken(peer, str(e).splitlines()[0][:300])))
-                return
-            self.inbox.put((peer, msg))
+    def make_edge(self, peer: str, generation: int) -> Edge:
+        """Blocks until the member joins, on a store client of its own (see comm.store.connect)."""
+        return Edge(connect(self.addr), COORD, peer, generation, self.cfg.runtime.comm_timeout_s)
 
-    def _watch_exits(self) -> None:
-        seen: set[str] = set()
-        count = 0
-        while not self._closing:
-            n = self.store.add(EXIT_COUNT_KEY, 0)
-            if n != count:
-                count = n
-                for m in self.layout.members:
-                    if m.name not in seen and has(self.store, exit_key(m.name)):
-                        seen.add(m.name)
-                        self.inbox.put(("supervisor", MemberExited(m.name, get_json(self.store, exit_key(m.name))["how"])))
-            time.sleep(0.05)
+    def start_pump(self, peer: str, edge: Edge) -> None:
+        def pump() -> None:
+            while True:
+                try:
+                    msg, _ = edge.recv(IDLE_TIMEOUT_S)
+                except Exception as e:  # the member died or the link broke
+                    if not edge.closed:
+                        self.inbox.put((peer, EdgeBroken(peer, str(e).splitlines()[0][:300], edge.generation)))
+                    return
+                self.inbox.put((peer, msg))
+
+        threading.Thread(target=pump, name=f"recv-{peer}", daemon=True).start()
 
     def send(self, member: str, msg: object) -> None:
         """To a member; a failure becomes that member's loss, handled by the serving loop."""
         try:
             self.edges[member].send(msg)
         except Exception as e:  # the member is gone
-            self.inbox.put((member, EdgeBroken(member, str(e).splitlines()[0][:300])))
+            self.inbox.put((member, EdgeBroken(member, str(e).splitlines()[0][:300], self.edges[member].generation)))
+
+    def generation_of(self, name: str) -> int:
+        return self.member_gen[name]
+
+    def host_leader_of(self, rank: int) -> int:
+        """The first rank on ``rank``'s host: its supervisor keeps the host's standbys."""
+        host = get_json(self.store, f"supervisor/{rank}")["host"]
+        ranks = [r for r in range(len({m.rank for m in self.layout.members}))
+                 if get_json(self.store, f"supervisor/{r}")["host"] == host]
+        return min(ranks)
 
     # -- running -------------------------------------------------------------------------------
     def run(self, requests: list[Request]) -> int:
         """The whole run once workers are starting; returns the exit code (0 when every accepted
         request has its output)."""
+        self.journal = Journal(self.cfg.run_dir / "journal.jsonl", fingerprint(self.cfg.prompts, self.cfg.model))
+        done_before = self.journal.finished
+        self.records += [done_before[r.line] for r in requests if r.line in done_before]
+        todo = [r for r in requests if r.line not in done_before]
+        self.journal.start([(r.line, r.id) for r in todo])
         self.await_members()
         self.connect()
-        driver = self._driver()
+        self.driver = self._driver()
         t_gen = time.monotonic()
-        seqs = [Sequence(i, r, t_arrival=t_gen + r.arrival_s) for i, r in enumerate(requests)]
+        seqs = [Sequence(i, r, t_arrival=t_gen + r.arrival_s) for i, r in enumerate(todo)]
         code = 0
         try:
-            self._serve(driver, seqs)
-            self._stop(driver)
+            self._serve(seqs)
+            self._stop()
         except (RuntimeError, TimeoutError) as e:
-            code = 1
+            code = 3 if isinstance(e, PipelineLost) else 1
             cause = str(e).splitlines()[0][:300]
-            _log.error("pipeline failed: %s", cause)
+            _log.error("run ended: %s", cause)
+            hint = "; rerun the same command with the same --run-dir to finish the rest" if code == 3 else ""
+            self.journal.note("failed", cause=cause)
             for s in seqs:
                 if s.status is not Status.FINISHED:
-                    self.records.append(error_record(s.request.line, s.request.id, f"not finished: {cause}"))
-        self._finish(seqs, time.monotonic() - t_gen, driver.notes())
+                    self.records.append(error_record(s.request.line, s.request.id, f"not finished: {cause}{hint}"))
+        self._finish(seqs, time.monotonic() - t_gen)
         self.close()
         return code
 
     def close(self) -> None:
-        """Abort the edges so that receiver threads blocked on them return before the process exits."""
-        self._closing = True
+        """Stop the watchers and abort the edges so that their threads return before the process exits."""
+        self._stop_watch.set()
         for edge in self.edges.values():
             edge.close()
+        if self.journal is not None:
+            self.journal.close()
 
     def _driver(self) -> ColocatedDriver | DisaggDriver:
         mc, gen, cache, sc = self.model_cfg, self.cfg.generation, self.cfg.cache, self.cfg.scheduler
@@ -176,12 +193,12 @@ class Coordinator:
             blocks = BlockManager(mbs * cache.partition_blocks, cache.block_size, partitions=mbs)
         else:
             blocks = BlockManager(cache.num_blocks, cache.block_size)
-        decode = Scheduler(sc, blocks, mbs, stop_ids)
+        decode = Scheduler(sc, blocks, mbs, stop_ids, self.steps)
         if not self.layout.disaggregated:
             return ColocatedDriver(decode, decode_pipe, self.send)
         prompt_pipe = self.layout.pipeline("prompt")
         prefill = PrefillScheduler(sc, BlockManager(cache.num_blocks, cache.block_size), blocks,
-                                   self._microbatches(prompt_pipe), stop_ids)
+                                   self._microbatches(prompt_pipe), stop_ids, self.steps)
         return DisaggDriver(prefill, decode, prompt_pipe, decode_pipe, self.send)
 
     def _microbatches(self, pipeline) -> int:
@@ -197,7 +214,8 @@ class Coordinator:
             return len(places)
         return len({(p["host"], p["device"]) for p in places})
 
-    def _serve(self, driver, seqs: list[Sequence]) -> None:
+    def _serve(self, seqs: list[Sequence]) -> None:
+        driver = self.driver
         arrivals = [(s.t_arrival, s.seq_id) for s in seqs]
         heapq.heapify(arrivals)
         bar = ProgressBar(len(seqs), self.cfg.runtime.progress)
@@ -214,42 +232,66 @@ class Coordinator:
                 if arrivals:
                     continue
                 raise TimeoutError(f"no message from any stage for {self.cfg.runtime.comm_timeout_s:.0f}s") from None
-            if isinstance(msg, (EdgeBroken, MemberExited)):
-                driver.on_member_lost(msg.peer if isinstance(msg, EdgeBroken) else msg.name, self._why(msg))
+            if isinstance(msg, (EdgeBroken, MemberLost)):
+                if self.is_loss(msg):  # else: news of a generation already replaced
+                    self._lost(msg)
                 continue
             finished = driver.on_message(source, msg)
-            tokens += len(getattr(msg, "token_ids", ()))
+            if isinstance(msg, StepResult):
+                tokens += len(msg.token_ids)
+                self.recovery.on_tokens(msg.seq_ids)
             for s in finished:
-                self.records.append(self._success(s))
+                rec = self._success(s)
+                self.records.append(rec)
+                self.journal.finish(rec)
             done += len(finished)
             bar.update(done, tokens)
         bar.close(done, tokens)
 
-    def _why(self, msg: EdgeBroken | MemberExited) -> str:
-        if isinstance(msg, MemberExited):
+    # -- failures ------------------------------------------------------------------------------
+    def is_loss(self, msg: object) -> bool:
+        """A failure of a member's current generation (older generations are already replaced)."""
+        if isinstance(msg, MemberLost):
+            return msg.generation == self.member_gen.get(msg.name, -1)
+        return isinstance(msg, EdgeBroken) and msg.generation == self.member_gen.get(msg.peer, -1)
+
+    @staticmethod
+    def member_of(msg: EdgeBroken | MemberLost) -> str:
+        return msg.peer if isinstance(msg, EdgeBroken) else msg.name
+
+    def why(self, msg: EdgeBroken | MemberLost) -> str:
+        if isinstance(msg, MemberLost):
             return msg.how
-        time.sleep(0.2)  # give its supervisor a moment to report how it ended
-        if has(self.store, exit_key(msg.peer)):
-            return get_json(self.store, exit_key(msg.peer))["how"]
+        time.sleep(0.05)  # give its supervisor a moment to report how it ended
+        key = exit_key(msg.peer, self.member_gen[msg.peer])
+        if has(self.store, key):
+            return get_json(self.store, key)["how"]
         return f"lost its connection ({msg.error})"
 
-    def _stop(self, driver) -> None:
+    def _lost(self, msg: EdgeBroken | MemberLost) -> None:
+        name, why = self.member_of(msg), self.why(msg)
+        self.journal.note("member_lost", member=name, how=why)
+        if self.layout.disaggregated and name in {m.name for m in self.layout.pipeline("prompt")} and not self.cfg.ft.enabled:
+            self.driver.on_member_lost(name, why)  # prompt stages are optional: the token pipeline prefills
+            return
+        if not self.cfg.ft.enabled:
+            raise PipelineLost(f"worker of {name} {why} (fault tolerance is off)")
+        self.recovery.run({name}, f"{name} {why}")
+
+    def _stop(self) -> None:
         """Stop travels down each live pipeline; wait for it to come back from the last stage."""
-        for pipe in driver.live_pipelines():
+        for pipe in self.driver.live_pipelines():
             self.send(pipe[0].name, Stop())
             deadline = time.monotonic() + self.cfg.runtime.comm_timeout_s
             while True:
                 source, msg = self.inbox.get(timeout=max(deadline - time.monotonic(), 0.001))
                 if isinstance(msg, Stop) and source == pipe[-1].name:
                     break
-                if isinstance(msg, (EdgeBroken, MemberExited)) and self._member_of(msg) in {m.name for m in pipe}:
-                    _log.warning("%s ended before the stop marker came back: %s", self._member_of(msg), self._why(msg))
+                if self.is_loss(msg) and self.member_of(msg) in {m.name for m in pipe}:
+                    _log.warning("%s ended before the stop marker came back: %s", self.member_of(msg), self.why(msg))
                     break
 
-    @staticmethod
-    def _member_of(msg: EdgeBroken | MemberExited) -> str:
-        return msg.peer if isinstance(msg, EdgeBroken) else msg.name
-
+    # -- output --------------------------------------------------------------------------------
     def _success(self, s: Sequence) -> dict:
         t0 = s.t_arrival
         timings = Timings(
@@ -266,7 +308,7 @@ class Coordinator:
             }
         return success_record(s.request, s.output_ids, s.finish_reason or "length", timings, self.tokenizer, extra)
 
-    def _finish(self, seqs: list[Sequence], gen_s: float, notes: dict) -> None:
+    def _finish(self, seqs: list[Sequence], gen_s: float) -> None:
         write_outputs(self.cfg.output, self.records)
         failed = sum("error" in r for r in self.records)
         self.summary = RunSummary(
@@ -279,6 +321,7 @@ class Coordinator:
             generate_s=gen_s,
             stages=len(self.layout.members),
         )
-        doc = {**self.summary.to_dict(), **notes}
+        doc = {**self.summary.to_dict(), **self.driver.notes(), "recoveries": self.recovery.count,
+               "resumed_from_journal": len(self.journal.finished) - sum(1 for s in seqs if s.status is Status.FINISHED)}
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
         _log.info("%s", self.summary.line())

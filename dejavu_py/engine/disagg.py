@@ -11,6 +11,8 @@ from collections.abc import Callable
 from .. import log
 from ..runtime.layout import Member
 from .plan import KVAck, StepResult, Stop
+from ..ft.messages import RecoverInfo
+from .colocated import recompute_notes
 from .prefill_scheduler import PrefillScheduler
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -114,6 +116,26 @@ class DisaggDriver:
         for m in self.prompt:
             if m.name != name:
                 self.send(m.name, Stop(f"prompt pipeline lost {name}", forward=False))
+
+    def recover(self, failed: set[str]) -> RecoverInfo:
+        """A failed token stage: running sequences recompute their KV on the token pipeline. Either
+        kind: prefills in flight, and prefilled sequences whose KV did not all arrive, are prefilled
+        again on the (repaired) prompt pipeline."""
+        dropped, redo = 0, []
+        token_failed = failed & {m.name for m in self.token}
+        if token_failed:
+            dropped, redo = self.decode.rollback()
+        need = {t.name for t in self.token}
+        incomplete = [s for sid, s in self.prefilled.items() if self.acks.get(sid) != need or token_failed]
+        for seq in incomplete:
+            del self.prefilled[seq.seq_id]
+            self.acks.pop(seq.seq_id, None)
+            self.kv_bytes.pop(seq.seq_id, None)
+        dropped += self.prefill.rollback(incomplete)
+        states = {name: (self.decode.states() if name in token_failed else {}) for name in failed}
+        notes = recompute_notes(dropped, redo)
+        notes["prefills_redone"] = len(incomplete)
+        return RecoverInfo(states, redo, notes)
 
     def live_pipelines(self) -> list[tuple[Member, ...]]:
         return ([self.prompt] if self.prompt_alive else []) + [self.token]

@@ -9,6 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class StepCounter:
+    """Step numbers shared by every scheduler of a run: increasing, so that after a failure a stage
+    can drop exactly the plans that were in flight (those up to a given number)."""
+
+    def __init__(self) -> None:
+        self.current = 0
+
+    def next(self) -> int:
+        self.current += 1
+        return self.current
+
+
 @dataclass
 class SeqState:
     """Compact state a stage needs to (re)build one sequence: block table and sampling parameters."""
@@ -101,3 +113,5 @@ class EdgeBroken:
 
     peer: str
     error: str
+    generation: int = 0
+    """Generation of the edge that broke (a stale edge of a replaced member is no news)."""

@@ -11,13 +11,13 @@ import time
 
 from ..config import SchedulerConfig
 from .block_manager import BlockManager
-from .plan import StepPlan, StepResult
+from .plan import StepCounter, StepPlan, StepResult
 from .sequence import Sequence, Status
 
 
 class PrefillScheduler:
     def __init__(self, cfg: SchedulerConfig, prompt_blocks: BlockManager, token_blocks: BlockManager,
-                 num_microbatches: int, stop_ids: frozenset[int]) -> None:
+                 num_microbatches: int, stop_ids: frozenset[int], steps: StepCounter | None = None) -> None:
         self.cfg = cfg
         self.prompt_blocks, self.token_blocks = prompt_blocks, token_blocks
         self.num_microbatches = num_microbatches
@@ -25,7 +25,7 @@ class PrefillScheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.inflight: dict[int, tuple[StepPlan, list[Sequence]]] = {}
         self._release: list[int] = []
-        self._step = 0
+        self.steps = steps or StepCounter()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -41,20 +41,23 @@ class PrefillScheduler:
             seq = self.waiting[0]
             if seqs and seq.prompt_len > budget:
                 break
-            part = self._partition_for(seq)
+            if seq.block_table:  # a redo keeps its token-side reservation (and so its partition)
+                part = seq.mb if self.token_blocks.partitions > 1 else 0
+            else:
+                part = self._partition_for(seq)
             if part is None or not self.prompt_blocks.can_allocate(seq.prompt_len):
                 break
             self.waiting.popleft()
             seq.prompt_table = self.prompt_blocks.allocate(seq.prompt_len)
-            seq.block_table = self.token_blocks.allocate(seq.max_len, part)
-            seq.mb = part if self.token_blocks.partitions > 1 else None
+            if not seq.block_table:
+                seq.block_table = self.token_blocks.allocate(seq.max_len, part)
+                seq.mb = part if self.token_blocks.partitions > 1 else None
             seq.status, seq.t_admitted = Status.RUNNING, time.monotonic()
             seqs.append(seq)
             budget -= seq.prompt_len
         if not seqs:
             return None
-        self._step += 1
-        plan = StepPlan(mb=mb, step=self._step, seq_ids=[s.seq_id for s in seqs], start_pos=[0] * len(seqs),
+        plan = StepPlan(mb=mb, step=self.steps.next(), seq_ids=[s.seq_id for s in seqs], start_pos=[0] * len(seqs),
                         num_tokens=[s.prompt_len for s in seqs],
                         input_ids=[t for s in seqs for t in s.request.input_ids], wants_token=[True] * len(seqs))
         plan.new_seqs = {s.seq_id: s.state(table=s.prompt_table, kv_table=s.block_table) for s in seqs}
@@ -70,8 +73,10 @@ class PrefillScheduler:
 
     def on_result(self, result: StepResult) -> list[Sequence]:
         """First tokens of a prefill step; returns its sequences (their prompt blocks are free again)."""
-        plan, seqs = self.inflight.pop(result.mb)
-        assert plan.step == result.step, f"prefill result of step {result.step} for plan {plan.step}"
+        plan, seqs = self.inflight.get(result.mb, (None, []))
+        if plan is None or plan.step != result.step:  # dropped by a recovery
+            return []
+        del self.inflight[result.mb]
         tokens = dict(zip(result.seq_ids, result.token_ids))
         for seq in seqs:
             seq.num_cached = seq.prompt_len  # once its KV has landed on the token stages
@@ -80,6 +85,23 @@ class PrefillScheduler:
             seq.prompt_table = []
             self._release.append(seq.seq_id)
         return seqs
+
+    def rollback(self, redo: list[Sequence]) -> int:
+        """Prefills in flight go back to the front of the queue, with ``redo`` (whose KV did not all
+        arrive); their token-side reservations stay. Returns the plans dropped."""
+        dropped = len(self.inflight)
+        back = []
+        for _, seqs in self.inflight.values():
+            for seq in seqs:
+                self.prompt_blocks.free(seq.prompt_table)
+                seq.prompt_table = []
+                back.append(seq)
+        self.inflight.clear()
+        for seq in redo:
+            seq.restart()
+        for seq in reversed(back + redo):
+            self.waiting.appendleft(seq)
+        return dropped
 
     def drain(self) -> list[Sequence]:
         """Everything waiting or in flight (the prompt pipeline is gone): their prefills must be redone."""

@@ -13,13 +13,18 @@ import time
 
 from ..config import SchedulerConfig
 from .block_manager import BlockManager
-from .plan import StepPlan, StepResult
+from .plan import SeqState, StepCounter, StepPlan, StepResult
 from .sequence import Sequence, Status
 
 
 class Scheduler:
     def __init__(
-        self, cfg: SchedulerConfig, blocks: BlockManager, num_microbatches: int, stop_ids: frozenset[int]
+        self,
+        cfg: SchedulerConfig,
+        blocks: BlockManager,
+        num_microbatches: int,
+        stop_ids: frozenset[int],
+        steps: StepCounter | None = None,
     ) -> None:
         self.cfg = cfg
         self.blocks = blocks
@@ -30,7 +35,8 @@ class Scheduler:
         self.running: dict[int, list[Sequence]] = {m: [] for m in range(num_microbatches)}
         self.inflight: dict[int, StepPlan] = {}
         self._release: list[int] = []
-        self._step = 0
+        self.steps = steps or StepCounter()
+        self._announce: set[int] = set()  # sequences whose state the next plans repeat (after a rollback)
         self.max_running = 0
         """Most sequences ever running at once (all microbatches together)."""
 
@@ -89,8 +95,7 @@ class Scheduler:
         return admitted
 
     def _build(self, mb: int, seqs: list[Sequence], admitted: list[Sequence]) -> StepPlan:
-        self._step += 1
-        plan = StepPlan(mb=mb, step=self._step, seq_ids=[], start_pos=[], num_tokens=[], input_ids=[], wants_token=[])
+        plan = StepPlan(mb=mb, step=self.steps.next(), seq_ids=[], start_pos=[], num_tokens=[], input_ids=[], wants_token=[])
         for seq in seqs:
             start, new = seq.next_input()
             plan.seq_ids.append(seq.seq_id)
@@ -98,15 +103,20 @@ class Scheduler:
             plan.num_tokens.append(len(new))
             plan.input_ids.extend(new)
             plan.wants_token.append(True)
-        plan.new_seqs = {s.seq_id: s.state() for s in admitted}
+        announce = {s.seq_id for s in admitted} | {s.seq_id for s in seqs if s.seq_id in self._announce}
+        self._announce -= announce
+        plan.new_seqs = {s.seq_id: s.state() for s in seqs if s.seq_id in announce}
         plan.release, self._release = self._release, []
         return plan
 
     # -- results -------------------------------------------------------------------------------
     def on_result(self, result: StepResult) -> list[Sequence]:
-        """Apply a step's sampled tokens; returns the sequences that finished with it."""
-        plan = self.inflight.pop(result.mb)
-        assert plan.step == result.step, f"result of step {result.step} for plan {plan.step}"
+        """Apply a step's sampled tokens; returns the sequences that finished with it. A result of a
+        plan dropped by a recovery is ignored."""
+        plan = self.inflight.get(result.mb)
+        if plan is None or plan.step != result.step:
+            return []
+        del self.inflight[result.mb]
         for sid, n in zip(plan.seq_ids, plan.num_tokens):
             self.seqs[sid].num_cached += n
         finished = []
@@ -117,6 +127,24 @@ class Scheduler:
         for seq in finished:
             self._retire(seq)
         return finished
+
+    def rollback(self) -> tuple[int, list[Sequence]]:
+        """After a stage lost its KV: drop the plans in flight (they will be re-planned) and make every
+        running or admitted sequence recompute its KV from its tokens (prompt and output so far).
+        Returns (plans dropped, sequences to recompute)."""
+        dropped = len(self.inflight)
+        self.inflight.clear()
+        redo = [s for r in self.running.values() for s in r] + [s for s in self.waiting if s.num_cached]
+        for seq in redo:
+            seq.num_cached = 0
+        # A dropped plan may have been the one that announced a sequence: announce them all again.
+        self._announce = {s.seq_id for r in self.running.values() for s in r}
+        return dropped, redo
+
+    def states(self) -> dict[int, SeqState]:
+        """What stages must know of every sequence holding blocks (for a replacement)."""
+        held = [s for r in self.running.values() for s in r] + [s for s in self.waiting if s.block_table]
+        return {s.seq_id: s.state() for s in held}
 
     def _retire(self, seq: Sequence) -> None:
         self.running[seq.mb].remove(seq)

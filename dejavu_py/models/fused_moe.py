@@ -36,11 +36,14 @@ except ImportError:  # CPU CI without triton: only available() and align_block_s
     tl = None
 
 if triton is not None:
+    # the sum for tl.reduce / tl.associative_scan: triton's own (tl.sum's), which the interpreter runs
+    # with numpy; else ours (the interpreter calls its .fn element by element: correct, slow)
+    _add_combine = getattr(tl.standard, "_sum_combine", None)
+    if _add_combine is None:
 
-    @triton.jit
-    def _add_combine(a, b):
-        """Sum for tl.reduce / tl.associative_scan (the interpreter calls its .fn, so jitting now is fine)."""
-        return a + b
+        @triton.jit
+        def _add_combine(a, b):
+            return a + b
 
 Config = dict[str, int]
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # x and expert weights; routing weights may differ
@@ -130,19 +133,21 @@ def _align_kernel(
         next_E += tl.histogram(ids_A, E_PAD, mask=ok_A)
 
 
-def align_block_size_kernel(ids_TK: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``align_block_size`` as one Triton launch (CUDA, or the interpreter). Compiles once per power of 2 of A."""
+def align_block_size_kernel(
+    ids_TK: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``align_block_size`` as one Triton launch (CUDA or the interpreter); compiles once per power of 2 of A."""
     A, E, BM = ids_TK.numel(), num_experts, block_m
     B = max_blocks(A, E, BM)
     rows_P = torch.empty(B * BM, dtype=torch.int32, device=ids_TK.device)
     block_expert_B = torch.empty(B, dtype=torch.int32, device=ids_TK.device)
     A_pad = triton.next_power_of_2(A)  # loop counts from A rounded up: few variants to compile
-    block_a = min(A_pad, 64)
+    block_a = min(A_pad, 64)  # [block_a, block_a] and [block_a, E_PAD] tiles per step: no spills at 8 warps
     _kernels(interpreting())[0][(1,)](
         ids_TK.reshape(-1).contiguous(), rows_P, block_expert_B, A, B * BM, B,
         E=E, E_PAD=max(16, triton.next_power_of_2(E)), BLOCK_M=BM, BLOCK_A=block_a,
         A_CHUNKS=A_pad // block_a, P_CHUNKS=triton.cdiv(max_blocks(A_pad, E, BM) * BM, 1024),
-        B_CHUNKS=triton.cdiv(max_blocks(A_pad, E, BM), 64), num_warps=4,
+        B_CHUNKS=triton.cdiv(max_blocks(A_pad, E, BM), 64), num_warps=4 if block_a < 64 else 8,
     )
     return rows_P, block_expert_B
 
@@ -177,7 +182,8 @@ def pick_config(num_assignments: int, num_experts: int, dtype: torch.dtype) -> C
 def _gate_up_kernel(
     x_ptr, w_ptr, h_ptr, rows_ptr, block_expert_ptr,  # x [T, D], w [E, 2F, D], h [A, F], rows [P], experts [B]
     A, stride_xt, stride_we, stride_wn, stride_wd, stride_ha,
-    F: tl.constexpr, D: tl.constexpr, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    F: tl.constexpr, D: tl.constexpr, TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """h[a, n] = silu(x[t] . w[e, n]) * (x[t] . w[e, F + n]) for the rows of one block, one N tile."""
@@ -287,8 +293,30 @@ def fused_expert_ffn(
 
     Same semantics as ``moe.expert_ffn``; x and the expert weights share one dtype (bf16, fp16 or fp32).
     ``config`` overrides ``pick_config`` (keys BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
-    ``align``: "kernel" (one launch) or "torch" (``align_block_size``); default env DEJAVU_MOE_ALIGN, else kernel.
+    ``align``: "kernel" (one launch, the default) or "torch" (``align_block_size``); env DEJAVU_MOE_ALIGN.
     """
+    _check_inputs(x_TD, ids_TK, w_gate_up_EFD, w_down_EDF)
+    T, K = ids_TK.shape
+    E, _, D = w_gate_up_EFD.shape
+    A = T * K
+    if A == 0:
+        return torch.zeros_like(x_TD)
+    cfg = config or pick_config(A, E, x_TD.dtype)
+    align = align or os.environ.get("DEJAVU_MOE_ALIGN", "kernel")
+    assert align in ("kernel", "torch"), f"align={align!r}: kernel or torch"
+    aligner = align_block_size_kernel if align == "kernel" else align_block_size
+    rows_P, block_expert_B = aligner(ids_TK, E, cfg["BLOCK_M"])
+    out_dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype)  # dtype of y * weight in expert_ffn
+    y_AD = _grouped_swiglu_ffn(
+        x_TD.contiguous(), K, weights_TK.reshape(-1).contiguous(), w_gate_up_EFD, w_down_EDF,
+        rows_P, block_expert_B, cfg, out_dtype,
+    )
+    return y_AD.view(T, K, D).sum(dim=1).to(x_TD.dtype)
+
+
+def _check_inputs(
+    x_TD: torch.Tensor, ids_TK: torch.Tensor, w_gate_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor
+) -> None:
     if triton is None:
         raise RuntimeError("fused_expert_ffn needs triton")
     if not x_TD.is_cuda and not interpreting():
@@ -296,39 +324,36 @@ def fused_expert_ffn(
     assert x_TD.dtype in DTYPES and x_TD.dtype == w_gate_up_EFD.dtype == w_down_EDF.dtype, (
         f"x {x_TD.dtype}, gate_up {w_gate_up_EFD.dtype}, down {w_down_EDF.dtype}: one of {DTYPES} expected"
     )
-    T, K = ids_TK.shape
     E, F2, D = w_gate_up_EFD.shape
-    Fw, A = F2 // 2, T * K
-    assert w_down_EDF.shape == (E, D, Fw), f"down_proj {tuple(w_down_EDF.shape)} != {(E, D, Fw)}"
-    out_dtype = torch.promote_types(x_TD.dtype, weights_TK.dtype)  # dtype of y * weight in expert_ffn
-    if A == 0:
-        return torch.zeros_like(x_TD)
-    cfg = config or pick_config(A, E, x_TD.dtype)
-    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    launch = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
-    precision = "ieee" if x_TD.dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
-    # the 3.6 interpreter multiplies bf16 tiles as raw uint16: there, upcast them (bf16 products are exact in fp32)
-    dot_f32 = interpreting() and x_TD.dtype == torch.bfloat16
-    _, gate_up, down = _kernels(interpreting())
-    align = align or os.environ.get("DEJAVU_MOE_ALIGN", "kernel")
-    assert align in ("kernel", "torch"), f"align={align!r}: kernel or torch"
+    assert w_down_EDF.shape == (E, D, F2 // 2), f"down_proj {tuple(w_down_EDF.shape)} != {(E, D, F2 // 2)}"
+    assert x_TD.shape == (ids_TK.shape[0], D), f"x {tuple(x_TD.shape)} vs ids {tuple(ids_TK.shape)}, D {D}"
 
-    x_TD = x_TD.contiguous()
-    weights_A = weights_TK.reshape(-1).contiguous()
-    aligner = align_block_size_kernel if align == "kernel" else align_block_size
-    rows_P, block_expert_B = aligner(ids_TK, E, BM)
-    B = block_expert_B.shape[0]
+
+def _grouped_swiglu_ffn(
+    x_TD: torch.Tensor, K: int, weights_A: torch.Tensor, w_gate_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor,
+    rows_P: torch.Tensor, block_expert_B: torch.Tensor, cfg: Config, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The two GEMM launches: y_AD [A, D] in out_dtype, token-major rows, already scaled by the weights."""
+    A, (E, F2, D), B = weights_A.numel(), w_gate_up_EFD.shape, block_expert_B.numel()
+    Fw = F2 // 2
+    BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    consts = dict(
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        PRECISION="ieee" if x_TD.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit inputs
+        # the 3.6 interpreter multiplies bf16 tiles as raw uint16: upcast there (bf16 products are exact in fp32)
+        DOT_F32=interpreting() and x_TD.dtype == torch.bfloat16,
+    )
+    _, gate_up, down = _kernels(interpreting())
     h_AF = torch.empty((A, Fw), dtype=x_TD.dtype, device=x_TD.device)
     y_AD = torch.empty((A, D), dtype=out_dtype, device=x_TD.device)
-
     gate_up[(triton.cdiv(Fw, BN), B)](
         x_TD, w_gate_up_EFD, h_AF, rows_P, block_expert_B,
         A, x_TD.stride(0), *w_gate_up_EFD.stride(), h_AF.stride(0),
-        F=Fw, D=D, TOP_K=K, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=D % BK == 0, PRECISION=precision, DOT_F32=dot_f32, **launch,
+        F=Fw, D=D, TOP_K=K, EVEN_K=D % BK == 0, **consts,
     )
     down[(triton.cdiv(D, BN), B)](
         h_AF, w_down_EDF, y_AD, rows_P, block_expert_B, weights_A,
         A, h_AF.stride(0), *w_down_EDF.stride(), y_AD.stride(0),
-        D=D, F=Fw, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, EVEN_K=Fw % BK == 0, PRECISION=precision, DOT_F32=dot_f32, **launch,
+        D=D, F=Fw, EVEN_K=Fw % BK == 0, **consts,
     )
-    return y_AD.view(T, K, D).sum(dim=1).to(x_TD.dtype)
+    return y_AD

@@ -37,7 +37,7 @@ def run_rank(cfg: RunConfig, info: RankInfo) -> int:
         sup.start_workers()
         if coordinator is None:
             return sup.wait_done()
-        coordinator.store = store
+        coordinator.store, coordinator.addr = store, addr
         return _coordinate(coordinator, requests, store, sup)
     finally:
         sup.shutdown()

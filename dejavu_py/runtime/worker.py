@@ -1,9 +1,13 @@
 """A stage worker: the child process that owns one stage's weights and KV cache and runs its steps.
 
-It is forked by its rank's zygote, announces itself in the store (``member/<name>``), loads its
-layers, builds its edges (in the layout's global order) and then serves one inbox, fed by a receiver
-thread per inbound edge: plans (with activations) from its predecessor, KV chunks from prompt stages
-(token stages), and ``Stop``, which travels down the pipeline and ends every worker in turn.
+It is forked by its rank's zygote (or is a standby taking over), announces itself in the store
+(``member/<name>``), loads its layers, builds its edges (in the layout's global order), beats its
+heart, and serves one inbox fed by a receiver thread per inbound edge: plans (with activations), KV
+chunks from prompt stages, control messages from the coordinator, and ``Stop``.
+
+On ``Recover`` a survivor aborts its edges to the failed members, drops the plans that were in flight
+(the coordinator re-issues them) and rebuilds just those edges at the new generation, keeping its
+process, weights and KV cache.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from ..engine.plan import EdgeBroken, KVAck, KVChunk, StepPlan, StepResult, Stop
 from ..engine.runner import StageRunner
 from ..engine.swap import Swapper
 from ..errors import PipelineError, UserError
+from ..ft.heartbeat import start_beating
+from ..ft.messages import EdgesReady, Rebuilt, Recover, Restore
 from .devices import data_backend, placement, resolve_device, resolve_dtype
 from .layout import COORD, Layout, Member
 
@@ -33,7 +39,7 @@ _log = log.get(__name__)
 
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 """A receiver thread waits this long for its peer's next message; a dead peer is reported sooner by
-the transport or by the peer's supervisor."""
+the transport, by the peer's supervisor or by its missing heartbeats."""
 
 
 @dataclass
@@ -56,37 +62,49 @@ def member_key(name: str) -> str:
 
 def main(spec: WorkerSpec) -> int:
     """Entry point in the forked child; returns the exit code."""
+    store = connect(spec.store)
+    return run_member(spec, store, None)
+
+
+def run_member(spec: WorkerSpec, store, runner: StageRunner | None, takeover: bool = False) -> int:
+    """Become ``spec.member`` (loading its stage unless ``runner`` has it) and serve until stopped."""
     m, cfg = spec.member, spec.cfg
     log.setup(cfg.runtime.log_level, cfg.logs_dir / f"rank{spec.rank}-{m.name}.log", console_level="WARNING")
     log.set_identity(m.role, m.name, spec.rank)
     torch.set_num_threads(cfg.pipeline.threads)
-    store = connect(spec.store)
+    beating = start_beating(store, m.name, spec.generation, cfg.ft.hang_timeout_s / 5)
+    t0 = time.monotonic()
     try:
         device = resolve_device(cfg.pipeline, spec.local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        info = {"pid": os.getpid(), "rank": spec.rank, "role": m.role, "stage": m.stage.index, **placement(device)}
-        put_json(store, member_key(m.name), {**info, "state": "loading", "generation": spec.generation})
-        runner, load_s = _load(spec, device)
+        info = {"pid": os.getpid(), "zygote_pid": os.getppid(), "rank": spec.rank, "role": m.role, "stage": m.stage.index,
+                "generation": spec.generation, "takeover": takeover, **placement(device)}
+        put_json(store, member_key(m.name), {**info, "state": "loading"})
+        if runner is None:
+            runner, _ = load_runner(spec, device)
     except UserError as e:
         put_json(store, f"error/{m.name}", str(e))  # rank 0 reports it as the run's error
         _log.info("cannot start: %s", e)
         return 2
-    put_json(store, member_key(m.name), {**info, "state": "ready", "generation": spec.generation, "load_s": load_s})
+    put_json(store, member_key(m.name), {**info, "state": "ready", "load_s": time.monotonic() - t0})
     worker = Worker(spec, store, runner, device)
     worker.connect()
-    _log.info("%s ready: layers %d..%d on %s", m.name, m.stage.first_layer, m.stage.layers[-1], device)
+    _log.info("%s ready at generation %d: layers %d..%d on %s", m.name, spec.generation, m.stage.first_layer,
+              m.stage.layers[-1], device)
     try:
         steps = worker.serve()
-    except PipelineError as e:  # a neighbour is gone: say so in one line and let the supervisor report
+    except PipelineError as e:  # cannot go on (fault tolerance off, or the coordinator is gone)
         _log.warning("stopping: %s", e)
         return 1
+    finally:
+        beating.set()
     worker.close()
     _log.info("stopped after %d steps%s", steps, f"; swapping {runner.swapper.stats()}" if runner.swapper else "")
     return 0
 
 
-def _load(spec: WorkerSpec, device: torch.device) -> tuple[StageRunner, float]:
+def load_runner(spec: WorkerSpec, device: torch.device) -> tuple[StageRunner, float]:
     from ..models.config import load_model_config
     from ..models.loader import load_stage
 
@@ -121,6 +139,9 @@ class Worker:
         self.edges: dict[str, Edge] = {}
         self.inbox: queue.Queue = queue.Queue()
         self._closing = False
+        self.drop_through = -1  # plans up to this step were in flight at a failure: dropped, re-issued
+        self.restored = spec.generation == 0  # a replacement waits for the coordinator's Restore
+        self._stash: list[tuple] = []
         self.streamer: KVStreamer | None = None
         self.receiver: KVReceiver | None = None
         if self.me.role == "prompt":
@@ -133,21 +154,25 @@ class Worker:
     # -- edges ---------------------------------------------------------------------------------
     def connect(self) -> None:
         for peer in self.spec.layout.peers_of(self.me.name):
-            self.edges[peer] = self._make_edge(peer)
-        self.listen(self.me.prev)
-        if self.me.prev != COORD:
-            self.listen(COORD)  # control messages
-        for src in self.spec.layout.kv_sources(self.me):
-            self.listen(src.name)
+            self.edges[peer] = self._make_edge(peer, self.spec.generation)
+        for peer in self._inbound(self.edges):
+            self.listen(peer)
 
-    def _make_edge(self, peer: str) -> Edge:
+    def _inbound(self, peers) -> list[str]:
+        """Of these peers, those this stage receives from: its predecessor, the coordinator (control),
+        and (token stages) the prompt stages that stream KV to it."""
+        wanted = {self.me.prev, COORD} | {p.name for p in self.spec.layout.kv_sources(self.me)}
+        return [p for p in peers if p in wanted]
+
+    def _make_edge(self, peer: str, generation: int) -> Edge:
+        """Blocks until the peer joins, on a store client of its own (see comm.store.connect)."""
         timeout = self.spec.cfg.runtime.comm_timeout_s
-        gen = self.spec.generation
+        rendezvous = connect(self.spec.store)
         if peer == COORD:
-            return Edge(self.store, self.me.name, peer, gen, timeout)
-        mine = get_json(self.store, member_key(self.me.name))
-        other = get_json(self.store, member_key(peer), timeout_s=self.spec.cfg.runtime.startup_timeout_s)
-        return Edge(self.store, self.me.name, peer, gen, timeout, data_backend(mine, other), self.device)
+            return Edge(rendezvous, self.me.name, peer, generation, timeout)
+        mine = get_json(rendezvous, member_key(self.me.name))
+        other = get_json(rendezvous, member_key(peer), timeout_s=self.spec.cfg.ft.recovery_timeout_s)
+        return Edge(rendezvous, self.me.name, peer, generation, timeout, data_backend(mine, other), self.device)
 
     def listen(self, peer: str) -> None:
         """A daemon thread moving everything ``peer`` sends into the inbox."""
@@ -158,7 +183,7 @@ class Worker:
                 try:
                     msg, t = edge.recv(IDLE_TIMEOUT_S)
                 except Exception as e:  # the peer died or the link broke: the loop decides what that means
-                    if not self._closing:
+                    if not (self._closing or edge.closed):
                         self.inbox.put((peer, EdgeBroken(peer, str(e).splitlines()[0][:300]), None))
                     return
                 self.inbox.put((peer, msg, t))
@@ -172,14 +197,24 @@ class Worker:
         steps = 0
         while True:
             peer, msg, x = self.inbox.get()
+            if not self.restored and isinstance(msg, (StepPlan, KVChunk)):
+                self._stash.append((peer, msg, x))
+                continue
             if isinstance(msg, StepPlan):
-                self._step(msg, x)
-                steps += 1
+                if msg.step > self.drop_through:
+                    self._step(msg, x)
+                    steps += 1
             elif isinstance(msg, KVChunk):
                 self._take_kv(msg, x)
             elif isinstance(msg, Stop):
-                self._stop(msg)
-                return steps
+                if self._stop(msg):
+                    return steps
+            elif isinstance(msg, Recover):
+                self._recover(msg)
+            elif isinstance(msg, EdgesReady):
+                self._edges_ready(msg)
+            elif isinstance(msg, Restore):
+                self._restore(msg)
             elif isinstance(msg, EdgeBroken):
                 self._broken(msg)
             else:
@@ -192,31 +227,86 @@ class Worker:
         if self.receiver is not None and plan.release:
             self.receiver.forget(plan.release)
         out = self.runner.step(plan, x)
-        nxt = self.edges[self.me.next]
         if isinstance(out, StepResult):
-            nxt.send(out)
+            self._send(self.me.next, out)
         else:
-            nxt.send(plan, out)
+            self._send(self.me.next, plan, out)
+
+    def _send(self, peer: str, msg: object, tensor: torch.Tensor | None = None) -> None:
+        """Send, or report the edge broken (the peer died): the coordinator's recovery takes it from
+        there, and whatever this message carried is re-planned."""
+        edge = self.edges.get(peer)
+        if edge is None:  # being rebuilt after a failure: the message belonged to a dropped step
+            return
+        try:
+            edge.send(msg, tensor)
+        except Exception as e:
+            if not edge.closed:
+                edge.closed = True
+                self.inbox.put((peer, EdgeBroken(peer, str(e).splitlines()[0][:300], edge.generation), None))
 
     def _send_kv(self, owner: str, chunk: KVChunk, kv_2TKD: torch.Tensor) -> None:
-        self.edges[owner].send(chunk, kv_2TKD)
+        self._send(owner, chunk, kv_2TKD)
 
     def _take_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor | None) -> None:
         assert self.receiver is not None and kv_2TKD is not None
         done = self.receiver.apply(chunk, kv_2TKD)
         if done:
-            self.edges[COORD].send(KVAck(self.me.name, [s for s, _ in done], [b for _, b in done]))
+            self._send(COORD, KVAck(self.me.name, [s for s, _ in done], [b for _, b in done]))
 
-    def _stop(self, msg: Stop) -> None:
+    def _stop(self, msg: Stop) -> bool:
         if not msg.forward:
             _log.info("told to stop: %s", msg.reason)
-            return
+            return True
         for name, edge in self.edges.items():
             if name != self.me.next:
                 edge.flush()  # KV still on its way to token stages
         nxt = self.edges[self.me.next]
         nxt.send(msg)
         nxt.flush()
+        return True
+
+    # -- recovery ------------------------------------------------------------------------------
+    def _recover(self, msg: Recover) -> None:
+        """Abort the edges to the failed members, drop in-flight plans, rebuild those edges."""
+        _log.warning("recovery (generation %d): %s failed", msg.generation, ", ".join(msg.failed))
+        self.drop_through = max(self.drop_through, msg.drop_through)
+        for peer in msg.failed:
+            edge = self.edges.pop(peer, None)
+            if edge is not None:
+                edge.close()
+        peers = [p for p in self.spec.layout.peers_of(self.me.name) if p in msg.failed]
+
+        def rebuild() -> None:
+            try:
+                edges = {p: self._make_edge(p, msg.generation) for p in peers}
+            except Exception as e:  # a replacement that never came: the coordinator will try again
+                _log.warning("rebuilding edges for generation %d failed: %s", msg.generation, e)
+                return
+            self.inbox.put((COORD, EdgesReady(msg.generation, edges), None))
+
+        threading.Thread(target=rebuild, name=f"rebuild-{msg.generation}", daemon=True).start()
+
+    def _edges_ready(self, msg: EdgesReady) -> None:
+        for peer, edge in msg.edges.items():
+            if peer in self.edges:  # a later recovery already replaced it
+                edge.close()
+                continue
+            self.edges[peer] = edge
+        for peer in self._inbound(msg.edges):
+            if self.edges.get(peer) is msg.edges[peer]:
+                self.listen(peer)
+        self._send(COORD, Rebuilt(self.me.name, msg.generation))
+
+    def _restore(self, msg: Restore) -> None:
+        """A replacement learns the sequences in flight (block tables, sampling) and starts serving."""
+        self.runner.seqs.update(msg.seqs)
+        self.drop_through = max(self.drop_through, msg.drop_through)
+        self.restored = True
+        _log.info("restored %d sequences", len(msg.seqs))
+        for item in self._stash:
+            self.inbox.put(item)
+        self._stash.clear()
 
     def close(self) -> None:
         """Abort every edge so that receiver threads blocked on them return."""
@@ -225,7 +315,9 @@ class Worker:
             edge.close()
 
     def _broken(self, msg: EdgeBroken) -> None:
-        if self.me.role == "token" and msg.peer in {p.name for p in self.spec.layout.kv_sources(self.me)}:
-            _log.warning("KV edge from %s broke (%s); its prefills will be redone", msg.peer, msg.error)
+        if msg.peer == COORD:
+            raise PipelineError(f"{self.me.name}: lost the coordinator ({msg.error})")
+        if self.spec.cfg.ft.enabled or msg.peer in {p.name for p in self.spec.layout.kv_sources(self.me)}:
+            _log.warning("edge to %s broke (%s); waiting for the coordinator", msg.peer, msg.error)
             return
         raise PipelineError(f"{self.me.name}: edge to {msg.peer} broke: {msg.error}")

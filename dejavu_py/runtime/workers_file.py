@@ -12,10 +12,12 @@ from .layout import Layout
 
 def collect(store, layout: Layout) -> list[dict]:
     """One entry per member from the store: role, stage, rank, pid, host, device, supervisor pid."""
+    sups = {r: get_json(store, f"supervisor/{r}") for r in sorted({m.rank for m in layout.members})}
+    by_zygote = {s["zygote_pid"]: s for s in sups.values()}
     out = []
     for m in layout.members:
         info = get_json(store, f"member/{m.name}")
-        sup = get_json(store, f"supervisor/{m.rank}")
+        sup = by_zygote.get(info.get("zygote_pid"), sups[m.rank])  # a standby's supervisor may be another rank's
         out.append(
             {
                 "name": m.name,

@@ -1,0 +1,33 @@
+"""Commands from the coordinator to a supervisor, through the store: ``cmd/<rank>/<n>`` with a counter.
+
+The store outlives every worker, so the coordinator can reach a supervisor whatever died. Commands:
+``spawn`` (start a replacement for a member at a generation), ``takeover`` (hand a member to a warm
+standby), ``kill`` (end a hung worker).
+"""
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+
+def post(store, rank: int, cmd: dict[str, Any]) -> None:
+    n = store.add(f"cmd/{rank}/n", 1)
+    store.set(f"cmd/{rank}/{n}", json.dumps(cmd))
+
+
+class CommandReader:
+    """Yields the commands posted for one rank, each once, in order."""
+
+    def __init__(self, store, rank: int) -> None:
+        self.store, self.rank, self.seen = store, rank, 0
+
+    def poll(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        n = self.store.add(f"cmd/{self.rank}/n", 0)
+        out = []
+        while self.seen < n:
+            key = f"cmd/{self.rank}/{self.seen + 1}"
+            self.store.wait([key], timedelta(seconds=timeout_s))  # posted after the counter moved
+            out.append(json.loads(self.store.get(key).decode()))
+            self.seen += 1
+        return out

@@ -1,0 +1,38 @@
+"""Heartbeats: how a hung worker (stopped, stuck in a collective) is told from a slow one.
+
+Each worker's thread writes ``hb/<member>`` = "<generation> <unix time>" every interval; the
+coordinator's watcher reads them and reports a member whose beat is older than the hang timeout.
+A stopped process stops beating with everything else in it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+
+def hb_key(name: str) -> str:
+    return f"hb/{name}"
+
+
+def start_beating(store, name: str, generation: int, interval_s: float) -> threading.Event:
+    """Beat until the returned event is set."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            try:
+                store.set(hb_key(name), f"{generation} {time.time():.3f}")
+            except Exception:  # the store is gone: the job is ending
+                return
+            stop.wait(interval_s)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    return stop
+
+
+def last_beat(store, name: str) -> tuple[int, float] | None:
+    """(generation, time) of the member's last beat, or None before its first."""
+    if not store.check([hb_key(name)]):
+        return None
+    gen, t = store.get(hb_key(name)).decode().split()
+    return int(gen), float(t)

@@ -1,0 +1,54 @@
+"""Control messages of a recovery, between the coordinator and the workers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.plan import SeqState
+
+
+@dataclass
+class Recover:
+    """Coordinator -> survivor: these members failed; drop plans up to ``drop_through`` (they were in
+    flight and will be re-issued), abort your edges to the failed and rebuild them at ``generation``."""
+
+    generation: int
+    failed: list[str]
+    drop_through: int
+
+
+@dataclass
+class Rebuilt:
+    """Survivor -> coordinator: its edges to the replacements of ``generation`` are up."""
+
+    member: str
+    generation: int
+
+
+@dataclass
+class Restore:
+    """Coordinator -> replacement: the sequences it must know about (block tables, sampling)."""
+
+    seqs: dict[int, SeqState]
+    drop_through: int
+
+
+@dataclass
+class EdgesReady:
+    """Inside a worker: the rebuild thread finished (never crosses an edge)."""
+
+    generation: int
+    edges: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RecoverInfo:
+    """What a driver decided after a failure: states each replacement must learn, and the
+    sequences whose KV is recomputed."""
+
+    states: dict[str, dict[int, SeqState]]
+    redo: list[Any]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def states_for(self, name: str) -> dict[int, SeqState]:
+        return self.states.get(name, {})
