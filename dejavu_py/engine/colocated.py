@@ -21,6 +21,10 @@ class ColocatedDriver:
     def __init__(self, sched: Scheduler, pipeline: tuple[Member, ...], send: Callable[[str, object], None]) -> None:
         self.sched, self.pipeline, self.send = sched, pipeline, send
 
+    @property
+    def decode_scheduler(self) -> Scheduler:
+        return self.sched
+
     def add(self, seq: Sequence) -> None:
         self.sched.add(seq)
 
@@ -41,9 +45,13 @@ class ColocatedDriver:
     def on_member_lost(self, name: str, why: str) -> None:
         raise RuntimeError(f"worker of {name} {why}")
 
-    def recover(self, failed: set[str]) -> RecoverInfo:
-        """Every running sequence recomputes its KV (the failed stage's part of it is gone)."""
-        dropped, redo = self.sched.rollback()
+    def recover(self, failed: set[str], keep_kv: bool = False) -> RecoverInfo:
+        """Plans in flight are dropped. With ``keep_kv`` the failed stages get their KV back (replica
+        and replay); otherwise every running sequence recomputes its KV from its tokens."""
+        if keep_kv:
+            dropped, redo = self.sched.drop_inflight(), []
+        else:
+            dropped, redo = self.sched.rollback()
         states = self.sched.states()
         return RecoverInfo({n: states for n in failed}, redo, recompute_notes(dropped, redo))
 

@@ -22,7 +22,9 @@ from ..comm.store import StoreAddress, connect, get_json, has
 from ..config import RunConfig
 from ..errors import PipelineError, UserError
 from ..ft.journal import Journal, fingerprint
+from ..ft.messages import Rebuilt, Replayed, ReplayHave
 from ..ft.recovery import Recovery
+from ..ft.replica import ReplicaCoverage
 from ..ft.watch import MemberLost, watch
 from ..runtime import workers_file
 from ..runtime.layout import COORD, Layout
@@ -41,6 +43,7 @@ from .tokenizer import load_tokenizer
 
 _log = log.get(__name__)
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0
+LATE_RECOVERY_MESSAGES = (Rebuilt, Replayed, ReplayHave, ReplicaCoverage)
 
 
 class PipelineLost(RuntimeError):
@@ -62,6 +65,8 @@ class Coordinator:
         self.driver = None
         self.journal: Journal | None = None
         self._stop_watch = threading.Event()
+        self._progress_t = 0.0
+        self._last_progress = (0, 0)
 
     # -- setup ---------------------------------------------------------------------------------
     def load_requests(self) -> list[Request]:
@@ -193,7 +198,7 @@ class Coordinator:
             blocks = BlockManager(mbs * cache.partition_blocks, cache.block_size, partitions=mbs)
         else:
             blocks = BlockManager(cache.num_blocks, cache.block_size)
-        decode = Scheduler(sc, blocks, mbs, stop_ids, self.steps)
+        decode = Scheduler(sc, blocks, mbs, stop_ids, self.steps, history=self.cfg.ft.max_checkpoints)
         if not self.layout.disaggregated:
             return ColocatedDriver(decode, decode_pipe, self.send)
         prompt_pipe = self.layout.pipeline("prompt")
@@ -236,6 +241,9 @@ class Coordinator:
                 if self.is_loss(msg):  # else: news of a generation already replaced
                     self._lost(msg)
                 continue
+            if isinstance(msg, LATE_RECOVERY_MESSAGES):  # answers to a recovery that already moved on
+                _log.debug("late %s from %s", type(msg).__name__, source)
+                continue
             finished = driver.on_message(source, msg)
             if isinstance(msg, StepResult):
                 tokens += len(msg.token_ids)
@@ -246,7 +254,27 @@ class Coordinator:
                 self.journal.finish(rec)
             done += len(finished)
             bar.update(done, tokens)
+            self._progress(done, tokens)
         bar.close(done, tokens)
+        self._progress(done, tokens, force=True)
+
+    def write_progress(self) -> None:
+        self._progress(force=True)
+
+    def _progress(self, done: int | None = None, tokens: int | None = None, force: bool = False) -> None:
+        """RUN_DIR/progress.json, a few times a second: what fault scripts and dashboards watch."""
+        now = time.monotonic()
+        if not force and now - self._progress_t < 0.05:
+            return
+        self._progress_t = now
+        if done is None:
+            done, tokens = self._last_progress
+        self._last_progress = (done, tokens)
+        doc = {"time": time.time(), "requests_done": done, "tokens": tokens, "step": self.steps.current,
+               "recoveries": self.recovery.count, "recovering": self.recovery.in_progress}
+        tmp = self.cfg.run_dir / "progress.json.tmp"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.cfg.run_dir / "progress.json")
 
     # -- failures ------------------------------------------------------------------------------
     def is_loss(self, msg: object) -> bool:
@@ -291,6 +319,15 @@ class Coordinator:
                     _log.warning("%s ended before the stop marker came back: %s", self.member_of(msg), self.why(msg))
                     break
 
+    def _write_ft_stats(self) -> None:
+        """RUN_DIR/ft_stats.json: per stage checkpoint and replica figures, and every recovery."""
+        stages = {m.name: get_json(self.store, f"ft_stats/{m.name}") for m in self.layout.members
+                  if has(self.store, f"ft_stats/{m.name}")}
+        doc = {"enabled": self.cfg.ft.enabled, "policy": self.cfg.ft.checkpoint_policy,
+               "replica_lag": self.cfg.ft.replica_lag, "max_checkpoints": self.cfg.ft.max_checkpoints,
+               "stages": stages, "recoveries": self.recovery.records}
+        (self.cfg.run_dir / "ft_stats.json").write_text(json.dumps(doc, indent=2) + "\n")
+
     # -- output --------------------------------------------------------------------------------
     def _success(self, s: Sequence) -> dict:
         t0 = s.t_arrival
@@ -321,7 +358,9 @@ class Coordinator:
             generate_s=gen_s,
             stages=len(self.layout.members),
         )
+        self.recovery.finish()
         doc = {**self.summary.to_dict(), **self.driver.notes(), "recoveries": self.recovery.count,
                "resumed_from_journal": len(self.journal.finished) - sum(1 for s in seqs if s.status is Status.FINISHED)}
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
+        self._write_ft_stats()
         _log.info("%s", self.summary.line())

@@ -80,6 +80,8 @@ class DecodeGraphs:
         else:
             self.x = torch.zeros(self.max_batch, model.cfg.hidden_size, dtype=model.dtype, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.routing: dict[tuple[int, int], list] = {}  # per graph: the routing tensors it writes
+        self._last: tuple[int, int] | None = None
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     def capture_all(self) -> int:
@@ -120,7 +122,12 @@ class DecodeGraphs:
             return self._forward(Bb, W)[:B]
         entry = self.graphs.get((Bb, W)) or self._capture(Bb, W)
         entry[0].replay()
+        self._last = (Bb, W)
         return entry[1][:B].clone()  # the buffer is overwritten by the next replay
+
+    def last_routing(self, batch: int) -> list:
+        """(layer, ids, weights) the last replayed graph computed for its first ``batch`` rows."""
+        return [(layer, ids[:batch], w[:batch]) for layer, ids, w in self.routing.get(self._last, [])]
 
     def _forward(self, Bb: int, W: int) -> torch.Tensor:
         meta = decode_meta(self.tables_BM[:Bb, : W // self.block_size], self.ctx_B[:Bb], W, self.block_size)
@@ -136,8 +143,15 @@ class DecodeGraphs:
                 self._forward(Bb, W)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = self._forward(Bb, W)
+        sink, collected = self.model.routing_sink, []
+        if sink is not None:  # the routing tensors live in the graph's memory: keep them to read after replays
+            self.model.routing_sink = lambda layer, ids, w: collected.append((layer, ids, w))
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._forward(Bb, W)
+        finally:
+            self.model.routing_sink = sink
         self.graphs[(Bb, W)] = (graph, out)
+        self.routing[(Bb, W)] = collected
         _log.debug("captured decode graph for batch %d, context %d", Bb, W)
         return graph, out

@@ -31,6 +31,10 @@ class DisaggDriver:
         self.prompt_alive = True
         self.redone = 0
 
+    @property
+    def decode_scheduler(self) -> Scheduler:
+        return self.decode
+
     def add(self, seq: Sequence) -> None:
         (self.prefill if self.prompt_alive else self.decode).add(seq)
 
@@ -117,14 +121,14 @@ class DisaggDriver:
             if m.name != name:
                 self.send(m.name, Stop(f"prompt pipeline lost {name}", forward=False))
 
-    def recover(self, failed: set[str]) -> RecoverInfo:
+    def recover(self, failed: set[str], keep_kv: bool = False) -> RecoverInfo:
         """A failed token stage: running sequences recompute their KV on the token pipeline. Either
         kind: prefills in flight, and prefilled sequences whose KV did not all arrive, are prefilled
         again on the (repaired) prompt pipeline."""
         dropped, redo = 0, []
         token_failed = failed & {m.name for m in self.token}
         if token_failed:
-            dropped, redo = self.decode.rollback()
+            dropped, redo = (self.decode.drop_inflight(), []) if keep_kv else self.decode.rollback()
         need = {t.name for t in self.token}
         incomplete = [s for sid, s in self.prefilled.items() if self.acks.get(sid) != need or token_failed]
         for seq in incomplete:

@@ -57,6 +57,16 @@ class StepPlan:
     """State of sequences the stages have not seen yet (or must refresh)."""
     release: list[int] = field(default_factory=list)
     """Sequences that finished: stages forget their state."""
+    routing: dict[str, list] = field(default_factory=dict)
+    """Fault tolerance: each stage's MoE routing of this step, [(layer, ids_TK int16, weights_TK
+    float32)] on the host; it travels downstream, so a completed step's record outlives its stages."""
+    replay_until: str | None = None
+    """Recovery: this stage recomputes the step for its KV and stops it there (no output)."""
+    forced: list | None = None
+    """Recovery: the routing ``replay_until`` recorded for this step; the replay routes exactly so."""
+    scratch_seqs: list[int] = field(default_factory=list)
+    """Recovery: sequences of a replayed step that have finished since. They keep their rows (the step's
+    numerics stay identical) but their K/V goes to the scratch block: their blocks may be another's now."""
 
     @property
     def total_tokens(self) -> int:
@@ -73,6 +83,8 @@ class StepResult:
     """Sequences that sampled, in plan order."""
     token_ids: list[int]
     """The sampled next token of each."""
+    routing: dict[str, list] = field(default_factory=dict)
+    """Each stage's MoE routing of the step (see StepPlan.routing)."""
 
 
 @dataclass

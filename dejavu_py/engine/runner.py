@@ -9,6 +9,7 @@ from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .plan import SeqState, StepPlan, StepResult
 from .sampler import sample
+from ..ft.replica import step_slots
 from .split import StageSpec
 from .swap import Swapper
 
@@ -36,6 +37,18 @@ class StageRunner:
         self.graphs = graphs
         self.swapper = swapper
         self.seqs: dict[int, SeqState] = {}
+        self.record_routing = False
+        """Fault tolerance on: keep each step's MoE routing (``routing``) and written slots (``slots``)."""
+        self.routing: list = []
+        self.slots: list[int] = []
+        self.phys_slots: list[int] = []
+        self._scratch: dict[int, int] = {}
+        self._routing_dev: list = []
+
+    def enable_recording(self) -> None:
+        self.record_routing = True
+        if getattr(self.model.cfg, "is_moe", False):
+            self.model.routing_sink = lambda layer, ids, w: self._routing_dev.append((layer, ids, w))
 
     def _apply(self, plan: StepPlan) -> None:
         for sid in plan.release:
@@ -52,19 +65,41 @@ class StageRunner:
             raise RuntimeError(f"stage {self.spec.index} got plan {plan.step} without activations")
         if self.swapper is not None:
             self.swapper.ensure(plan.mb)  # the microbatch's KV partition is on the device
-        out = self._decode_static(plan, x) if self._static_ok(plan) else self._eager(plan, x)
+        self._routing_dev = []
+        self._scratch = {sid: -(-(st + n) // self.block_size) for sid, st, n in
+                         zip(plan.seq_ids, plan.start_pos, plan.num_tokens) if sid in set(plan.scratch_seqs)}
+        static = self._static_ok(plan)
+        if plan.forced is not None:
+            self.model.routing_override = {layer: (ids, w) for layer, ids, w in plan.forced}
+        try:
+            out = self._decode_static(plan, x) if static else self._eager(plan, x)
+        finally:
+            self.model.routing_override = None
+        if self.record_routing:
+            if static and self.graphs.capture:
+                self._routing_dev = self.graphs.last_routing(len(plan.seq_ids))
+            self.routing = [(layer, ids.cpu(), w.cpu()) for layer, ids, w in self._routing_dev]
+            tables = [self._table(s) if s in self._scratch else self.seqs[s].block_table  # virtual ids
+                      for s in plan.seq_ids]
+            self.slots = step_slots(tables, plan.start_pos, plan.num_tokens, self.block_size)
+            self.phys_slots = (self.slots if self.swapper is None else step_slots(
+                [self._table(s) for s in plan.seq_ids], plan.start_pos, plan.num_tokens, self.block_size))
         if self.swapper is not None:
             self.swapper.prefetch((plan.mb + 1) % self.swapper.P)  # overlaps the next microbatch's turn
-        if not self.spec.has_head:
+        if not self.spec.has_head or plan.replay_until is not None:  # a replayed step samples nothing
             return out
         return self._sample(plan, out)
 
     def _table(self, sid: int) -> list[int]:
+        if sid in self._scratch:
+            return [self.kv.scratch_block] * self._scratch[sid]
         table = self.seqs[sid].block_table
         return self.swapper.translate(table) if self.swapper is not None else table
 
     def _static_ok(self, plan: StepPlan) -> bool:
         if self.graphs is None or any(n != 1 for n in plan.num_tokens) or not all(plan.wants_token):
+            return False
+        if plan.replay_until is not None:  # replays run eagerly (they may force recorded routing)
             return False
         return self.graphs.fits(len(plan.seq_ids), max(plan.start_pos) + 1)
 

@@ -25,6 +25,7 @@ class Scheduler:
         num_microbatches: int,
         stop_ids: frozenset[int],
         steps: StepCounter | None = None,
+        history: int = 100,
     ) -> None:
         self.cfg = cfg
         self.blocks = blocks
@@ -37,6 +38,10 @@ class Scheduler:
         self._release: list[int] = []
         self.steps = steps or StepCounter()
         self._announce: set[int] = set()  # sequences whose state the next plans repeat (after a rollback)
+        self.history: dict[int, collections.deque[StepResult | StepPlan]] = {
+            m: collections.deque(maxlen=history) for m in range(num_microbatches)}
+        """Completed plans per microbatch, with every stage's routing: the coordinator's token-state
+        checkpoints, what a replay re-runs."""
         self.max_running = 0
         """Most sequences ever running at once (all microbatches together)."""
 
@@ -117,6 +122,8 @@ class Scheduler:
         if plan is None or plan.step != result.step:
             return []
         del self.inflight[result.mb]
+        plan.routing = result.routing
+        self.history[result.mb].append(plan)
         for sid, n in zip(plan.seq_ids, plan.num_tokens):
             self.seqs[sid].num_cached += n
         finished = []
@@ -127,6 +134,14 @@ class Scheduler:
         for seq in finished:
             self._retire(seq)
         return finished
+
+    def drop_inflight(self) -> int:
+        """After a failure whose KV can be restored: forget the plans in flight (their sequences'
+        positions did not advance, so the next plans recompute those steps on every stage)."""
+        dropped = len(self.inflight)
+        self.inflight.clear()
+        self._announce = {s.seq_id for r in self.running.values() for s in r}
+        return dropped
 
     def rollback(self) -> tuple[int, list[Sequence]]:
         """After a stage lost its KV: drop the plans in flight (they will be re-planned) and make every

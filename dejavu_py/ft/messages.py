@@ -27,10 +27,14 @@ class Rebuilt:
 
 @dataclass
 class Restore:
-    """Coordinator -> replacement: the sequences it must know about (block tables, sampling)."""
+    """Coordinator -> replacement: the sequences it must know about (block tables, sampling); their KV
+    comes from ``replica_from`` (a bulk replica chunk, applied before any plan) and ``replay`` replayed
+    steps follow."""
 
     seqs: dict[int, SeqState]
     drop_through: int
+    replica_from: str | None = None
+    replay: int = 0
 
 
 @dataclass
@@ -39,6 +43,7 @@ class EdgesReady:
 
     generation: int
     edges: dict[str, Any] = field(default_factory=dict)
+    rep: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -52,3 +57,53 @@ class RecoverInfo:
 
     def states_for(self, name: str) -> dict[int, SeqState]:
         return self.states.get(name, {})
+
+
+@dataclass
+class ReplicaQuery:
+    """Coordinator -> replica holder: ship ``source``'s replica of these sequences to ``to`` (its
+    replacement) and report how far each is covered."""
+
+    source: str
+    to: str
+    tables: dict[int, list[int]]
+
+
+@dataclass
+class Rereplicate:
+    """Coordinator -> stage whose replica holder was replaced: send your KV of these sequences again."""
+
+    to: str
+    tables: dict[int, list[int]]
+    lengths: dict[int, int]
+
+
+@dataclass
+class ReplayQuery:
+    """Coordinator -> predecessor of a replacement: which of these (mb, step) have kept activations?"""
+
+    steps: list[tuple[int, int]]
+
+
+@dataclass
+class ReplayHave:
+    member: str
+    steps: list[tuple[int, int]]
+
+
+@dataclass
+class ReplaySteps:
+    """Coordinator -> predecessor: send these plans, with your checkpointed outputs, to ``until``."""
+
+    plans: list[Any]
+    until: str
+
+
+@dataclass
+class Replayed:
+    """Replacement -> coordinator: replayed ``steps`` steps; ``mismatches`` MoE layers routed
+    differently from the record."""
+
+    member: str
+    steps: int
+    mismatches: int

@@ -29,7 +29,10 @@ from ..runtime.layout import COORD
 from ..runtime.supervisor import exit_key
 from . import commands
 from .heartbeat import last_beat
-from .messages import Rebuilt, Recover, Restore
+from .messages import Rebuilt, Recover, ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery, Restore
+from .replay import for_replay, replay_steps
+from .replica import ReplicaCoverage
+from .watch import MemberLost
 
 if TYPE_CHECKING:
     from ..engine.coordinator import Coordinator
@@ -60,8 +63,10 @@ class Recovery:
         self.generation = 0
         self.in_progress = False
         self.count = 0
-        self.pending: dict[int, RecoveryRecord] = {}  # seq -> record, until its next token (replay done)
+        self.records: list[dict] = []
+        self.pending: dict[int, RecoveryRecord] = {}  # seq -> record, until its next token (recompute done)
         self.t_resume: dict[int, float] = {}
+        self.first_token: list[RecoveryRecord] = []  # records waiting for the first token after resuming
 
     # -- entry -----------------------------------------------------------------------------------
     def run(self, failed: set[str], cause: str) -> None:
@@ -70,6 +75,7 @@ class Recovery:
         rec = RecoveryRecord(sorted(failed), cause, self._failure_time(failed))
         rec.phases["detect_s"] = max(time.time() - rec.t_failure, 0.0)
         self.in_progress = True
+        c.write_progress()
         stash: list = []
         try:
             while True:
@@ -85,6 +91,7 @@ class Recovery:
             for item in stash:
                 c.inbox.put(item)
         self.count += 1
+        c.write_progress()
 
     def _failure_time(self, failed: set[str]) -> float:
         times = []
@@ -108,7 +115,8 @@ class Recovery:
         for name in failed:  # a hung one must really be gone before its replacement joins
             self._kill(name)
             c.member_gen[name] = gen
-        survivors = {p for f in failed for p in c.layout.peers_of(f) if p != COORD and p not in failed}
+        peers = {p for f in failed for p in c.layout.peers_of(f) + c.layout.replica_peers_of(f)}
+        survivors = {p for p in peers if p != COORD and p not in failed}
         for s in survivors:
             c.send(s, Recover(gen, sorted(failed), drop_through))
         for name in sorted(failed):
@@ -123,19 +131,110 @@ class Recovery:
             c.edges[name] = edge
             c.start_pump(name, edge)
         t_restore = time.monotonic()
-        info = c.driver.recover(failed)
-        for name in sorted(failed):
-            c.send(name, Restore(info.states_for(name), drop_through))
-        rec.phases["restore_s"] = time.monotonic() - t_restore
+        keep = self._replicas_usable(failed)
+        info = c.driver.recover(failed, keep_kv=keep)
         rec.notes.update(info.notes)
+        replays = self._restore(failed, info, drop_through, keep, rec, stash) if keep else {}
+        if not keep:
+            for name in sorted(failed):
+                c.send(name, Restore(info.states_for(name), drop_through))
+            if any(m in {x.name for x in c.layout.decode_pipeline} for m in failed):
+                rec.notes["kv_source"] = "recomputed from the tokens (no live replica)"
+        rec.phases["restore_s"] = time.monotonic() - t_restore
+        t_replay = time.monotonic()
+        self._await_replays(replays, rec, stash, failed)
+        rec.phases["replay_s"] = time.monotonic() - t_replay
         t_resume = time.monotonic()
         for seq in info.redo:
             self.pending[seq.seq_id] = rec
             self.t_resume[seq.seq_id] = t_resume
         rec.phases["paused_s"] = t_resume - t0
-        if not info.redo:
-            self._write(rec, replay_s=0.0)
+        self.first_token.append(rec)  # written once the pipeline produces again (and recomputes are done)
         c.refresh_workers_file()
+
+    def _replicas_usable(self, failed: set[str]) -> bool:
+        """Every failed decode stage has a live replica holder (else KV is recomputed from tokens)."""
+        c = self.coord
+        decode = {m.name for m in c.layout.decode_pipeline}
+        holders = [c.layout.replica_holder(m) for m in failed if m in decode]
+        return c.cfg.ft.enabled and all(h is not None and h not in failed for h in holders)
+
+    def _restore(self, failed, info, drop_through, keep, rec, stash) -> dict[str, int]:
+        """KV back from the replica holders, the gap replayed; returns replays expected per member."""
+        c = self.coord
+        decode_names = [m.name for m in c.layout.decode_pipeline]
+        sched = c.driver.decode_scheduler
+        replays: dict[str, int] = {}
+        for x in sorted(failed):
+            states = info.states_for(x)
+            if x not in decode_names:
+                c.send(x, Restore(states, drop_through))
+                continue
+            holder = c.layout.replica_holder(x)
+            c.send(holder, ReplicaQuery(x, x, {sid: st.block_table for sid, st in states.items()}))
+            cov = self._await(lambda m: isinstance(m, ReplicaCoverage) and m.source == x, stash, failed)
+            need = {sid: sched.seqs[sid].num_cached for sid in states}
+            plans, recompute = replay_steps(sched.history, need, cov.covered)
+            for sid in recompute:  # its gap reaches back before the plan ring: recompute it from its tokens
+                sched.seqs[sid].num_cached = 0
+                info.redo.append(sched.seqs[sid])
+            c.send(x, Restore(states, drop_through, replica_from=holder, replay=len(plans)))
+            self._send_replay(x, plans, set(states), stash, failed)
+            replays[x] = len(plans)
+            rec.notes.setdefault("replica_bytes", 0)
+            rec.notes["replica_bytes"] += cov.bytes
+            rec.notes["steps_recomputed"] = rec.notes.get("steps_recomputed", 0) + len(plans)
+            rec.notes["sequences_recomputed_from_tokens"] = len(info.redo)
+            source = c.layout.replica_source(x)
+            if source is not None and source not in failed:  # the replica x held is gone: send it again
+                c.send(source, Rereplicate(x, {sid: st.block_table for sid, st in states.items()}, need))
+        rec.notes["kv_source"] = "replica"
+        return replays
+
+    def _send_replay(self, x: str, plans, live: set[int], stash, failed) -> None:
+        """From x's predecessor's checkpoints where it kept them all for a microbatch, else through
+        the stages before x (the first stage embeds the recorded tokens)."""
+        c = self.coord
+        pipe = [m.name for m in c.layout.decode_pipeline]
+        prev = c.layout.by_name(x).prev
+        by_mb: dict[int, list] = {}
+        for p in plans:
+            by_mb.setdefault(p.mb, []).append(for_replay(p, x, live))
+        have: set = set()
+        if prev != COORD and plans:
+            c.send(prev, ReplayQuery([(p.mb, p.step) for p in plans]))
+            have = set(map(tuple, self._await(lambda m: isinstance(m, ReplayHave) and m.member == prev, stash, failed).steps))
+        for mb, mb_plans in by_mb.items():
+            if prev == COORD:
+                for p in mb_plans:
+                    c.send(x, p)
+            elif all((p.mb, p.step) in have for p in mb_plans):
+                c.send(prev, ReplaySteps(mb_plans, x))
+            else:
+                for p in mb_plans:
+                    c.send(pipe[0], p)
+
+    def _await_replays(self, replays: dict[str, int], rec, stash, failed) -> None:
+        mismatches = 0
+        for x in sorted(replays):
+            done = self._await(lambda m: isinstance(m, Replayed) and m.member == x, stash, failed)
+            mismatches += done.mismatches
+        if replays:
+            rec.notes["routing_mismatches"] = mismatches
+
+    def _await(self, match, stash, failed):
+        """The first inbox message ``match`` accepts; failures raise MoreFailures, the rest is kept."""
+        c = self.coord
+        deadline = time.monotonic() + c.cfg.ft.recovery_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                source, msg = c.inbox.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if match(msg):
+                return msg
+            self._triage(source, msg, failed, stash)
+        raise RuntimeError(f"recovery of {sorted(failed)}: no answer within {c.cfg.ft.recovery_timeout_s:.0f}s")
 
     def _kill(self, name: str) -> None:
         c = self.coord
@@ -202,43 +301,67 @@ class Recovery:
                 return
             if isinstance(msg, Rebuilt) and msg.generation == gen:
                 rebuilt.add(msg.member)
-            elif isinstance(msg, EdgeBroken) and msg.peer in failed:
-                continue  # old edges of the failed members
-            elif c.is_loss(msg):
-                name = c.member_of(msg)
-                if name not in failed:
-                    raise MoreFailures({name}, c.why(msg))
-            elif source in failed:
-                continue  # sent by a failed member before it died: stale
             else:
-                stash.append((source, msg))
+                self._triage(source, msg, failed, stash)
+
+    def _triage(self, source, msg, failed, stash) -> None:
+        c = self.coord
+        if isinstance(msg, EdgeBroken) and msg.peer in failed:
+            return  # old edges of the failed members
+        if c.is_loss(msg):
+            name = c.member_of(msg)
+            if name not in failed:
+                raise MoreFailures({name}, c.why(msg))
+        elif isinstance(msg, (EdgeBroken, MemberLost)):
+            return  # news of an older generation
+        elif source in failed and not isinstance(msg, (Replayed, ReplicaCoverage)):
+            return  # sent by a failed member before it died: stale
+        else:
+            stash.append((source, msg))
 
     # -- after the replay --------------------------------------------------------------------------
     def on_tokens(self, seq_ids: list[int]) -> None:
         """Tokens arrived for these sequences: a recovery whose recomputations all produced one is done."""
+        for rec in self.first_token:
+            rec.notes["kill_to_next_token_s"] = round(time.time() - rec.t_failure, 4)
+            if rec not in self.pending.values():
+                self._write(rec)
+        self.first_token.clear()
         for sid in seq_ids:
             rec = self.pending.pop(sid, None)
             if rec is None:
                 continue
             t = self.t_resume.pop(sid)
-            rec.phases["replay_s"] = max(rec.phases.get("replay_s", 0.0), time.monotonic() - t)
+            rec.phases["recompute_s"] = max(rec.phases.get("recompute_s", 0.0), time.monotonic() - t)
             if rec not in self.pending.values():
-                self._write(rec, rec.phases["replay_s"])
+                self._write(rec)
+
+    def finish(self) -> None:
+        """End of run: write what is still open."""
+        self._flush_pending("run ended before it finished")
 
     def _flush_pending(self, why: str) -> None:
-        """Write the records of earlier recoveries whose replay had not finished."""
+        """Write the records of earlier recoveries whose recomputation had not finished."""
+        for rec in self.first_token:
+            if rec not in self.pending.values():
+                self._write(rec)
+        self.first_token.clear()
         for rec in {id(r): r for r in self.pending.values()}.values():
-            rec.notes["replay"] = why
-            self._write(rec, max(time.monotonic() - t for sid, t in self.t_resume.items() if self.pending[sid] is rec))
+            rec.notes["recompute"] = why
+            rec.phases["recompute_s"] = max(time.monotonic() - t for sid, t in self.t_resume.items() if self.pending[sid] is rec)
+            self._write(rec)
         self.pending.clear()
         self.t_resume.clear()
 
-    def _write(self, rec: RecoveryRecord, replay_s: float) -> None:
-        rec.phases["replay_s"] = replay_s
+    def _write(self, rec: RecoveryRecord) -> None:
+        if rec.notes.get("written"):
+            return
+        rec.notes["written"] = True
         total = time.time() - rec.t_failure
+        notes = {k: v for k, v in rec.notes.items() if k != "written"}
         doc = {"failed": rec.failed, "cause": rec.cause, "attempts": rec.attempts, "generation": self.generation,
-               "phases": {k: round(v, 4) for k, v in rec.phases.items()}, "kill_to_next_token_s": round(total, 4),
-               **rec.notes}
+               "phases": {k: round(v, 4) for k, v in rec.phases.items()}, "recovered_s": round(total, 4), **notes}
+        self.records.append(doc)
         with open(self.coord.cfg.run_dir / "recoveries.jsonl", "a") as f:
             f.write(json.dumps(doc) + "\n")
         _log.warning("recovered %s in %.2fs: %s", rec.failed, total, doc["phases"])

@@ -40,10 +40,13 @@ class DecoderLayer(nn.Module):
         meta: AttnMeta,
         kv: KVCache,
         sink: RoutingSink | None,
+        forced: dict | None = None,
     ) -> torch.Tensor:
         h_TD = h_TD + self.self_attn(self.input_layernorm(h_TD), cos_TD, sin_TD, meta, kv)
         x_TD = self.post_attention_layernorm(h_TD)
-        return h_TD + (self.mlp(x_TD, sink) if self.is_moe else self.mlp(x_TD))
+        if not self.is_moe:
+            return h_TD + self.mlp(x_TD)
+        return h_TD + self.mlp(x_TD, sink, forced.get(self.mlp.layer) if forced else None)
 
 
 class _Body(nn.Module):
@@ -74,6 +77,8 @@ class StageModel(nn.Module):
         self.rotary = Rotary(cfg.rope, cfg.head_dim)
         # When set, every MoE layer calls it with (layer, topk_ids_TK int64, topk_weights_TK float32).
         self.routing_sink: RoutingSink | None = None
+        # When set ({layer: (ids_TK, weights_TK)}), MoE layers route as recorded (replaying a step).
+        self.routing_override: dict | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -84,7 +89,7 @@ class StageModel(nn.Module):
         h_TD = self.model.embed_tokens(x) if self.spec.has_embed else x
         cos_TD, sin_TD = self.rotary.cos_sin(meta.positions_T, h_TD.dtype)
         for layer in self.model.layers.values():
-            h_TD = layer(h_TD, cos_TD, sin_TD, meta, kv, self.routing_sink)
+            h_TD = layer(h_TD, cos_TD, sin_TD, meta, kv, self.routing_sink, self.routing_override)
         if not self.spec.has_head:
             return h_TD
         h_SD = self.model.norm(h_TD[meta.logits_rows_S])

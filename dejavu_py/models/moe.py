@@ -165,10 +165,15 @@ class SparseMoE(nn.Module):
             self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
-    def forward(self, x_TD: torch.Tensor, sink: RoutingSink | None = None) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, sink: RoutingSink | None = None,
+                forced: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``forced`` (recorded top-k ids [T, K] and float32 weights [T, K]) replaces the router's choice:
+        a replayed step routes exactly as it did the first time. The sink still sees the router's own."""
         ids_TK, weights_TK = self.gate(x_TD)
         if sink is not None:
             sink(self.layer, ids_TK, weights_TK)
+        if forced is not None:
+            ids_TK, weights_TK = forced[0].to(ids_TK.device, ids_TK.dtype), forced[1].to(weights_TK.device, weights_TK.dtype)
         if not self.weights_fp32:  # qwen and olmoe cast the routing weights to the model dtype; mixtral does not
             weights_TK = weights_TK.to(x_TD.dtype)
         y_TD = self.experts(x_TD, ids_TK, weights_TK)

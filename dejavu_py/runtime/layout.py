@@ -91,6 +91,30 @@ class Layout:
         order = {name: i for i, name in enumerate([COORD, *[m.name for m in self.members]])}
         return sorted(pairs, key=lambda p: (order[p[0]], order[p[1]]))
 
+    def replica_holder(self, name: str) -> str | None:
+        """The stage that keeps ``name``'s KV replica: the next stage of the decode pipeline, in a ring
+        (none with a single decode stage)."""
+        ring = [m.name for m in self.decode_pipeline]
+        if name not in ring or len(ring) < 2:
+            return None
+        return ring[(ring.index(name) + 1) % len(ring)]
+
+    def replica_source(self, name: str) -> str | None:
+        """The stage whose KV replica ``name`` keeps."""
+        ring = [m.name for m in self.decode_pipeline]
+        if name not in ring or len(ring) < 2:
+            return None
+        return ring[ring.index(name) - 1]
+
+    def replica_pairs(self) -> list[tuple[str, str]]:
+        """Pairs with a replica channel, in one global order (built after every main edge)."""
+        pairs = {_pair(m.name, h) for m in self.decode_pipeline if (h := self.replica_holder(m.name))}
+        order = {name: i for i, name in enumerate([COORD, *[m.name for m in self.members]])}
+        return sorted(pairs, key=lambda p: (order[p[0]], order[p[1]]))
+
+    def replica_peers_of(self, name: str) -> list[str]:
+        return [b if a == name else a for a, b in self.replica_pairs() if name in (a, b)]
+
     def peers_of(self, name: str) -> list[str]:
         """The members ``name`` has an edge with, in the global edge order."""
         return [b if a == name else a for a, b in self.edges() if name in (a, b)]

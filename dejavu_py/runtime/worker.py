@@ -31,7 +31,18 @@ from ..engine.runner import StageRunner
 from ..engine.swap import Swapper
 from ..errors import PipelineError, UserError
 from ..ft.heartbeat import start_beating
-from ..ft.messages import EdgesReady, Rebuilt, Recover, Restore
+from ..ft.messages import (
+    EdgesReady,
+    Rebuilt,
+    Recover,
+    ReplayQuery,
+    ReplaySteps,
+    Rereplicate,
+    ReplicaQuery,
+    Restore,
+)
+from ..ft.replica import ReplicaChunk
+from ..ft.stage_ft import StageFT
 from .devices import data_backend, placement, resolve_device, resolve_dtype
 from .layout import COORD, Layout, Member
 
@@ -150,6 +161,7 @@ class Worker:
             runner.kv.on_update = self.streamer.on_update
         elif self.me.role == "token":
             self.receiver = KVReceiver(runner.kv, spec.cfg.cache.block_size, runner.swapper)
+        self.ft = StageFT(self)
 
     # -- edges ---------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -157,6 +169,7 @@ class Worker:
             self.edges[peer] = self._make_edge(peer, self.spec.generation)
         for peer in self._inbound(self.edges):
             self.listen(peer)
+        self.ft.install(self.ft.connect(self.spec.generation))  # replica edges come after all main ones
 
     def _inbound(self, peers) -> list[str]:
         """Of these peers, those this stage receives from: its predecessor, the coordinator (control),
@@ -201,7 +214,7 @@ class Worker:
                 self._stash.append((peer, msg, x))
                 continue
             if isinstance(msg, StepPlan):
-                if msg.step > self.drop_through:
+                if msg.step > self.drop_through or msg.replay_until is not None:
                     self._step(msg, x)
                     steps += 1
             elif isinstance(msg, KVChunk):
@@ -215,6 +228,12 @@ class Worker:
                 self._edges_ready(msg)
             elif isinstance(msg, Restore):
                 self._restore(msg)
+            elif isinstance(msg, ReplicaChunk):
+                self.ft.take_back(msg, x)
+                if self.ft.bulk_from is not None and not self.restored:
+                    self._serve_stash()
+            elif isinstance(msg, (ReplicaQuery, Rereplicate, ReplayQuery, ReplaySteps)):
+                self.ft.handle(msg)
             elif isinstance(msg, EdgeBroken):
                 self._broken(msg)
             else:
@@ -226,13 +245,19 @@ class Worker:
             self.streamer.begin(plan, seqs)
         if self.receiver is not None and plan.release:
             self.receiver.forget(plan.release)
+        self.ft.before_step(plan)
         out = self.runner.step(plan, x)
+        if self.ft.after_step(plan, out):
+            return  # a replayed step ends here: its output was already delivered before the failure
         if isinstance(out, StepResult):
-            self._send(self.me.next, out)
+            self.send_to(self.me.next, out)
         else:
-            self._send(self.me.next, plan, out)
+            self.send_to(self.me.next, plan, out)
 
-    def _send(self, peer: str, msg: object, tensor: torch.Tensor | None = None) -> None:
+    def send_coord(self, msg: object) -> None:
+        self.send_to(COORD, msg)
+
+    def send_to(self, peer: str, msg: object, tensor: torch.Tensor | None = None) -> None:
         """Send, or report the edge broken (the peer died): the coordinator's recovery takes it from
         there, and whatever this message carried is re-planned."""
         edge = self.edges.get(peer)
@@ -246,15 +271,18 @@ class Worker:
                 self.inbox.put((peer, EdgeBroken(peer, str(e).splitlines()[0][:300], edge.generation), None))
 
     def _send_kv(self, owner: str, chunk: KVChunk, kv_2TKD: torch.Tensor) -> None:
-        self._send(owner, chunk, kv_2TKD)
+        self.send_to(owner, chunk, kv_2TKD)
 
     def _take_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor | None) -> None:
         assert self.receiver is not None and kv_2TKD is not None
         done = self.receiver.apply(chunk, kv_2TKD)
+        self.ft.on_prompt_kv(chunk)
         if done:
-            self._send(COORD, KVAck(self.me.name, [s for s, _ in done], [b for _, b in done]))
+            self.send_coord(KVAck(self.me.name, [s for s, _ in done], [b for _, b in done]))
 
     def _stop(self, msg: Stop) -> bool:
+        stats = {**self.ft.stats(), **(self.runner.swapper.stats() if self.runner.swapper else {})}
+        put_json(self.store, f"ft_stats/{self.me.name}", stats)  # before the stop marker moves on
         if not msg.forward:
             _log.info("told to stop: %s", msg.reason)
             return True
@@ -275,15 +303,17 @@ class Worker:
             edge = self.edges.pop(peer, None)
             if edge is not None:
                 edge.close()
-        peers = [p for p in self.spec.layout.peers_of(self.me.name) if p in msg.failed]
+        self.ft.drop(msg.failed)
+        peers = [p for p in self.spec.layout.peers_of(self.me.name) if p in msg.failed]  # may be none: a replica peer
 
         def rebuild() -> None:
             try:
                 edges = {p: self._make_edge(p, msg.generation) for p in peers}
+                rep = self.ft.connect(msg.generation, msg.failed)  # after the main edges: the global order
             except Exception as e:  # a replacement that never came: the coordinator will try again
                 _log.warning("rebuilding edges for generation %d failed: %s", msg.generation, e)
                 return
-            self.inbox.put((COORD, EdgesReady(msg.generation, edges), None))
+            self.inbox.put((COORD, EdgesReady(msg.generation, edges, rep), None))
 
         threading.Thread(target=rebuild, name=f"rebuild-{msg.generation}", daemon=True).start()
 
@@ -296,14 +326,19 @@ class Worker:
         for peer in self._inbound(msg.edges):
             if self.edges.get(peer) is msg.edges[peer]:
                 self.listen(peer)
-        self._send(COORD, Rebuilt(self.me.name, msg.generation))
+        self.ft.install(msg.rep)
+        self.send_coord(Rebuilt(self.me.name, msg.generation))
 
     def _restore(self, msg: Restore) -> None:
         """A replacement learns the sequences in flight (block tables, sampling) and starts serving."""
         self.runner.seqs.update(msg.seqs)
         self.drop_through = max(self.drop_through, msg.drop_through)
+        _log.info("restoring %d sequences (KV from %s, %d steps to replay)", len(msg.seqs), msg.replica_from, msg.replay)
+        if self.ft.expect_restore(msg.replica_from, msg.replay):
+            self._serve_stash()
+
+    def _serve_stash(self) -> None:
         self.restored = True
-        _log.info("restored %d sequences", len(msg.seqs))
         for item in self._stash:
             self.inbox.put(item)
         self._stash.clear()

@@ -1,0 +1,166 @@
+"""KV replication (DejaVu): each decode stage streams its new K/V to the host memory of the next stage
+of the ring, off the critical path, so a replacement can get its KV back from there.
+
+Source side (``ReplicaSender``): after every step it reads back from its cache the K/V the step wrote
+(all its layers, at the step's slots: this works whether the step ran eagerly or from a CUDA graph)
+and sends them asynchronously over the replica edge; the holder acknowledges per (microbatch, step),
+and a stage waits before running ahead of its replica by more than ``--replica-lag`` steps of a
+microbatch.
+
+Holder side (``ReplicaStore``): a host copy of the source's cache (same block layout) plus, per
+sequence, how many leading positions it holds in every layer. At recovery it ships the blocks of the
+sequences in flight to the replacement and says how far each sequence is covered; what is missing is
+replayed.
+
+Legend: L = the source stage's layers, T = tokens of a chunk, K = KV heads, D = head dim, N = slots.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import log
+from ..engine.attn_meta import slot_of
+from ..engine.kv_cache import KVCache
+
+_log = log.get(__name__)
+
+
+@dataclass
+class ReplicaChunk:
+    """K/V of some positions of some sequences, all layers of the source stage; travels with a tensor
+    [2, L, T, K, D]. ``mb``/``step`` identify a decode-pipeline step (-1: bulk, e.g. prompt KV)."""
+
+    source: str
+    mb: int
+    step: int
+    layers: list[int]
+    seq_ids: list[int]
+    start_pos: list[int]
+    num_tokens: list[int]
+    slots: list[int]
+
+
+@dataclass
+class ReplicaAck:
+    source: str
+    mb: int
+    step: int
+
+
+@dataclass
+class ReplicaCoverage:
+    """Holder -> coordinator at recovery: leading positions of each sequence the replica holds."""
+
+    source: str
+    covered: dict[int, int] = field(default_factory=dict)
+    bytes: int = 0
+
+
+def step_slots(tables: list[list[int]], start_pos: list[int], num_tokens: list[int], block_size: int) -> list[int]:
+    out: list[int] = []
+    for table, start, n in zip(tables, start_pos, num_tokens):
+        out.extend(slot_of(table, p, block_size) for p in range(start, start + n))
+    return out
+
+
+class ReplicaSender:
+    def __init__(self, me: str, kv: KVCache, lag: int, send) -> None:
+        self.me, self.kv, self.lag, self._send = me, kv, lag, send
+        self.unacked: dict[int, list[int]] = {}
+        self.cv = threading.Condition()
+        self.enabled = True
+        self.bytes = 0
+        self.chunks = 0
+        self.wait_s = 0.0
+
+    def chunk(self, mb: int, step: int, seq_ids, start_pos, num_tokens, slots: list[int],
+              read_slots: list[int] | None = None, layers: list[int] | None = None) -> None:
+        """Send what a step (or an arriving prompt KV chunk) wrote, read back from the cache at
+        ``read_slots`` (device slots; default ``slots``, the sequence-table ones the holder mirrors)."""
+        if not self.enabled or not slots:
+            return
+        idx = torch.tensor(read_slots or slots, dtype=torch.long, device=self.kv.device)
+        layers = layers or list(self.kv.layers)
+        k = torch.stack([self.kv.k_NKD[l][idx] for l in layers])
+        v = torch.stack([self.kv.v_NKD[l][idx] for l in layers])
+        msg = ReplicaChunk(self.me, mb, step, layers, list(seq_ids), list(start_pos), list(num_tokens), slots)
+        if mb >= 0:
+            with self.cv:
+                self.unacked.setdefault(mb, []).append(step)
+        kv = torch.stack((k, v))
+        self.bytes += kv.numel() * kv.element_size()
+        self.chunks += 1
+        self._send(msg, kv)
+
+    def acked(self, ack: ReplicaAck) -> None:
+        with self.cv:
+            pending = self.unacked.get(ack.mb, [])
+            while pending and pending[0] <= ack.step:
+                pending.pop(0)
+            self.cv.notify_all()
+
+    def wait_for(self, mb: int, timeout_s: float) -> bool:
+        """Back-pressure: block while ``mb`` has ``lag`` or more unacknowledged steps."""
+        t0 = time.monotonic()
+        with self.cv:
+            ok = self.cv.wait_for(lambda: len(self.unacked.get(mb, [])) < self.lag or not self.enabled, timeout_s)
+        self.wait_s += time.monotonic() - t0
+        return ok
+
+    def reset(self) -> None:
+        """The holder changed (replaced): nothing in flight will be acknowledged."""
+        with self.cv:
+            self.unacked.clear()
+            self.cv.notify_all()
+
+    def stats(self) -> dict:
+        return {"replica_chunks": self.chunks, "replica_bytes": self.bytes, "replica_wait_s": round(self.wait_s, 4)}
+
+
+class ReplicaStore:
+    """The replica of one source stage's cache, in host memory."""
+
+    def __init__(self, source: str, layers: range, spec_slots: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, pin: bool) -> None:
+        self.source, self.layers = source, list(layers)
+        shape = (spec_slots, kv_heads, head_dim)
+        self.k = {l: torch.zeros(shape, dtype=dtype, pin_memory=pin) for l in layers}
+        self.v = {l: torch.zeros(shape, dtype=dtype, pin_memory=pin) for l in layers}
+        self.covered: dict[int, dict[int, int]] = {}  # seq -> layer -> leading positions held
+        self.lock = threading.Lock()
+        self.bytes = 0
+
+    def apply(self, c: ReplicaChunk, kv: torch.Tensor) -> None:
+        idx = torch.tensor(c.slots, dtype=torch.long)
+        kv = kv.to("cpu")
+        with self.lock:
+            for i, layer in enumerate(c.layers):
+                self.k[layer].index_copy_(0, idx, kv[0, i].to(self.k[layer].dtype))
+                self.v[layer].index_copy_(0, idx, kv[1, i].to(self.v[layer].dtype))
+                for sid, start, n in zip(c.seq_ids, c.start_pos, c.num_tokens):
+                    cov = self.covered.setdefault(sid, {})
+                    if start <= cov.get(layer, 0):
+                        cov[layer] = max(cov.get(layer, 0), start + n)
+            self.bytes += kv.numel() * kv.element_size()
+
+    def coverage(self, seq_ids: list[int]) -> dict[int, int]:
+        with self.lock:
+            return {s: min((self.covered.get(s, {}).get(l, 0) for l in self.layers), default=0) for s in seq_ids}
+
+    def forget(self, seq_ids: list[int]) -> None:
+        with self.lock:
+            for s in seq_ids:
+                self.covered.pop(s, None)
+
+    def export(self, tables: dict[int, list[int]], covered: dict[int, int], block_size: int):
+        """(slots, tensor [2, L, T, K, D]) of the covered positions of these sequences."""
+        slots = [slot_of(tables[s], p, block_size) for s in sorted(tables) for p in range(covered.get(s, 0))]
+        idx = torch.tensor(slots, dtype=torch.long)
+        with self.lock:
+            k = torch.stack([self.k[l][idx] for l in self.layers])
+            v = torch.stack([self.v[l][idx] for l in self.layers])
+        return slots, torch.stack((k, v))

@@ -1,0 +1,226 @@
+"""Fault tolerance inside a decode-pipeline stage worker (colocated or token stage).
+
+Per step: wait if the KV replica lags too far (back-pressure), then after computing record the
+step's token-state checkpoint, add its MoE routing to the plan, and stream the step's K/V to the
+replica holder. On the replica edges a receiver thread keeps the replica of the ring predecessor and
+passes acknowledgements back. At recovery it answers the coordinator: ship a replica to a
+replacement, re-replicate to a replaced holder, tell which steps it can feed a replay from, feed it;
+and, on a replacement, take its KV back and count the replayed steps, checking their routing.
+"""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import log
+from ..engine.attn_meta import slot_of
+from ..engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult
+from .checkpoints import TokenStateRing, compact, routing_mismatches
+from .messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
+from .replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaSender, ReplicaStore
+
+if TYPE_CHECKING:
+    from ..runtime.worker import Worker
+
+_log = log.get(__name__)
+
+
+class StageFT:
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        spec, runner = worker.spec, worker.runner
+        ft, layout, me = spec.cfg.ft, spec.layout, worker.me.name
+        self.active = ft.enabled and worker.me.role in ("stage", "token")
+        self.holder = layout.replica_holder(me) if self.active else None
+        self.source = layout.replica_source(me) if self.active else None
+        mcfg = runner.model.cfg
+        self.ring = TokenStateRing(ft.checkpoint_policy, ft.checkpoint_interval, ft.max_checkpoints,
+                                   mcfg.num_experts or 0)
+        self.sender = ReplicaSender(me, runner.kv, ft.replica_lag, self._send_replica) if self.holder else None
+        self.store = None
+        if self.source:
+            src = layout.by_name(self.source).stage.layers
+            spec_ = runner.kv.spec
+            slots = (self._virtual_blocks() + 1) * spec_.block_size
+            self.store = ReplicaStore(self.source, src, slots, spec_.num_kv_heads, spec_.head_dim,
+                                      runner.model.dtype, runner.kv.device.type == "cuda")
+        self.rep_edges: dict = {}
+        self.replay_left = -1
+        self.replayed = 0
+        self.mismatches = 0
+        self.bulk_from: str | None = None
+        self.bulk_done = False
+        if self.active:
+            runner.enable_recording()
+
+    def _virtual_blocks(self) -> int:
+        c = self.w.spec.cfg
+        return c.swap_partitions * c.cache.partition_blocks if c.cache.swap else c.cache.num_blocks
+
+    # -- edges -----------------------------------------------------------------------------------
+    def connect(self, generation: int, peers: list[str] | None = None) -> dict:
+        """Replica edges (to the holder and from the source), built after the main edges."""
+        from ..comm.store import connect
+
+        wanted = self.w.spec.layout.replica_peers_of(self.w.me.name) if self.active else []
+        if peers is not None:
+            wanted = [p for p in wanted if p in peers]
+        from ..comm.edge import Edge
+
+        return {p: Edge(connect(self.w.spec.store), self.w.me.name, p, generation,
+                        self.w.spec.cfg.runtime.comm_timeout_s, channel="rep") for p in wanted}
+
+    def install(self, edges: dict) -> None:
+        for peer, edge in edges.items():
+            old = self.rep_edges.pop(peer, None)
+            if old is not None:
+                old.close()
+            self.rep_edges[peer] = edge
+            threading.Thread(target=self._pump, args=(peer, edge), name=f"rep-{peer}", daemon=True).start()
+
+    def drop(self, failed: list[str]) -> None:
+        for peer in failed:
+            edge = self.rep_edges.pop(peer, None)
+            if edge is not None:
+                edge.close()
+        if self.sender is not None and self.holder in failed:
+            self.sender.reset()  # a new holder starts empty: we re-replicate when told
+
+    def _pump(self, peer: str, edge) -> None:
+        while True:
+            try:
+                msg, t = edge.recv(7 * 24 * 3600.0)
+            except Exception as e:
+                if not (edge.closed or self.w._closing):
+                    self.w.inbox.put((peer, EdgeBroken(peer, str(e).splitlines()[0][:300], edge.generation), None))
+                return
+            if isinstance(msg, ReplicaAck) and self.sender is not None:
+                self.sender.acked(msg)
+            elif isinstance(msg, ReplicaChunk) and msg.source == self.w.me.name:
+                self.w.inbox.put((peer, msg, t))  # our own KV coming back: the main loop writes it
+            elif isinstance(msg, ReplicaChunk) and self.store is not None:
+                self.store.apply(msg, t)
+                if msg.mb >= 0:
+                    try:
+                        edge.send(ReplicaAck(msg.source, msg.mb, msg.step))
+                    except Exception:  # the source died; its replacement will be told what we hold
+                        pass
+
+    def _send_replica(self, msg: ReplicaChunk, kv: torch.Tensor) -> None:
+        edge = self.rep_edges.get(self.holder)
+        if edge is not None and not edge.closed:
+            try:
+                edge.send(msg, kv)
+            except Exception as e:
+                _log.warning("replica edge to %s: %s", self.holder, str(e).splitlines()[0][:200])
+
+    # -- per step --------------------------------------------------------------------------------
+    def before_step(self, plan: StepPlan) -> None:
+        if self.sender is not None and plan.replay_until is None and plan.mb >= 0:
+            if not self.sender.wait_for(plan.mb, self.w.spec.cfg.ft.hang_timeout_s):
+                _log.warning("replica holder %s is %d steps behind on microbatch %d; going on", self.holder,
+                             len(self.sender.unacked.get(plan.mb, [])), plan.mb)
+
+    def after_step(self, plan: StepPlan, out) -> bool:
+        """Checkpoint and replicate the step; True when this stage ends a replay (nothing to forward)."""
+        if not self.active:
+            return False
+        r = self.w.runner
+        record = compact(r.routing)
+        if plan.replay_until != self.w.me.name:
+            plan.routing[self.w.me.name] = record
+        self.ring.record(plan.mb, plan.step, plan.seq_ids, out if isinstance(out, torch.Tensor) else None, record)
+        if self.sender is not None:
+            self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, r.slots, r.phys_slots)
+        if isinstance(out, StepResult):
+            out.routing = plan.routing
+        if plan.replay_until != self.w.me.name:
+            return False
+        if plan.forced is not None:
+            self.mismatches += routing_mismatches(plan, record)
+        self.replayed += 1
+        self._maybe_done()
+        return True
+
+    def on_prompt_kv(self, chunk: KVChunk) -> None:
+        """Token stage: the prompt KV that just arrived goes to the replica too."""
+        if self.sender is None:
+            return
+        bs = self.w.spec.cfg.cache.block_size
+        slots = [slot_of(t, p, bs) for t, s, n in zip(chunk.tables, chunk.start_pos, chunk.num_tokens) for p in range(s, s + n)]
+        read = slots
+        if self.w.runner.swapper is not None:
+            read = [slot_of(self.w.runner.swapper.translate(t), p, bs)
+                    for t, s, n in zip(chunk.tables, chunk.start_pos, chunk.num_tokens) for p in range(s, s + n)]
+        self.sender.chunk(-1, -1, chunk.seq_ids, chunk.start_pos, chunk.num_tokens, slots, read, [chunk.layer])
+
+    # -- recovery --------------------------------------------------------------------------------
+    def expect_restore(self, replica_from: str | None, replay: int) -> bool:
+        """A replacement's Restore: returns whether it can serve now (its replica KV, if any, is in)."""
+        self.bulk_from, self.replay_left = replica_from, replay
+        self._maybe_done()
+        return replica_from is None or self.bulk_done
+
+    def take_back(self, chunk: ReplicaChunk, kv: torch.Tensor) -> None:
+        """Our own KV from the replica holder, written back into the cache."""
+        slots = chunk.slots
+        for i, layer in enumerate(chunk.layers):
+            k, v = kv[0, i].to(self.w.runner.kv.device), kv[1, i].to(self.w.runner.kv.device)
+            if self.w.runner.swapper is not None:
+                self.w.runner.swapper.write(layer, slots, k, v)
+            else:
+                idx = torch.tensor(slots, dtype=torch.long, device=self.w.runner.kv.device)
+                self.w.runner.kv.write(layer, idx, k, v)
+        self.bulk_done = True
+        _log.info("restored %d KV slots of %d sequences from %s", len(slots), len(chunk.seq_ids), chunk.source)
+
+    def _maybe_done(self) -> None:
+        if self.active and self.replay_left >= 0 and self.replayed >= self.replay_left:
+            self.w.send_coord(Replayed(self.w.me.name, self.replayed, self.mismatches))
+            self.replay_left = -1
+
+    def handle(self, msg) -> None:
+        if isinstance(msg, ReplicaQuery):
+            self._ship_replica(msg)
+        elif isinstance(msg, Rereplicate):
+            self._rereplicate(msg)
+        elif isinstance(msg, ReplayQuery):
+            have = [(mb, st) for mb, st in msg.steps if self.ring.has(st, mb)]
+            self.w.send_coord(ReplayHave(self.w.me.name, have))
+        elif isinstance(msg, ReplaySteps):
+            for plan in msg.plans:
+                cp = self.ring.get(plan.mb, plan.step)
+                plan.replay_until = msg.until
+                self.w.send_to(msg.until, plan, cp.out if cp is not None else None)
+
+    def _ship_replica(self, q: ReplicaQuery) -> None:
+        covered = self.store.coverage(list(q.tables)) if self.store is not None else {}
+        bytes_ = 0
+        if self.store is not None and covered:
+            slots, kv = self.store.export(q.tables, covered, self.w.spec.cfg.cache.block_size)
+            sids = sorted(q.tables)
+            chunk = ReplicaChunk(q.source, -1, -1, self.store.layers, sids, [0] * len(sids),
+                                 [covered.get(s, 0) for s in sids], slots)
+            self.rep_edges[q.to].send(chunk, kv)
+            bytes_ = kv.numel() * kv.element_size()
+        self.w.send_coord(ReplicaCoverage(q.source, covered, bytes_))
+
+    def _rereplicate(self, msg: Rereplicate) -> None:
+        bs = self.w.spec.cfg.cache.block_size
+        sids = sorted(msg.tables)
+        slots = [slot_of(msg.tables[s], p, bs) for s in sids for p in range(msg.lengths[s])]
+        read = slots
+        if self.w.runner.swapper is not None:
+            read = [slot_of(self.w.runner.swapper.translate(msg.tables[s]), p, bs) for s in sids for p in range(msg.lengths[s])]
+        self.sender.chunk(-1, -1, sids, [0] * len(sids), [msg.lengths[s] for s in sids], slots, read)
+        _log.info("re-replicated %d sequences to %s", len(sids), msg.to)
+
+    def stats(self) -> dict:
+        out = {**self.ring.stats()}
+        if self.sender is not None:
+            out.update(self.sender.stats())
+        if self.store is not None:
+            out["replica_held_bytes"] = self.store.bytes
+        return out
