@@ -39,7 +39,8 @@ def read_json(path: Path) -> dict | None:
 
 
 def run_over(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").exists()
+    """The job is finished for good ("ended" means an attempt ended and a restart may follow)."""
+    return (read_json(run_dir / "workers.json") or {}).get("status") in ("done", "failed")
 
 
 def wait_for(cond, run_dir: Path, timeout_s: float, what: str) -> bool:

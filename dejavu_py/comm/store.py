@@ -31,7 +31,8 @@ class RankInfo:
     local_world_size: int
     """Rank processes on this host."""
     launcher: str
-    """'torchrun', 'mpirun' or 'single'."""
+    """'torchrun' (or any launcher setting RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT: the deepspeed
+    launcher too), 'mpirun' or 'single'."""
 
     @staticmethod
     def from_env() -> "RankInfo":
@@ -71,7 +72,7 @@ class StoreAddress:
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -81,9 +82,11 @@ def resolve_address(info: RankInfo, timeout_s: float) -> tuple[StoreAddress, boo
     if info.launcher == "torchrun":
         run_id = env.get("TORCHELASTIC_RUN_ID", "run")
         restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+        # torchrun's agent hosts the store; under other launchers (deepspeed) rank 0 does, at MASTER_PORT
         host_it = env.get("TORCHELASTIC_USE_AGENT_STORE", "False") != "True" and info.rank == 0
         prefix = f"dejavu/{run_id}/{restart}/"
-        return StoreAddress(env["MASTER_ADDR"], int(env["MASTER_PORT"]), prefix, timeout_s), host_it
+        return StoreAddress(env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), prefix,
+                            timeout_s), host_it
     if info.launcher == "mpirun":
         from .mpi import share_store_address  # mpi4py only when launched by mpirun
 

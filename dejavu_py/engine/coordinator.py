@@ -67,6 +67,7 @@ class Coordinator:
         self._stop_watch = threading.Event()
         self._progress_t = 0.0
         self._last_progress = (0, 0)
+        self.timeline: list[list] = []  # [unix time, tokens, requests done] -> timeline-<attempt>.json
 
     # -- setup ---------------------------------------------------------------------------------
     def load_requests(self) -> list[Request]:
@@ -178,6 +179,8 @@ class Coordinator:
                 if s.status is not Status.FINISHED:
                     self.records.append(error_record(s.request.line, s.request.id, f"not finished: {cause}{hint}"))
         self._finish(seqs, time.monotonic() - t_gen)
+        # "ended": a rerun (or torchrun's restart) with this run directory finishes the rest
+        self.refresh_workers_file({0: "done", 3: "ended"}.get(code, "failed"))
         self.close()
         return code
 
@@ -272,6 +275,7 @@ class Coordinator:
         self._last_progress = (done, tokens)
         doc = {"time": time.time(), "requests_done": done, "tokens": tokens, "step": self.steps.current,
                "recoveries": self.recovery.count, "recovering": self.recovery.in_progress}
+        self.timeline.append([round(doc["time"], 3), tokens, done])
         tmp = self.cfg.run_dir / "progress.json.tmp"
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, self.cfg.run_dir / "progress.json")
@@ -362,5 +366,7 @@ class Coordinator:
         doc = {**self.summary.to_dict(), **self.driver.notes(), "recoveries": self.recovery.count,
                "resumed_from_journal": len(self.journal.finished) - sum(1 for s in seqs if s.status is Status.FINISHED)}
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
+        attempt = self.journal.attempts + 1
+        (self.cfg.run_dir / f"timeline-{attempt}.json").write_text(json.dumps({"samples": self.timeline}) + "\n")
         self._write_ft_stats()
         _log.info("%s", self.summary.line())

@@ -16,6 +16,15 @@ from .swap import Swapper
 _log = log.get(__name__)
 
 
+def _to_host(routing: list) -> list:
+    """Every MoE layer's (ids, weights) to the host in one copy each (not one per layer)."""
+    if not routing:
+        return []
+    ids = torch.stack([i for _, i, _ in routing]).cpu()
+    w = torch.stack([x for _, _, x in routing]).cpu()
+    return [(layer, ids[j], w[j]) for j, (layer, _, _) in enumerate(routing)]
+
+
 class StageRunner:
     """Runs one stage's layers for a plan, keeping the per-sequence state the plans announced."""
 
@@ -78,7 +87,7 @@ class StageRunner:
         if self.record_routing:
             if static and self.graphs.capture:
                 self._routing_dev = self.graphs.last_routing(len(plan.seq_ids))
-            self.routing = [(layer, ids.cpu(), w.cpu()) for layer, ids, w in self._routing_dev]
+            self.routing = _to_host(self._routing_dev)
             tables = [self._table(s) if s in self._scratch else self.seqs[s].block_table  # virtual ids
                       for s in plan.seq_ids]
             self.slots = step_slots(tables, plan.start_pos, plan.num_tokens, self.block_size)

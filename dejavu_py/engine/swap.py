@@ -117,6 +117,20 @@ class Swapper:
             self.host_k[layer][idx] = k_TKD[r].to("cpu", self.host_k[layer].dtype)
             self.host_v[layer][idx] = v_TKD[r].to("cpu", self.host_v[layer].dtype)
 
+    def read(self, layer: int, virtual_slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V at these (virtual) slots, from the device where resident, else from host memory."""
+        self.ensure_ready_all()
+        k = torch.empty((len(virtual_slots), *self.host_k[layer].shape[1:]), dtype=self.host_k[layer].dtype)
+        v = torch.empty_like(k)
+        for i, s in enumerate(virtual_slots):
+            part, off = divmod(s, self.rows)
+            if part in self.slot_of:
+                j = self.slot_of[part] * self.rows + off
+                k[i], v[i] = self.kv.k_NKD[layer][j].cpu(), self.kv.v_NKD[layer][j].cpu()
+            else:
+                k[i], v[i] = self.host_k[layer][s], self.host_v[layer][s]
+        return k, v
+
     def ensure_ready_all(self) -> None:
         for ev in self.ready.values():
             torch.cuda.current_stream(self.kv.device).wait_event(ev)

@@ -87,14 +87,19 @@ class ReplicaSender:
         layers = layers or list(self.kv.layers)
         k = torch.stack([self.kv.k_NKD[l][idx] for l in layers])
         v = torch.stack([self.kv.v_NKD[l][idx] for l in layers])
-        msg = ReplicaChunk(self.me, mb, step, layers, list(seq_ids), list(start_pos), list(num_tokens), slots)
-        if mb >= 0:
+        self.forward(ReplicaChunk(self.me, mb, step, layers, list(seq_ids), list(start_pos), list(num_tokens), slots),
+                     torch.stack((k, v)))
+
+    def forward(self, msg: ReplicaChunk, kv_2LTKD: torch.Tensor) -> None:
+        """Send a chunk whose K/V is already in hand (e.g. prompt KV that just arrived)."""
+        if not self.enabled:
+            return
+        if msg.mb >= 0:
             with self.cv:
-                self.unacked.setdefault(mb, []).append(step)
-        kv = torch.stack((k, v))
-        self.bytes += kv.numel() * kv.element_size()
+                self.unacked.setdefault(msg.mb, []).append(msg.step)
+        self.bytes += kv_2LTKD.numel() * kv_2LTKD.element_size()
         self.chunks += 1
-        self._send(msg, kv)
+        self._send(msg, kv_2LTKD)
 
     def acked(self, ack: ReplicaAck) -> None:
         with self.cv:

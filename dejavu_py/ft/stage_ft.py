@@ -144,17 +144,14 @@ class StageFT:
         self._maybe_done()
         return True
 
-    def on_prompt_kv(self, chunk: KVChunk) -> None:
-        """Token stage: the prompt KV that just arrived goes to the replica too."""
+    def on_prompt_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor) -> None:
+        """Token stage: the prompt KV that just arrived goes on to the replica as it is."""
         if self.sender is None:
             return
         bs = self.w.spec.cfg.cache.block_size
         slots = [slot_of(t, p, bs) for t, s, n in zip(chunk.tables, chunk.start_pos, chunk.num_tokens) for p in range(s, s + n)]
-        read = slots
-        if self.w.runner.swapper is not None:
-            read = [slot_of(self.w.runner.swapper.translate(t), p, bs)
-                    for t, s, n in zip(chunk.tables, chunk.start_pos, chunk.num_tokens) for p in range(s, s + n)]
-        self.sender.chunk(-1, -1, chunk.seq_ids, chunk.start_pos, chunk.num_tokens, slots, read, [chunk.layer])
+        msg = ReplicaChunk(self.w.me.name, -1, -1, [chunk.layer], chunk.seq_ids, chunk.start_pos, chunk.num_tokens, slots)
+        self.sender.forward(msg, kv_2TKD.unsqueeze(1))
 
     # -- recovery --------------------------------------------------------------------------------
     def expect_restore(self, replica_from: str | None, replay: int) -> bool:
@@ -211,10 +208,15 @@ class StageFT:
         bs = self.w.spec.cfg.cache.block_size
         sids = sorted(msg.tables)
         slots = [slot_of(msg.tables[s], p, bs) for s in sids for p in range(msg.lengths[s])]
-        read = slots
-        if self.w.runner.swapper is not None:
-            read = [slot_of(self.w.runner.swapper.translate(msg.tables[s]), p, bs) for s in sids for p in range(msg.lengths[s])]
-        self.sender.chunk(-1, -1, sids, [0] * len(sids), [msg.lengths[s] for s in sids], slots, read)
+        kv = self.w.runner.kv
+        if self.w.runner.swapper is not None:  # partitions may be on the device or at home on the host
+            pairs = [self.w.runner.swapper.read(layer, slots) for layer in kv.layers]
+        else:
+            idx = torch.tensor(slots, dtype=torch.long, device=kv.device)
+            pairs = [kv.read(layer, idx) for layer in kv.layers]
+        data = torch.stack((torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])))
+        self.sender.forward(ReplicaChunk(self.w.me.name, -1, -1, list(kv.layers), sids, [0] * len(sids),
+                                         [msg.lengths[s] for s in sids], slots), data)
         _log.info("re-replicated %d sequences to %s", len(sids), msg.to)
 
     def stats(self) -> dict:

@@ -276,7 +276,7 @@ class Worker:
     def _take_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor | None) -> None:
         assert self.receiver is not None and kv_2TKD is not None
         done = self.receiver.apply(chunk, kv_2TKD)
-        self.ft.on_prompt_kv(chunk)
+        self.ft.on_prompt_kv(chunk, kv_2TKD)
         if done:
             self.send_coord(KVAck(self.me.name, [s for s, _ in done], [b for _, b in done]))
 
