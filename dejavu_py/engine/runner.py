@@ -79,7 +79,7 @@ class StageRunner:
                          zip(plan.seq_ids, plan.start_pos, plan.num_tokens) if sid in set(plan.scratch_seqs)}
         static = self._static_ok(plan)
         if plan.forced is not None:
-            self.model.routing_override = {layer: (ids, w) for layer, ids, w in plan.forced}
+            self.model.routing_override = {layer: (torch.as_tensor(ids), torch.as_tensor(w)) for layer, ids, w in plan.forced}
         try:
             out = self._decode_static(plan, x) if static else self._eager(plan, x)
         finally:

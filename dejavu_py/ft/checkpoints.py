@@ -29,9 +29,10 @@ Routing = list[tuple[int, torch.Tensor, torch.Tensor]]
 """(layer, ids_TK int64, weights_TK float32) of every MoE layer of a step, on the host."""
 
 
-def compact(routing: Routing) -> Routing:
-    """The record a plan carries: expert ids as int16, weights as float32, on the host."""
-    return [(layer, ids.to(torch.int16), w.to(torch.float32)) for layer, ids, w in routing]
+def compact(routing: Routing) -> list:
+    """The record a plan carries: numpy arrays (ids int16, weights float32), on the host; numpy, not
+    torch, because plans are pickled at every hop and small torch tensors pickle ~30x slower."""
+    return [(layer, ids.to(torch.int16).numpy(), w.to(torch.float32).numpy()) for layer, ids, w in routing]
 
 
 def routing_mismatches(plan, recomputed: Routing) -> int:
@@ -39,11 +40,11 @@ def routing_mismatches(plan, recomputed: Routing) -> int:
     recorded ones, summed over the MoE layers."""
     dead = set(plan.scratch_seqs)
     live = torch.tensor([sid not in dead for sid, n in zip(plan.seq_ids, plan.num_tokens) for _ in range(n)])
-    recorded = {layer: ids for layer, ids, _ in plan.forced or []}
+    recorded = {layer: torch.as_tensor(ids) for layer, ids, _ in plan.forced or []}
     bad = 0
     for layer, ids, _ in recomputed:
         if layer in recorded:
-            diff = (recorded[layer].to(torch.int64) != ids.to(torch.int64)).any(dim=1)
+            diff = (recorded[layer].to(torch.int64) != torch.as_tensor(ids).to(torch.int64)).any(dim=1)
             bad += int((diff & live).sum())
     return bad
 
@@ -54,7 +55,7 @@ def routing_stats(routing: Routing, num_experts: int) -> tuple[float, float]:
         return 0.0, 1.0
     ent, imb = [], []
     for _, ids_TK, _ in routing:
-        counts = torch.bincount(ids_TK.reshape(-1), minlength=num_experts).double()
+        counts = torch.bincount(torch.as_tensor(ids_TK).reshape(-1).long(), minlength=num_experts).double()
         p = counts / counts.sum()
         nz = p[p > 0]
         ent.append(float(-(nz * nz.log()).sum()) / math.log(num_experts))
@@ -108,7 +109,7 @@ class TokenStateRing:
         self.kept_activations += keep
         if act is not None:
             self.bytes_device += act.numel() * act.element_size()
-        self.bytes_host += sum(i.numel() * i.element_size() + w.numel() * w.element_size() for _, i, w in routing)
+        self.bytes_host += sum(i.nbytes + w.nbytes for _, i, w in routing)
         self.seconds += time.perf_counter() - t0
         return keep
 
