@@ -15,7 +15,7 @@ setup(
     ],
     extras_require={
         # transformers is the reference the tests compare against and what make_checkpoint writes with.
-        "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.57"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.57", "matplotlib>=3.7"],
         "bench": ["transformers>=4.57", "matplotlib>=3.7"],
         "mpi": ["mpi4py>=3.1"],
         "deepspeed": ["deepspeed>=0.14"],

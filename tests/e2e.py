@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,7 @@ def start_pipeline(ckpt: Path, requests_file: Path, run_dir: Path, nproc: int, *
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--monitor-interval=0.1", "-m", "dejavu_py", *args]
     console = open(run_dir / "console.txt", "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=console, stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_for_workers(run_dir: Path, timeout: float = 120) -> dict:
@@ -131,7 +132,13 @@ def wait_for_workers(run_dir: Path, timeout: float = 120) -> dict:
 
 
 def finish(proc: subprocess.Popen, run_dir: Path, timeout: float = RUN_TIMEOUT_S) -> dict[str, dict]:
-    code = proc.wait(timeout=timeout)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:  # take the whole job down (it runs in its own session) and show why
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"no exit after {timeout}s\n{(run_dir / 'console.txt').read_text()[-4000:]}\n"
+                             f"{logs_of(run_dir)}") from None
     console = (run_dir / "console.txt").read_text()
     assert code == 0, f"exit {code}\n{console[-4000:]}\n{logs_of(run_dir)}"
     return {r["id"]: r for r in map(json.loads, (run_dir / "out.jsonl").read_text().splitlines())}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+from plotting import save_plot  # noqa: E402
 
 HBM_BW = {"H100": 3.35e12, "H200": 4.8e12}
 
@@ -69,6 +71,7 @@ def run_dejavu(ckpt: Path, work: Path, batch: int, stages: int, a) -> dict:
     reqs = make_requests(batch, a.vocab, (a.prompt_len, a.prompt_len), (a.new_tokens, a.new_tokens), seed=batch)
     req.write_text("".join(json.dumps(r) + "\n" for r in reqs))
     run_dir = work / f"run-s{stages}-b{batch}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run directory with a journal would be resumed, not rerun
     total = a.prompt_len + a.new_tokens
     cmd = [sys.executable, "-m", "dejavu_py", "--nproc-per-node", str(stages), "--model", str(ckpt), "--prompts",
            str(req), "--run-dir", str(run_dir), "--device", "cuda", "--dtype", "bfloat16", "--ignore-eos",
@@ -77,8 +80,10 @@ def run_dejavu(ckpt: Path, work: Path, batch: int, stages: int, a) -> dict:
            "--block-size", "16", "--progress", "false", *a.dejavu_args]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wait_gpu_free()
     if proc.returncode != 0:
-        raise SystemExit(f"dejavu run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+        err = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln][-1:] or proc.stderr.splitlines()[-1:]
+        return {"engine": "dejavu", "stages": stages, "batch": batch, "error": " ".join(err)[:300]}
     outs = [json.loads(x) for x in (run_dir / "outputs.jsonl").read_text().splitlines()]
     first = [o["timings"]["first_token_s"] for o in outs]
     tpot = [(o["timings"]["total_s"] - o["timings"]["first_token_s"]) / (len(o["output_ids"]) - 1) for o in outs]
@@ -86,6 +91,20 @@ def run_dejavu(ckpt: Path, work: Path, batch: int, stages: int, a) -> dict:
     return {"engine": "dejavu", "stages": stages, "batch": batch, "ttft_s": ttft, "tpot_s": sum(tpot) / len(tpot),
             "prefill_tok_s": batch * a.prompt_len / ttft, "decode_tok_s": batch / (sum(tpot) / len(tpot)),
             "job_wall_s": time.time() - t0}
+
+
+def wait_gpu_free(timeout_s: float = 60) -> None:
+    """Until the finished run's processes have given their GPU memory back (the next run needs it)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                  capture_output=True, text=True).stdout.split()
+        except FileNotFoundError:
+            return
+        if used and max(int(u) for u in used) < 4096:
+            return
+        time.sleep(0.5)
 
 
 def run_transformers(ckpt: Path, batches: list[int], a) -> list[dict]:
@@ -120,9 +139,11 @@ def run_transformers(ckpt: Path, batches: list[int], a) -> list[dict]:
 
 
 def gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    try:  # nvidia-smi rather than torch: a CUDA context here would hold GPU memory the runs need
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "cpu"
+    except FileNotFoundError:
+        return "cpu"
 
 
 def bench(a) -> dict:
@@ -147,14 +168,15 @@ def bench(a) -> dict:
     ctx = a.prompt_len + a.new_tokens / 2
     for r in rows:
         r["roofline_tok_s"] = roofline(cfg, r["batch"], ctx, bw)["tok_s"]
-        r["fraction_of_roofline"] = r["decode_tok_s"] / r["roofline_tok_s"]
+        if "decode_tok_s" in r:
+            r["fraction_of_roofline"] = r["decode_tok_s"] / r["roofline_tok_s"]
     return {"model": a.model_config.stem, "gpu": name, "hbm_bytes_per_s": bw, "prompt_len": a.prompt_len,
             "new_tokens": a.new_tokens, "rows": rows, "ratios": ratios(rows),
             "command": " ".join(["python", "tools/bench.py", *sys.argv[1:]])}
 
 
 def ratios(rows: list[dict]) -> dict:
-    by = {(r["engine"], r["stages"], r["batch"]): r for r in rows}
+    by = {(r["engine"], r["stages"], r["batch"]): r for r in rows if "decode_tok_s" in r}
     out = {}
     for (eng, st, b), r in by.items():
         if eng != "dejavu":
@@ -169,20 +191,16 @@ def ratios(rows: list[dict]) -> dict:
 
 
 # -- plot ------------------------------------------------------------------------------------------
-def plot(paths: list[Path], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    docs = [json.loads(p.read_text()) for p in paths]
+def draw(plt, docs: list[dict]):
+    """Decode tokens/s per batch size of each engine and stage count, beside the roofline."""
     fig, axes = plt.subplots(1, len(docs), figsize=(6 * len(docs), 4.5), squeeze=False)
     for ax, doc in zip(axes[0], docs):
         batches = sorted({r["batch"] for r in doc["rows"]})
         series = sorted({(r["engine"], r["stages"]) for r in doc["rows"]})
         width = 0.8 / (len(series) + 1)
         for i, (eng, st) in enumerate(series):
-            vals = [next((r["decode_tok_s"] for r in doc["rows"] if (r["engine"], r["stages"], r["batch"]) == (eng, st, b)), 0) for b in batches]
+            vals = [next((r.get("decode_tok_s", 0) for r in doc["rows"] if (r["engine"], r["stages"], r["batch"]) == (eng, st, b)), 0)
+                    for b in batches]
             ax.bar([j + i * width for j in range(len(batches))], vals, width, label=f"{eng} {st} stage" + ("s" if st > 1 else ""))
         roof = [next(r["roofline_tok_s"] for r in doc["rows"] if r["batch"] == b) for b in batches]
         ax.bar([j + len(series) * width for j in range(len(batches))], roof, width, label="roofline", color="lightgray")
@@ -191,9 +209,12 @@ def plot(paths: list[Path], png: Path) -> None:
         ax.set_ylabel("decode tokens/s")
         ax.set_title(f"{doc['model']} on {doc['gpu']}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
+    return fig
+
+
+def plot(paths: list[Path], png: Path) -> bool:
+    docs = [json.loads(p.read_text()) for p in paths]
+    return save_plot(lambda plt: draw(plt, docs), png, "bench.py", paths[0])
 
 
 def main(argv: list[str] | None = None) -> int:

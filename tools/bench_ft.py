@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from bench_serve import BenchError, ensure_checkpoint, make_trace, metrics  # noqa: E402
+from plotting import save_plot  # noqa: E402
 
 RUNS = (("ft-off", "off", False), ("ft-off+faults", "off", True), ("ft-on", "on", False), ("ft-on+faults", "on", True))
 
@@ -142,12 +143,8 @@ def table(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(doc: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw(plt, doc: dict):
+    """Tokens/s over time of the four runs, kills dotted."""
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for (name, r), color in zip(doc["runs"].items(), ("tab:gray", "tab:red", "tab:blue", "tab:green")):
         tl = r["timeline"]
@@ -159,9 +156,7 @@ def plot(doc: dict, png: Path) -> None:
     ax.set_ylabel("generated tokens/s")
     ax.set_title(f"{doc['model']}: fault tolerance on vs off, with and without kills (dotted)")
     ax.legend()
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
+    return fig
 
 
 def bench(a) -> dict:
@@ -206,8 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the trace and of the fault schedule")
     p.add_argument("--timeout", type=float, default=900, help="seconds a run may take (default 900)")
     p.add_argument("--dejavu-arg", dest="dejavu_args", action="append", default=[], help="extra flag for every run")
-    p.add_argument("--out", type=Path, required=True, help="JSON to write (a .md table and a .png beside it)")
+    p.add_argument("--out", type=Path, help="JSON to write (a .md table and a .png beside it)")
+    p.add_argument("--plot", type=Path, help="draw the PNG of this JSON result instead of running")
     a = p.parse_args(argv)
+    if a.plot:
+        doc = json.loads(a.plot.read_text())
+        return 0 if save_plot(lambda plt: draw(plt, doc), a.plot.with_suffix(".png"), "bench_ft.py", a.plot) else 1
+    if a.out is None:
+        p.error("--out is required to run")
     a.dtype = a.dtype or ("float32" if a.device == "cpu" else "bfloat16")
     a.work = a.work.resolve()
     try:
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     a.out.with_suffix(".md").write_text(table(doc))
-    plot(doc, a.out.with_suffix(".png"))
+    save_plot(lambda plt: draw(plt, doc), a.out.with_suffix(".png"), "bench_ft.py", a.out)
     print(table(doc))
     return 0
 

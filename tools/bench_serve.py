@@ -50,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from make_checkpoint import FAMILIES, make_checkpoint  # noqa: E402  (torch and transformers load lazily)
+from plotting import save_plot  # noqa: E402
 
 PROMPT_LOGN = (6.633, 0.985)
 """ln(prompt tokens): mean, standard deviation (Azure LLM conversation trace 2023)."""
@@ -156,12 +157,8 @@ def run_mode(mode: str, a: argparse.Namespace, ckpt: Path, req: Path, kv_tokens:
     return res
 
 
-def plot(doc: dict, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw(plt, doc: dict):
+    """TTFT and TPOT CDFs and throughput of both modes."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for mode, color in zip(MODES, ("tab:blue", "tab:orange")):
         m = doc["modes"][mode]
@@ -184,10 +181,7 @@ def plot(doc: dict, png: Path) -> None:
     axes[2].set_title(f"throughput ({doc['nproc']} processes, P={doc['prompt_stages']})")
     fig.suptitle(f"{doc['model']}: {t['n']} requests, Poisson {t['rate']:g} req/s, mean prompt {t['mean_prompt']:.0f}, "
                  f"output {t['mean_output']:.0f} tokens, {doc['device']}")
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _ms(x: float | None) -> str:
@@ -261,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--disagg-arg", dest="disagg_args", action="append", default=[], help="extra flag for the disaggregated run only")
     rn.add_argument("--timeout", type=float, default=600, help="seconds per run before it counts as failed (default 600)")
     ou = p.add_argument_group("output")
-    ou.add_argument("--out", type=Path, required=True, help="JSON to write")
+    ou.add_argument("--out", type=Path, help="JSON to write (required to run)")
+    ou.add_argument("--plot", type=Path, help="draw the PNG of this JSON result instead of running")
     ou.add_argument("--png", type=Path, help="plot to write (default: --out with .png)")
     ou.add_argument("--work", type=Path, help="trace, run directories and logs (default: --out without suffix + '-work')")
     return p
@@ -281,7 +276,13 @@ def check(a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.plot:
+        doc = json.loads(a.plot.read_text())
+        return 0 if save_plot(lambda plt: draw(plt, doc), a.png or a.plot.with_suffix(".png"), "bench_serve.py", a.plot) else 1
+    if a.out is None:
+        p.error("--out is required to run")
     a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
     a.work = a.work or a.out.with_name(a.out.stem + "-work")
     try:
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=2) + "\n")
     png = a.png or a.out.with_suffix(".png")
-    plot(doc, png)
+    save_plot(lambda plt: draw(plt, doc), png, "bench_serve.py", a.out)
     print(report(doc))
     print(f"wrote {a.out} and {png}")
     return 0

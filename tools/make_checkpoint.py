@@ -177,6 +177,12 @@ def make_checkpoint(
     model.save_pretrained(out, **kwargs)
     if tokenizer:
         build_tokenizer(config, out)
+    del model  # a big model built on the GPU must not stay resident in the caller's process
+    if init_device != "cpu":
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     _log(f"wrote {out} in {time.time() - t0:.1f}s")
     return out
 

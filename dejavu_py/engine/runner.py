@@ -99,6 +99,21 @@ class StageRunner:
             return out
         return self._sample(plan, out)
 
+    @torch.inference_mode()
+    def warmup(self, token_counts: list[int]) -> None:
+        """Run eager prefills of these sizes into the scratch block, so that kernels compiled on first use
+        (the fused MoE's Triton kernels) compile now rather than inside the first request's time."""
+        for n in token_counts:
+            table = [self.kv.scratch_block] * -(-n // self.block_size)
+            meta = build_attn_meta([SeqSlice(0, n, table, True)], self.block_size, self.device)
+            if self.spec.has_embed:
+                x = torch.zeros(n, dtype=torch.long, device=self.device)
+            else:
+                x = torch.zeros(n, self.model.cfg.hidden_size, dtype=self.model.dtype, device=self.device)
+            self.model(x, meta, self.kv)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _table(self, sid: int) -> list[int]:
         if sid in self._scratch:
             return [self.kv.scratch_block] * self._scratch[sid]

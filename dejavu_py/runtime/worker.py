@@ -131,6 +131,9 @@ def load_runner(spec: WorkerSpec, device: torch.device) -> tuple[StageRunner, fl
     swapper = Swapper(kv, cfg.swap_partitions, cfg.cache.swap_resident, cfg.cache.partition_blocks) if swap else None
     load_s = time.monotonic() - t0
     _log.info("loaded %d layers (%s) and a %d-token KV cache in %.2fs", stage.num_layers, dtype, cache.capacity_tokens, load_s)
+    runner = StageRunner(model, kv, stage, cfg.cache.block_size, device, None, swapper)
+    if device.type == "cuda":  # compile the fused MoE kernels for every block-size regime now
+        runner.warmup(sorted({1, 16, min(256, cfg.scheduler.max_batch_tokens), cfg.scheduler.max_batch_tokens}))
     graphs = None
     decodes = spec.member.role != "prompt"
     if decodes and (cfg.pipeline.cuda_graphs == "on" or (cfg.pipeline.cuda_graphs == "auto" and device.type == "cuda")):
@@ -138,7 +141,8 @@ def load_runner(spec: WorkerSpec, device: torch.device) -> tuple[StageRunner, fl
         graphs = DecodeGraphs(model, kv, cfg.cache.block_size, cfg.scheduler.max_batch_size, max_len,
                               capture=device.type == "cuda" and capturable(mcfg, dtype))
         graphs.capture_all()
-    return StageRunner(model, kv, stage, cfg.cache.block_size, device, graphs, swapper), load_s
+    runner.graphs = graphs
+    return runner, load_s
 
 
 class Worker:
