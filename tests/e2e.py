@@ -128,7 +128,8 @@ def wait_for_workers(run_dir: Path, timeout: float = 120) -> dict:
         if path.exists():
             return json.loads(path.read_text())
         time.sleep(0.05)
-    raise TimeoutError(f"no {path} after {timeout}s")
+    console = run_dir / "console.txt"
+    raise TimeoutError(f"no {path} after {timeout}s\n{console.read_text()[-4000:] if console.exists() else ''}\n{logs_of(run_dir)}")
 
 
 def finish(proc: subprocess.Popen, run_dir: Path, timeout: float = RUN_TIMEOUT_S) -> dict[str, dict]:

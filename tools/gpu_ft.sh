@@ -22,7 +22,7 @@ RUN=(--model "$CK" --device "$DEVICE" --dtype "$DTYPE" --ignore-eos --max-batch-
 if [ "$what" = recovery ] || [ "$what" = all ]; then
   python tools/make_requests.py --n $((N / 2)) --vocab "$VOCAB" --prompt-len 128 --max-new 256 --seed 5 --out "$WORK/req.jsonl"
   for mode in cold preloaded; do
-    extra=(); [ $mode = preloaded ] && extra=(--standby 1 --standby-preload)
+    extra=(); [ $mode = preloaded ] && extra=(--standby 2 --standby-preload)
     rm -rf "$WORK/rec-$mode"; mkdir -p "$WORK/rec-$mode"
     python -m dejavu_py --nproc-per-node 2 "${RUN[@]}" --prompts "$WORK/req.jsonl" --run-dir "$WORK/rec-$mode" \
         "${extra[@]}" > "$WORK/rec-$mode.log" 2>&1 &

@@ -45,6 +45,8 @@ class StageRunner:
         self.device = device
         self.graphs = graphs
         self.swapper = swapper
+        self.replica_store = None
+        """Host buffers of the fault-tolerance replica this stage holds for a peer, made with the stage."""
         self.seqs: dict[int, SeqState] = {}
         self.record_routing = False
         """Fault tolerance on: keep each step's MoE routing (``routing``) and written slots (``slots``)."""

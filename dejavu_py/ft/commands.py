@@ -2,13 +2,16 @@
 
 The store outlives every worker, so the coordinator can reach a supervisor whatever died. Commands:
 ``spawn`` (start a replacement for a member at a generation), ``takeover`` (hand a member to a warm
-standby), ``kill`` (end a hung worker).
+standby), ``kill`` (end a hung worker). Besides, ``RECOVERED_KEY`` holds the latest generation whose
+recovery is over (supervisors refill their standbys after it).
 """
 from __future__ import annotations
 
 import json
 from datetime import timedelta
 from typing import Any
+
+RECOVERED_KEY = "recovered"
 
 
 def post(store, rank: int, cmd: dict[str, Any]) -> None:

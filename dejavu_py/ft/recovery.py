@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from .. import log
 from ..comm.edge import Edge
-from ..comm.store import get_json, has
+from ..comm.store import get_json, has, put_json
 from ..engine.plan import EdgeBroken
 from ..runtime.layout import COORD
 from ..runtime.supervisor import exit_key
@@ -149,6 +149,7 @@ class Recovery:
             self.pending[seq.seq_id] = rec
             self.t_resume[seq.seq_id] = t_resume
         rec.phases["paused_s"] = t_resume - t0
+        put_json(c.store, commands.RECOVERED_KEY, {"generation": gen})
         self.first_token.append(rec)  # written once the pipeline produces again (and recomputes are done)
         c.refresh_workers_file()
 

@@ -127,14 +127,15 @@ class ReplicaSender:
 
 
 class ReplicaStore:
-    """The replica of one source stage's cache, in host memory."""
+    """The replica of one source stage's cache, in host memory: one (pinned) buffer, [2, L, N, K, D]."""
 
     def __init__(self, source: str, layers: range, spec_slots: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, pin: bool) -> None:
         self.source, self.layers = source, list(layers)
-        shape = (spec_slots, kv_heads, head_dim)
-        self.k = {l: torch.zeros(shape, dtype=dtype, pin_memory=pin) for l in layers}
-        self.v = {l: torch.zeros(shape, dtype=dtype, pin_memory=pin) for l in layers}
+        # Uninitialised on purpose: ``covered`` says what is valid, and zero-filling GBs of pinned memory
+        # would lengthen every replacement's start.
+        self.kv_2LNKD = torch.empty((2, len(self.layers), spec_slots, kv_heads, head_dim), dtype=dtype, pin_memory=pin)
+        self.index = {l: i for i, l in enumerate(self.layers)}
         self.covered: dict[int, dict[int, int]] = {}  # seq -> layer -> leading positions held
         self.lock = threading.Lock()
         self.bytes = 0
@@ -144,8 +145,7 @@ class ReplicaStore:
         kv = kv.to("cpu")
         with self.lock:
             for i, layer in enumerate(c.layers):
-                self.k[layer].index_copy_(0, idx, kv[0, i].to(self.k[layer].dtype))
-                self.v[layer].index_copy_(0, idx, kv[1, i].to(self.v[layer].dtype))
+                self.kv_2LNKD[:, self.index[layer]].index_copy_(1, idx, kv[:, i].to(self.kv_2LNKD.dtype))
                 for sid, start, n in zip(c.seq_ids, c.start_pos, c.num_tokens):
                     cov = self.covered.setdefault(sid, {})
                     if start <= cov.get(layer, 0):
@@ -166,6 +166,4 @@ class ReplicaStore:
         slots = [slot_of(tables[s], p, block_size) for s in sorted(tables) for p in range(covered.get(s, 0))]
         idx = torch.tensor(slots, dtype=torch.long)
         with self.lock:
-            k = torch.stack([self.k[l][idx] for l in self.layers])
-            v = torch.stack([self.v[l][idx] for l in self.layers])
-        return slots, torch.stack((k, v))
+            return slots, self.kv_2LNKD.index_select(2, idx)

@@ -22,9 +22,23 @@ from .messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicat
 from .replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaSender, ReplicaStore
 
 if TYPE_CHECKING:
+    from ..config import RunConfig
+    from ..engine.kv_cache import CacheSpec
+    from ..runtime.layout import Layout, Member
     from ..runtime.worker import Worker
 
 _log = log.get(__name__)
+
+
+def replica_store_for(cfg: RunConfig, layout: Layout, me: Member, spec: CacheSpec, device: torch.device,
+                      dtype: torch.dtype) -> ReplicaStore | None:
+    """Host buffers for the replica ``me`` holds of its ring predecessor's cache (None when it holds none)."""
+    source = layout.replica_source(me.name) if cfg.ft.enabled and me.role in ("stage", "token") else None
+    if source is None:
+        return None
+    blocks = cfg.swap_partitions * cfg.cache.partition_blocks if cfg.cache.swap else cfg.cache.num_blocks
+    return ReplicaStore(source, layout.by_name(source).stage.layers, (blocks + 1) * spec.block_size, spec.num_kv_heads,
+                        spec.head_dim, dtype, device.type == "cuda")
 
 
 class StageFT:
@@ -40,12 +54,9 @@ class StageFT:
                                    mcfg.num_experts or 0)
         self.sender = ReplicaSender(me, runner.kv, ft.replica_lag, self._send_replica) if self.holder else None
         self.store = None
-        if self.source:
-            src = layout.by_name(self.source).stage.layers
-            spec_ = runner.kv.spec
-            slots = (self._virtual_blocks() + 1) * spec_.block_size
-            self.store = ReplicaStore(self.source, src, slots, spec_.num_kv_heads, spec_.head_dim,
-                                      runner.model.dtype, runner.kv.device.type == "cuda")
+        if self.source:  # made ahead with the stage (a preloaded standby has it), else now
+            self.store = runner.replica_store or replica_store_for(spec.cfg, layout, worker.me, runner.kv.spec, runner.device,
+                                                                   runner.model.dtype)
         self.rep_edges: dict = {}
         self.replay_left = -1
         self.replayed = 0
@@ -54,10 +65,6 @@ class StageFT:
         self.bulk_done = False
         if self.active:
             runner.enable_recording()
-
-    def _virtual_blocks(self) -> int:
-        c = self.w.spec.cfg
-        return c.swap_partitions * c.cache.partition_blocks if c.cache.swap else c.cache.num_blocks
 
     # -- edges -----------------------------------------------------------------------------------
     def connect(self, generation: int, peers: list[str] | None = None) -> dict:
@@ -171,7 +178,7 @@ class StageFT:
                 idx = torch.tensor(slots, dtype=torch.long, device=self.w.runner.kv.device)
                 self.w.runner.kv.write(layer, idx, k, v)
         self.bulk_done = True
-        _log.info("restored %d KV slots of %d sequences from %s", len(slots), len(chunk.seq_ids), chunk.source)
+        _log.info("restored %d KV slots of %d sequences from their replica", len(slots), len(chunk.seq_ids))
 
     def _maybe_done(self) -> None:
         if self.active and self.replay_left >= 0 and self.replayed >= self.replay_left:
@@ -193,16 +200,14 @@ class StageFT:
                 self.w.send_to(msg.until, plan, cp.out if cp is not None else None)
 
     def _ship_replica(self, q: ReplicaQuery) -> None:
+        """Tell the coordinator the coverage first (it plans the replay meanwhile), then ship the KV."""
         covered = self.store.coverage(list(q.tables)) if self.store is not None else {}
-        bytes_ = 0
-        if self.store is not None and covered:
-            slots, kv = self.store.export(q.tables, covered, self.w.spec.cfg.cache.block_size)
+        slots, kv = self.store.export(q.tables, covered, self.w.spec.cfg.cache.block_size) if covered else ([], None)
+        self.w.send_coord(ReplicaCoverage(q.source, covered, 0 if kv is None else kv.numel() * kv.element_size()))
+        if kv is not None:
             sids = sorted(q.tables)
-            chunk = ReplicaChunk(q.source, -1, -1, self.store.layers, sids, [0] * len(sids),
-                                 [covered.get(s, 0) for s in sids], slots)
+            chunk = ReplicaChunk(q.source, -1, -1, self.store.layers, sids, [0] * len(sids), [covered.get(s, 0) for s in sids], slots)
             self.rep_edges[q.to].send(chunk, kv)
-            bytes_ = kv.numel() * kv.element_size()
-        self.w.send_coord(ReplicaCoverage(q.source, covered, bytes_))
 
     def _rereplicate(self, msg: Rereplicate) -> None:
         bs = self.w.spec.cfg.cache.block_size

@@ -19,7 +19,7 @@ import time
 from .. import log
 from ..comm.store import StoreAddress, get_json, has, put_json
 from ..config import RunConfig
-from ..ft.commands import CommandReader
+from ..ft.commands import RECOVERED_KEY, CommandReader
 from .layout import Layout, Member
 from .standby import StandbySpec, assign_key, standby_key
 from .worker import WorkerSpec
@@ -85,12 +85,14 @@ class Supervisor:
             return self.local_rank
         return get_json(self.store, f"supervisor/{member.rank}", timeout_s=30)["local_rank"]
 
-    def start_standby(self) -> None:
-        """A warm process for this host; with --standby-preload it loads one of the host's stages."""
+    def start_standby(self, preload: Member | None = None) -> None:
+        """A warm process for this host; with --standby-preload it loads ``preload`` or, by default, the
+        host's stages in turn."""
         sid = self._next_standby
         self._next_standby += 1
         mine = [m for m in self.layout.members if self._same_host(m.rank)]
-        preload = mine[sid % len(mine)] if self.cfg.ft.standby_preload and mine else None
+        if preload is None:
+            preload = mine[sid % len(mine)] if self.cfg.ft.standby_preload and mine else None
         spec = StandbySpec(f"{self.rank}.{sid}", self.layout, self.cfg, self.addr, self.rank,
                            self._local_rank_of(preload) if preload else self.local_rank, preload)
         pid = self.zygote.spawn("dejavu_py.runtime.standby", "main", spec)
@@ -141,7 +143,18 @@ class Supervisor:
         put_json(self.store, assign_key(f"{self.rank}.{sid}"), {"member": member.name, "generation": generation,
                                                               "local_rank": self._local_rank_of(member)})
         _log.info("standby %s.%d (pid %d) takes over %s at generation %d", self.rank, sid, pid, member.name, generation)
-        threading.Thread(target=self.start_standby, daemon=True).start()  # refill, off the critical path
+        preload = self.layout.by_name(info["preload"]) if info.get("preload") else None
+        threading.Thread(target=self._refill, args=(preload, generation), daemon=True).start()
+
+    def _refill(self, preload: Member | None, generation: int) -> None:
+        """A standby like the one just taken, started once that recovery is over: loading it meanwhile
+        would compete with the replacement for the device, host memory bandwidth and cores."""
+        deadline = time.monotonic() + self.cfg.ft.recovery_timeout_s
+        while time.monotonic() < deadline and not has(self.store, DONE_KEY):
+            if has(self.store, RECOVERED_KEY) and get_json(self.store, RECOVERED_KEY)["generation"] >= generation:
+                break
+            time.sleep(0.05)
+        self.start_standby(preload)
 
     def _ready_standbys(self) -> list[tuple[int, int, dict]]:
         out = []

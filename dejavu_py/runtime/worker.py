@@ -15,6 +15,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ from ..ft.messages import (
     Restore,
 )
 from ..ft.replica import ReplicaChunk
-from ..ft.stage_ft import StageFT
+from ..ft.stage_ft import StageFT, replica_store_for
 from .devices import data_backend, placement, resolve_device, resolve_dtype
 from .layout import COORD, Layout, Member
 
@@ -123,15 +124,19 @@ def load_runner(spec: WorkerSpec, device: torch.device) -> tuple[StageRunner, fl
     cfg, stage = spec.cfg, spec.member.stage
     mcfg = load_model_config(cfg.model)
     dtype = resolve_dtype(cfg.pipeline, device)
-    model = load_stage(cfg.model, stage, dtype, device)
     swap = cfg.cache.swap and spec.member.role != "prompt"
     blocks = cfg.cache.swap_resident * cfg.cache.partition_blocks if swap else cfg.cache.num_blocks
     cache = CacheSpec(blocks, cfg.cache.block_size, mcfg.num_kv_heads, mcfg.head_dim)
-    kv = KVCache(cache, stage.layers, dtype, device)
+    with ThreadPoolExecutor(1) as pool:  # pinning GBs of host memory for the replica overlaps the weights' load
+        replica = pool.submit(replica_store_for, cfg, spec.layout, spec.member, cache, device, dtype)
+        model = load_stage(cfg.model, stage, dtype, device)
+        kv = KVCache(cache, stage.layers, dtype, device)
+        replica_store = replica.result()
     swapper = Swapper(kv, cfg.swap_partitions, cfg.cache.swap_resident, cfg.cache.partition_blocks) if swap else None
     load_s = time.monotonic() - t0
     _log.info("loaded %d layers (%s) and a %d-token KV cache in %.2fs", stage.num_layers, dtype, cache.capacity_tokens, load_s)
     runner = StageRunner(model, kv, stage, cfg.cache.block_size, device, None, swapper)
+    runner.replica_store = replica_store
     if device.type == "cuda":  # compile the fused MoE kernels for every block-size regime now
         runner.warmup(sorted({1, 16, min(256, cfg.scheduler.max_batch_tokens), cfg.scheduler.max_batch_tokens}))
     graphs = None
