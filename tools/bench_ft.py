@@ -91,6 +91,7 @@ def collect(name: str, run_dir: Path, t0: float, wall: float) -> dict:
     res["recoveries"] = _jsonl(run_dir / "recoveries.jsonl")
     res["timeline"] = [[t - t0, tok] for t, tok in _timeline(run_dir)]
     res["fault_times"] = [f["time"] - t0 for f in res["faults"]]
+    res["kill_to_next_token_s"] = kill_to_token(res["faults"], res["recoveries"])
     res["tokens_recomputed"] = _recomputed(run_dir, res["recoveries"])
     res["steps_recomputed"] = sum(r.get("steps_recomputed", 0) for r in res["recoveries"])
     return res
@@ -113,6 +114,16 @@ def _timeline(run_dir: Path) -> list[list]:
     return out
 
 
+def kill_to_token(faults: list[dict], recoveries: list[dict]) -> list[float]:
+    """Per recovery: from the signal (its time in faults.jsonl) to the pipeline's next token."""
+    out = []
+    for r in recoveries:
+        sent = [f["time"] for f in faults if f["time"] <= r.get("resumed_at", 0)]
+        if sent:
+            out.append(round(r["resumed_at"] - max(sent), 4))
+    return out
+
+
 def _recomputed(run_dir: Path, recoveries: list[dict]) -> int:
     """FT on: tokens the recoveries recomputed. FT off: tokens generated in ended attempts for requests
     that were not finished when their attempt ended (they are all generated again)."""
@@ -131,10 +142,10 @@ def _recomputed(run_dir: Path, recoveries: list[dict]) -> int:
 
 def table(doc: dict) -> str:
     ms = lambda x: "-" if x is None else f"{1000 * x:.1f}"  # noqa: E731
-    lines = ["| run | tok/s (wall) | tok/s (serving) | latency p50/p99 s | TTFT p50/p99 ms | TPOT p50/p99 ms | faults | recovered in s | tokens recomputed | lost |",
+    lines = ["| run | tok/s (wall) | tok/s (serving) | latency p50/p99 s | TTFT p50/p99 ms | TPOT p50/p99 ms | faults | kill to next token, s | tokens recomputed | lost |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in doc["runs"].items():
-        rec = ", ".join(f"{x.get('recovered_s', 0):.2f}" for x in r["recoveries"]) or "-"
+        rec = ", ".join(f"{x:.2f}" for x in r.get("kill_to_next_token_s", [])) or "-"
         lines.append(f"| {name} | {r['throughput_wall_tok_s']:.1f} | {r['throughput_tok_s'] or 0:.1f} | "
                      f"{r['latency_s']['p50']:.2f}/{r['latency_s']['p99']:.2f} | {ms(r['ttft_s']['p50'])}/{ms(r['ttft_s']['p99'])} | "
                      f"{ms(r['tpot_s']['p50'])}/{ms(r['tpot_s']['p99'])} | {len(r['faults'])} | {rec} | "

@@ -29,9 +29,19 @@ if [ "$what" = recovery ] || [ "$what" = all ]; then
     job=$!
     python tools/inject_fault.py --run-dir "$WORK/rec-$mode" --name s1 --after-tokens $((N * 30)) --timeout 300
     wait $job
-    cp "$WORK/rec-$mode/recoveries.jsonl" "$OUT/recovery-$mode.jsonl"
-    cp "$WORK/rec-$mode/summary.json" "$OUT/recovery-$mode-summary.json"
-    cat "$OUT/recovery-$mode.jsonl"
+    python - "$WORK/rec-$mode" "$OUT/recovery-$mode.json" <<'PY'
+import json, sys
+from pathlib import Path
+sys.path.insert(0, "tools")
+from bench_ft import kill_to_token
+run, out = Path(sys.argv[1]), Path(sys.argv[2])
+rows = lambda f: [json.loads(x) for x in (run / f).read_text().splitlines()]
+doc = {"faults": rows("faults.jsonl"), "recoveries": rows("recoveries.jsonl"),
+       "summary": json.loads((run / "summary.json").read_text())}
+doc["kill_to_next_token_s"] = kill_to_token(doc["faults"], doc["recoveries"])
+out.write_text(json.dumps(doc, indent=1) + "\n")
+print(out.name, "kill to next token:", doc["kill_to_next_token_s"], "phases:", [r["phases"] for r in doc["recoveries"]])
+PY
   done
 fi
 if [ "$what" = serve ] || [ "$what" = all ]; then

@@ -16,6 +16,7 @@ Legend: L = the source stage's layers, T = tokens of a chunk, K = KV heads, D = 
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,10 @@ def step_slots(tables: list[list[int]], start_pos: list[int], num_tokens: list[i
 
 
 class ReplicaSender:
+    """Streams a stage's new K/V to its replica holder. The step's thread only queues the work on the
+    device (gather, copy into pinned host memory, an event); a sender thread waits for the event and
+    sends, so no step waits for the copy or the wire."""
+
     def __init__(self, me: str, kv: KVCache, lag: int, send) -> None:
         self.me, self.kv, self.lag, self._send = me, kv, lag, send
         self.unacked: dict[int, list[int]] = {}
@@ -76,6 +81,8 @@ class ReplicaSender:
         self.bytes = 0
         self.chunks = 0
         self.wait_s = 0.0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=f"replica-send-{me}", daemon=True).start()
 
     def chunk(self, mb: int, step: int, seq_ids, start_pos, num_tokens, slots: list[int],
               read_slots: list[int] | None = None, layers: list[int] | None = None) -> None:
@@ -83,7 +90,7 @@ class ReplicaSender:
         ``read_slots`` (device slots; default ``slots``, the sequence-table ones the holder mirrors)."""
         if not self.enabled or not slots:
             return
-        idx = torch.tensor(read_slots or slots, dtype=torch.long, device=self.kv.device)
+        idx = torch.tensor(read_slots or slots, dtype=torch.long).to(self.kv.device, non_blocking=True)
         layers = layers or list(self.kv.layers)
         k = torch.stack([self.kv.k_NKD[l][idx] for l in layers])
         v = torch.stack([self.kv.v_NKD[l][idx] for l in layers])
@@ -99,7 +106,33 @@ class ReplicaSender:
                 self.unacked.setdefault(msg.mb, []).append(msg.step)
         self.bytes += kv_2LTKD.numel() * kv_2LTKD.element_size()
         self.chunks += 1
-        self._send(msg, kv_2LTKD)
+        ready = None
+        if kv_2LTKD.device.type == "cuda":  # on the device's queue now, in step order; waited for by the sender thread
+            host = torch.empty(kv_2LTKD.shape, dtype=kv_2LTKD.dtype, pin_memory=True)
+            host.copy_(kv_2LTKD, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            kv_2LTKD = host
+        self._queue.put((msg, kv_2LTKD, ready))
+
+    def flush(self) -> None:
+        """Until everything queued so far has been handed to the wire."""
+        done = threading.Event()
+        self._queue.put((None, None, done))
+        done.wait()
+
+    def _run(self) -> None:
+        while True:
+            msg, kv, ready = self._queue.get()
+            if msg is None:
+                ready.set()
+                continue
+            if ready is not None:
+                ready.synchronize()
+            try:
+                self._send(msg, kv)
+            except Exception as e:  # the holder is gone: the coordinator's recovery re-replicates
+                _log.warning("replica chunk for step %d of microbatch %d not sent: %s", msg.step, msg.mb, e)
 
     def acked(self, ack: ReplicaAck) -> None:
         with self.cv:
