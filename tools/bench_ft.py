@@ -55,7 +55,7 @@ def run_one(name: str, ft: str, faults: bool, a, ckpt: Path, req: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
            f"--max-restarts={a.faults if ft == 'off' and faults else 0}", "--monitor-interval=0.1", "-m", "dejavu_py",
            "--model", str(ckpt), "--prompts", str(req), "--run-dir", str(run_dir), "--device", a.device,
-           "--dtype", a.dtype, "--ignore-eos", "--progress", "false", "--ft", ft, *a.dejavu_args]
+           "--dtype", a.dtype, "--ignore-eos", "--progress", "false", "--ft", ft, *a.dejavu_args, *(a.ft_on_args if ft == "on" else [])]
     t0 = time.time()
     console = open(run_dir / "console.txt", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(a), stdout=console, stderr=subprocess.STDOUT)
@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the trace and of the fault schedule")
     p.add_argument("--timeout", type=float, default=900, help="seconds a run may take (default 900)")
     p.add_argument("--dejavu-arg", dest="dejavu_args", action="append", default=[], help="extra flag for every run")
+    p.add_argument("--ft-on-arg", dest="ft_on_args", action="append", default=[],
+                   help="extra flag for the FT-on runs only, e.g. --ft-on-arg=--standby=2 --ft-on-arg=--standby-preload")
     p.add_argument("--out", type=Path, help="JSON to write (a .md table and a .png beside it)")
     p.add_argument("--plot", type=Path, help="draw the PNG of this JSON result instead of running")
     a = p.parse_args(argv)

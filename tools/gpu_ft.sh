@@ -51,6 +51,7 @@ if [ "$what" = serve ] || [ "$what" = all ]; then
 fi
 if [ "$what" = ft ] || [ "$what" = all ]; then
   python tools/bench_ft.py --ckpt "$CK" --device "$DEVICE" --nproc 2 --n "$N" --rate 8 --max-prompt 512 --max-output 256 --dtype "$DTYPE" \
-      --mtbf 4 --faults 2 --role stage --timeout 200 --work "$WORK/ft" --out "$OUT/bench-ft-olmoe-1b-7b.json" \
+      --mtbf 4 --faults 2 --role stage --timeout 200 \
+      --ft-on-arg=--standby=2 --ft-on-arg=--standby-preload --work "$WORK/ft" --out "$OUT/bench-ft-olmoe-1b-7b.json" \
       --dejavu-arg=--max-batch-size=64 --dejavu-arg=--max-model-len=768 2>&1 | tail -12
 fi
