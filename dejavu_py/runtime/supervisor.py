@@ -28,6 +28,8 @@ from .zygote import Zygote
 _log = log.get(__name__)
 
 DONE_KEY = "done"
+LEFT_KEY = "done/left"
+"""Counts the ranks that have seen DONE_KEY: the rank hosting the store waits for all before it exits."""
 EXIT_COUNT_KEY = "exit_count"
 
 
@@ -192,7 +194,14 @@ class Supervisor:
             time.sleep(0.05)
         code = int(get_json(self.store, DONE_KEY)["code"])
         self.wait_workers(self.cfg.runtime.comm_timeout_s)
+        self.store.add(LEFT_KEY, 1)
         return code
+
+    def wait_ranks_left(self, others: int, timeout_s: float) -> None:
+        """The store's host: until the ``others`` ranks have seen the end (they poll the store for it)."""
+        deadline = time.monotonic() + timeout_s
+        while self.store.add(LEFT_KEY, 0) < others and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def wait_workers(self, timeout_s: float) -> None:
         with self._lock:
