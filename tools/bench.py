@@ -207,7 +207,8 @@ def draw(plt, docs: list[dict]):
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
         ax.set_yscale("log")
         ax.set_ylabel("decode tokens/s")
-        ax.set_title(f"{doc['model']} on {doc['gpu']}")
+        ft = next((w.split("=", 1)[1] for w in doc.get("command", "").split() if w.startswith("--dejavu-arg=--ft=")), None)
+        ax.set_title(f"{doc['model']} on {doc['gpu']}" + (f", FT {ft}" if ft else ""))
         ax.legend(fontsize=8)
     return fig
 
