@@ -217,11 +217,13 @@ def test_ft_off_recomputes_everything_in_flight(ckpt, workload, tmp_path):
 def test_standby_takes_over(ckpt, workload, tmp_path):
     rf, ref = workload
     run = tmp_path / "run"
-    outs, before, after = run_with_faults(ckpt, rf, run, 3, [["--name", "s1", "--after-tokens", "120"]],
+    # One standby preloads the host's first stage (s0): kill that one, so that nothing is left to load.
+    outs, before, after = run_with_faults(ckpt, rf, run, 3, [["--name", "s0", "--after-tokens", "120"]],
                                           "--standby", "1", "--standby-preload")
     assert ids(outs) == ref
     rec = recoveries(run)[0]
     assert rec["takeover"] is True and rec["phases"]["load_s"] < 0.05  # weights were already loaded
+    assert "preloaded s0" in (run / "logs" / "rank0-standby0.0.log").read_text()
 
 
 def test_inject_fault_says_what_is_wrong(tmp_path):
