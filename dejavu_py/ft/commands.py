@@ -8,7 +8,6 @@ recovery is over (supervisors refill their standbys after it).
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from typing import Any
 
 RECOVERED_KEY = "recovered"
@@ -25,12 +24,16 @@ class CommandReader:
     def __init__(self, store, rank: int) -> None:
         self.store, self.rank, self.seen = store, rank, 0
 
-    def poll(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    def poll(self) -> list[dict[str, Any]]:
+        """The commands posted since the last poll. Never blocks: the client may be shared with the
+        poster (rank 0's coordinator), and a client serialises its calls, so waiting here for a command
+        whose counter moved but whose body is not set yet would hold up that very ``set``."""
         n = self.store.add(f"cmd/{self.rank}/n", 0)
         out = []
         while self.seen < n:
             key = f"cmd/{self.rank}/{self.seen + 1}"
-            self.store.wait([key], timedelta(seconds=timeout_s))  # posted after the counter moved
+            if not self.store.check([key]):  # posted after the counter moved: next poll
+                break
             out.append(json.loads(self.store.get(key).decode()))
             self.seen += 1
         return out

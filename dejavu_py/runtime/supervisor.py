@@ -108,8 +108,17 @@ class Supervisor:
     # -- commands --------------------------------------------------------------------------------
     def _serve_commands(self) -> None:
         reader = CommandReader(self.store, self.rank)
-        while not has(self.store, DONE_KEY):
-            for cmd in reader.poll():
+        while True:
+            try:
+                if has(self.store, DONE_KEY):
+                    return
+                cmds = reader.poll()
+            except Exception as e:  # a store hiccup must not end the only thread that starts replacements
+                _log.error("reading commands: %s", e)
+                time.sleep(0.2)
+                continue
+            for cmd in cmds:
+                _log.info("command %s", cmd)
                 try:
                     self._run(cmd)
                 except Exception as e:  # a command that cannot be carried out is reported, not fatal here
