@@ -90,13 +90,7 @@ class PrefillScheduler:
         """Prefills in flight go back to the front of the queue, with ``redo`` (whose KV did not all
         arrive); their token-side reservations stay. Returns the plans dropped."""
         dropped = len(self.inflight)
-        back = []
-        for _, seqs in self.inflight.values():
-            for seq in seqs:
-                self.prompt_blocks.free(seq.prompt_table)
-                seq.prompt_table = []
-                back.append(seq)
-        self.inflight.clear()
+        back = self._release_inflight()
         for seq in redo:
             seq.restart()
         for seq in reversed(back + redo):
@@ -107,6 +101,11 @@ class PrefillScheduler:
         """Everything waiting or in flight (the prompt pipeline is gone): their prefills must be redone."""
         out = list(self.waiting)
         self.waiting.clear()
+        return out + self._release_inflight()
+
+    def _release_inflight(self) -> list[Sequence]:
+        """The sequences of the prefills in flight, their prompt-side blocks freed; none stays in flight."""
+        out = []
         for _, seqs in self.inflight.values():
             for seq in seqs:
                 self.prompt_blocks.free(seq.prompt_table)
