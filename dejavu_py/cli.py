@@ -101,6 +101,7 @@ def build_parser() -> _Parser:
     ft.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints for the interval policy (default 4)")
     ft.add_argument("--max-checkpoints", type=int, help="checkpoints kept per microbatch, a ring (default 100)")
     ft.add_argument("--recovery-timeout", type=float, help="seconds a recovery may take before the run fails (default 120)")
+    ft.add_argument("--replica-shm-dir", help="RAM-backed directory for KV replicas, written and read directly by stages on the same host (default auto: /dev/shm where it exists; off: pinned memory, bytes over the replica edge)")
     la = p.add_argument_group("launching without torchrun")
     la.add_argument("--nproc-per-node", type=int, help="start this many rank processes here (what torchrun --nproc-per-node does)")
     return p
@@ -208,6 +209,7 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
             checkpoint_interval=_pick(ns, "checkpoint_interval", 4),
             max_checkpoints=_pick(ns, "max_checkpoints", 100),
             recovery_timeout_s=_pick(ns, "recovery_timeout", 120.0),
+            replica_shm_dir=_pick(ns, "replica_shm_dir", "auto"),
         ),
     )
     return cfg, ns

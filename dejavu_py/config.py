@@ -5,6 +5,8 @@ The CLI (cli.py) fills these from a YAML file of defaults and the flags; workers
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,6 +176,18 @@ class FTConfig:
     """Checkpoints kept per microbatch (a ring); older ones are dropped."""
     recovery_timeout_s: float = 120.0
     """Longest a recovery may take (replacement start, weights, edges, KV, replay) before it fails."""
+    replica_shm_dir: str = "auto"
+    """RAM-backed directory for the KV replicas a stage holds: a source and a replacement on the
+    holder's host write and read it directly, without a socket. 'auto': /dev/shm where it exists;
+    'off': replicas in pinned memory, every byte over the replica edge."""
+
+    @property
+    def shm_dir(self) -> str | None:
+        """Where replica files go on this host (None: pinned memory)."""
+        if self.replica_shm_dir == "off":
+            return None
+        path = "/dev/shm" if self.replica_shm_dir == "auto" else self.replica_shm_dir
+        return path if os.path.isdir(path) and os.access(path, os.W_OK) else None
 
     def __post_init__(self) -> None:
         _positive("--hang-timeout", self.hang_timeout_s)
@@ -183,6 +197,8 @@ class FTConfig:
         _positive("--recovery-timeout", self.recovery_timeout_s)
         if self.standby < 0:
             raise UserError(f"--standby {self.standby}: must be 0 or more")
+        if self.replica_shm_dir not in ("auto", "off") and not os.path.isdir(self.replica_shm_dir):
+            raise UserError(f"--replica-shm-dir {self.replica_shm_dir}: not a directory; give one (tmpfs), auto or off")
         if self.checkpoint_policy not in ("all", "interval", "adaptive"):
             raise UserError(f"--checkpoint-policy {self.checkpoint_policy!r}: choose all, interval or adaptive")
         if self.replica_lag > self.max_checkpoints:

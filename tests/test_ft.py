@@ -9,7 +9,11 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import pytest
+
+from dejavu_py.ft import replica_shm
 
 from e2e import ROOT, env, finish, mixed_requests, run_pipeline, start_pipeline, wait_for_workers, write_requests
 from make_checkpoint import make_checkpoint
@@ -71,9 +75,13 @@ def run_with_faults(ckpt, rf, run_dir, nproc: int, fault_args: list[list[str]], 
 
 @pytest.mark.parametrize("victim", ["s0", "s1", "s2"])
 def test_kill_a_stage_at_a_chosen_step(ckpt, workload, tmp_path, victim):
+    """Replicas in shared-memory files (the default) for s0 and s2; for s1 in pinned memory, every
+    byte over the replica edge (--replica-shm-dir off)."""
     rf, ref = workload
     run = tmp_path / "run"
-    outs, before, after = run_with_faults(ckpt, rf, run, 3, [["--name", victim, "--after-tokens", "120"]])
+    shared = victim != "s1"
+    extra = () if shared else ("--replica-shm-dir", "off")
+    outs, before, after = run_with_faults(ckpt, rf, run, 3, [["--name", victim, "--after-tokens", "120"]], *extra)
     assert ids(outs) == ref
     hit = faults(run)
     assert [f["name"] for f in hit] == [victim] and hit[0]["pid"] == before[victim] and hit[0]["signal"] == "kill"
@@ -86,6 +94,11 @@ def test_kill_a_stage_at_a_chosen_step(ckpt, workload, tmp_path, victim):
     assert rec[0]["routing_mismatches"] == 0
     stats = json.loads((run / "ft_stats.json").read_text())
     assert stats["stages"]["s0"]["checkpoints"] > 0 and stats["stages"]["s0"]["replica_chunks"] > 0
+    assert (stats["stages"]["s0"]["replica_shm_chunks"] > 0) == shared
+    logs = "".join(f.read_text() for f in (run / "logs").glob("*.log"))
+    assert ("from their replica file" in logs) == shared
+    if shared and os.path.isdir("/dev/shm"):  # the run removed its replica files
+        assert not list(Path("/dev/shm").glob(f"dejavu-{replica_shm._run_tag(run)}-*"))
 
 
 @pytest.mark.parametrize("victim", ["t0", "t1", "p0"])

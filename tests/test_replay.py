@@ -13,6 +13,7 @@ from dejavu_py.engine.runner import StageRunner
 from dejavu_py.engine.split import split_stages
 from dejavu_py.ft.checkpoints import compact, routing_mismatches
 from dejavu_py.ft.replay import for_replay, replay_steps
+from dejavu_py.ft import replica_shm
 from dejavu_py.ft.replica import ReplicaSender, ReplicaStore
 from dejavu_py.models.config import load_model_config
 from dejavu_py.models.loader import load_stage
@@ -40,11 +41,25 @@ def state(blocks: list[int]) -> SeqState:
     return SeqState(blocks, 0.0, 1.0, 0, 0)
 
 
-def test_restore_and_replay_give_back_the_exact_kv(ckpt):
+def _send(store: ReplicaStore, shared: bool, lagging: dict):
+    def send(msg, kv) -> None:
+        assert msg.inline != shared and (kv is None) == shared  # a shared file: only the bookkeeping travels
+        if lagging["on"]:
+            store.apply(msg, kv)
+    return send
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["bytes-over-edge", "shared-file"])
+def test_restore_and_replay_give_back_the_exact_kv(ckpt, tmp_path, shared):
+    """With a shared replica file the source writes its K/V into the holder's file itself (a separate
+    mapping, as another process has) and the replacement reads it back from the file."""
     a = runner_for(ckpt)
-    store = ReplicaStore("x", a.kv.layers, (32 + 1) * BS, a.kv.spec.num_kv_heads, a.kv.spec.head_dim, torch.float32, False)
+    path = tmp_path / "replica.kv" if shared else None
+    store = ReplicaStore("x", a.kv.layers, (32 + 1) * BS, a.kv.spec.num_kv_heads, a.kv.spec.head_dim, torch.float32, False, path)
     lagging = {"on": True}
-    sender = ReplicaSender("x", a.kv, lag=100, send=lambda msg, kv: lagging["on"] and store.apply(msg, kv))
+    sender = ReplicaSender("x", a.kv, lag=100, send=_send(store, shared, lagging))
+    if shared:
+        sender.shm = replica_shm.attach(store.describe("holder"))
     tables = {0: [0, 1, 2], 1: [3, 4, 5], 2: [6, 7]}
     prompts = {0: [5, 9, 11, 3, 7], 1: [8, 2, 6], 2: [4, 4, 9, 10]}
     tokens = {s: list(p) for s, p in prompts.items()}
@@ -89,8 +104,12 @@ def test_restore_and_replay_give_back_the_exact_kv(ckpt):
     b = runner_for(ckpt)  # the replacement: an empty cache
     b.seqs.update({s: state(tables[s]) for s in live})
     slots, kv = store.export({s: tables[s] for s in live}, covered, BS)
-    for i, layer in enumerate(store.layers):
-        b.kv.write(layer, torch.tensor(slots), kv[0, i], kv[1, i])
+    if shared:  # what a replacement on the holder's host does: map the file, copy the slots out of it
+        replica_shm.read_chunk(replica_shm.attach(store.describe("holder")), store.layers, slots,
+                               lambda layer, k, v: b.kv.write(layer, torch.tensor(slots), k, v))
+    else:
+        for i, layer in enumerate(store.layers):
+            b.kv.write(layer, torch.tensor(slots), kv[0, i], kv[1, i])
     plans, recompute = replay_steps(history, live, covered)
     assert not recompute and 0 < len(plans) <= len(history[0])
     assert any(for_replay(p, "x", set(live)).scratch_seqs for p in plans)  # a finished sequence is in there

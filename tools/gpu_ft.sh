@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fault tolerance on a GPU with the OLMoE-1B-7B shapes, 2 stages sharing one GPU:
 #   1. recovery of a stage killed mid-run: a cold replacement, then a standby with the stage preloaded
+#      (replicas in shared memory, the default), and the same with replicas sent over the socket
 #   2. tools/bench_serve.py: colocated vs disaggregated on the same trace
 #   3. tools/bench_ft.py: FT off/on, without/with kills
 # Results go to $OUT (default out/gpu-ft). Usage: bash tools/gpu_ft.sh [recovery|serve|ft|all]
@@ -21,8 +22,9 @@ RUN=(--model "$CK" --device "$DEVICE" --dtype "$DTYPE" --ignore-eos --max-batch-
 
 if [ "$what" = recovery ] || [ "$what" = all ]; then
   python tools/make_requests.py --n $((N / 2)) --vocab "$VOCAB" --prompt-len 128 --max-new 256 --seed 5 --out "$WORK/req.jsonl"
-  for mode in cold preloaded; do
-    extra=(); [ $mode = preloaded ] && extra=(--standby 2 --standby-preload)
+  for mode in ${MODES:-cold preloaded preloaded-socket}; do  # -socket: replicas in pinned memory, bytes over TCP
+    extra=(); [[ $mode = preloaded* ]] && extra=(--standby 2 --standby-preload)
+    [[ $mode = *-socket ]] && extra+=(--replica-shm-dir off)
     rm -rf "$WORK/rec-$mode"; mkdir -p "$WORK/rec-$mode"
     python -m dejavu_py --nproc-per-node 2 "${RUN[@]}" --prompts "$WORK/req.jsonl" --run-dir "$WORK/rec-$mode" \
         "${extra[@]}" > "$WORK/rec-$mode.log" 2>&1 &

@@ -10,22 +10,28 @@ microbatch.
 Holder side (``ReplicaStore``): a host copy of the source's cache (same block layout) plus, per
 sequence, how many leading positions it holds in every layer. At recovery it ships the blocks of the
 sequences in flight to the replacement and says how far each sequence is covered; what is missing is
-replayed.
+replayed. When the copy is a shared-memory file (replica_shm.py) a source and a replacement on the
+holder's host write and read it directly; only the bookkeeping crosses the replica edge.
 
 Legend: L = the source stage's layers, T = tokens of a chunk, K = KV heads, D = head dim, N = slots.
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
+
+import socket
+from pathlib import Path
 
 import torch
 
 from .. import log
 from ..engine.attn_meta import slot_of
 from ..engine.kv_cache import KVCache
+from . import replica_shm
 
 _log = log.get(__name__)
 
@@ -43,6 +49,10 @@ class ReplicaChunk:
     start_pos: list[int]
     num_tokens: list[int]
     slots: list[int]
+    inline: bool = True
+    """The K/V travels with the message; False: the source already wrote it into the holder's file."""
+    shm_path: str | None = None
+    """Restore on the holder's host: the replacement reads its K/V from this replica file."""
 
 
 @dataclass
@@ -81,6 +91,10 @@ class ReplicaSender:
         self.bytes = 0
         self.chunks = 0
         self.wait_s = 0.0
+        self.shm_chunks = 0
+        self.shm: torch.Tensor | None = None
+        """The holder's replica file, mapped, when it is on this host: chunks are written there."""
+        self._index = {l: i for i, l in enumerate(kv.layers)}
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._run, name=f"replica-send-{me}", daemon=True).start()
 
@@ -129,6 +143,11 @@ class ReplicaSender:
                 continue
             if ready is not None:
                 ready.synchronize()
+            shm = self.shm
+            if shm is not None:  # the holder's file is on this host: write it, send only the bookkeeping
+                replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
+                msg, kv = dataclasses.replace(msg, inline=False), None
+                self.shm_chunks += 1
             try:
                 self._send(msg, kv)
             except Exception as e:  # the holder is gone: the coordinator's recovery re-replicates
@@ -150,40 +169,55 @@ class ReplicaSender:
         return ok
 
     def reset(self) -> None:
-        """The holder changed (replaced): nothing in flight will be acknowledged."""
+        """The holder changed (replaced): nothing in flight will be acknowledged, its file is gone."""
+        self.shm = None
         with self.cv:
             self.unacked.clear()
             self.cv.notify_all()
 
     def stats(self) -> dict:
-        return {"replica_chunks": self.chunks, "replica_bytes": self.bytes, "replica_wait_s": round(self.wait_s, 4)}
+        return {"replica_chunks": self.chunks, "replica_bytes": self.bytes, "replica_wait_s": round(self.wait_s, 4),
+                "replica_shm_chunks": self.shm_chunks}
 
 
 class ReplicaStore:
-    """The replica of one source stage's cache, in host memory: one (pinned) buffer, [2, L, N, K, D]."""
+    """The replica of one source stage's cache, in host memory: one buffer [2, L, N, K, D], a shared
+    file when ``path`` is given (replica_shm.py), else pinned memory."""
 
     def __init__(self, source: str, layers: range, spec_slots: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, pin: bool) -> None:
-        self.source, self.layers = source, list(layers)
+                 dtype: torch.dtype, pin: bool, path: Path | None = None) -> None:
+        self.source, self.layers, self.path = source, list(layers), path
+        shape = (2, len(self.layers), spec_slots, kv_heads, head_dim)
         # Uninitialised on purpose: ``covered`` says what is valid, and zero-filling GBs of pinned memory
         # would lengthen every replacement's start.
-        self.kv_2LNKD = torch.empty((2, len(self.layers), spec_slots, kv_heads, head_dim), dtype=dtype, pin_memory=pin)
+        self.kv_2LNKD = replica_shm.create(path, shape, dtype) if path else torch.empty(shape, dtype=dtype, pin_memory=pin)
         self.index = {l: i for i, l in enumerate(self.layers)}
         self.covered: dict[int, dict[int, int]] = {}  # seq -> layer -> leading positions held
         self.lock = threading.Lock()
         self.bytes = 0
 
-    def apply(self, c: ReplicaChunk, kv: torch.Tensor) -> None:
-        idx = torch.tensor(c.slots, dtype=torch.long)
-        kv = kv.to("cpu")
+    def describe(self, holder: str) -> replica_shm.ReplicaShm | None:
+        """What the source needs to write into this replica itself (None: not a shared file)."""
+        if self.path is None:
+            return None
+        return replica_shm.ReplicaShm(holder, socket.gethostname(), str(self.path), tuple(self.kv_2LNKD.shape),
+                                      str(self.kv_2LNKD.dtype).removeprefix("torch."))
+
+    def apply(self, c: ReplicaChunk, kv: torch.Tensor | None) -> None:
+        """A chunk from the source: its K/V (unless the source wrote it into our file) and coverage."""
         with self.lock:
-            for i, layer in enumerate(c.layers):
-                self.kv_2LNKD[:, self.index[layer]].index_copy_(1, idx, kv[:, i].to(self.kv_2LNKD.dtype))
+            if c.inline:
+                replica_shm.write_chunk(self.kv_2LNKD, self.index, c.layers, c.slots, kv.to("cpu"))
+            for layer in c.layers:
                 for sid, start, n in zip(c.seq_ids, c.start_pos, c.num_tokens):
                     cov = self.covered.setdefault(sid, {})
                     if start <= cov.get(layer, 0):
                         cov[layer] = max(cov.get(layer, 0), start + n)
-            self.bytes += kv.numel() * kv.element_size()
+            self.bytes += self.nbytes(len(c.slots), len(c.layers))
+
+    def nbytes(self, slots: int, layers: int) -> int:
+        """Bytes of K and V of ``slots`` slots in ``layers`` layers."""
+        return slots * layers * self.kv_2LNKD[:, 0, 0].numel() * self.kv_2LNKD.element_size()
 
     def coverage(self, seq_ids: list[int]) -> dict[int, int]:
         with self.lock:

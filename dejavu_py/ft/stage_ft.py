@@ -9,6 +9,8 @@ and, on a replacement, take its KV back and count the replayed steps, checking t
 """
 from __future__ import annotations
 
+import dataclasses
+import socket
 import threading
 from typing import TYPE_CHECKING
 
@@ -18,8 +20,10 @@ from .. import log
 from ..engine.attn_meta import slot_of
 from ..engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult
 from .checkpoints import TokenStateRing, compact, routing_mismatches
+from . import replica_shm
 from .messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
 from .replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaSender, ReplicaStore
+from .replica_shm import ReplicaShm
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -37,8 +41,10 @@ def replica_store_for(cfg: RunConfig, layout: Layout, me: Member, spec: CacheSpe
     if source is None:
         return None
     blocks = cfg.swap_partitions * cfg.cache.partition_blocks if cfg.cache.swap else cfg.cache.num_blocks
+    shm_dir = cfg.ft.shm_dir
+    path = replica_shm.replica_path(shm_dir, cfg.run_dir, me.name) if shm_dir else None
     return ReplicaStore(source, layout.by_name(source).stage.layers, (blocks + 1) * spec.block_size, spec.num_kv_heads,
-                        spec.head_dim, dtype, device.type == "cuda")
+                        spec.head_dim, dtype, device.type == "cuda", path)
 
 
 class StageFT:
@@ -57,6 +63,8 @@ class StageFT:
         if self.source:  # made ahead with the stage (a preloaded standby has it), else now
             self.store = runner.replica_store or replica_store_for(spec.cfg, layout, worker.me, runner.kv.spec, runner.device,
                                                                    runner.model.dtype)
+            if self.store.path is not None:  # a replica file of the worker we replace is stale now
+                replica_shm.remove_stale(self.store.path.parent, spec.cfg.run_dir, me, keep=self.store.path)
         self.rep_edges: dict = {}
         self.replay_left = -1
         self.replayed = 0
@@ -85,6 +93,9 @@ class StageFT:
             if old is not None:
                 old.close()
             self.rep_edges[peer] = edge
+            where = self.store.describe(self.w.me.name) if self.store is not None and peer == self.source else None
+            if where is not None:  # before the pump starts: nothing else sends on this edge yet
+                edge.send(where)
             threading.Thread(target=self._pump, args=(peer, edge), name=f"rep-{peer}", daemon=True).start()
 
     def drop(self, failed: list[str]) -> None:
@@ -105,6 +116,10 @@ class StageFT:
                 return
             if isinstance(msg, ReplicaAck) and self.sender is not None:
                 self.sender.acked(msg)
+            elif isinstance(msg, ReplicaShm) and self.sender is not None and msg.holder == self.holder:
+                self.sender.shm = replica_shm.attach(msg)
+                _log.info("replica for %s: %s", msg.holder, "shared file " + msg.path if self.sender.shm is not None
+                          else "over the replica edge (another host)")
             elif isinstance(msg, ReplicaChunk) and msg.source == self.w.me.name:
                 self.w.inbox.put((peer, msg, t))  # our own KV coming back: the main loop writes it
             elif isinstance(msg, ReplicaChunk) and self.store is not None:
@@ -167,18 +182,33 @@ class StageFT:
         self._maybe_done()
         return replica_from is None or self.bulk_done
 
-    def take_back(self, chunk: ReplicaChunk, kv: torch.Tensor) -> None:
-        """Our own KV from the replica holder, written back into the cache."""
-        slots = chunk.slots
-        for i, layer in enumerate(chunk.layers):
-            k, v = kv[0, i].to(self.w.runner.kv.device), kv[1, i].to(self.w.runner.kv.device)
-            if self.w.runner.swapper is not None:
-                self.w.runner.swapper.write(layer, slots, k, v)
+    def take_back(self, chunk: ReplicaChunk, kv: torch.Tensor | None) -> None:
+        """Our own KV from the replica holder (its bytes, or its file on this host), into the cache."""
+        slots, runner = chunk.slots, self.w.runner
+        idx = torch.tensor(slots, dtype=torch.long, device=runner.kv.device)
+
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            k, v = k.to(runner.kv.device, non_blocking=True), v.to(runner.kv.device, non_blocking=True)
+            if runner.swapper is not None:
+                runner.swapper.write(layer, slots, k, v)
             else:
-                idx = torch.tensor(slots, dtype=torch.long, device=self.w.runner.kv.device)
-                self.w.runner.kv.write(layer, idx, k, v)
+                runner.kv.write(layer, idx, k, v)
+
+        if chunk.shm_path is not None:
+            shape = (2, len(chunk.layers), *runner.kv.k_NKD[chunk.layers[0]].shape)
+            mapped = replica_shm.attach(ReplicaShm("", socket.gethostname(), chunk.shm_path, shape,
+                                                   str(runner.model.dtype).removeprefix("torch.")))
+            if mapped is None:
+                raise RuntimeError(f"replica file {chunk.shm_path} is gone: cannot restore the KV")
+            replica_shm.read_chunk(mapped, chunk.layers, slots, write)
+        else:
+            for i, layer in enumerate(chunk.layers):
+                write(layer, kv[0, i], kv[1, i])
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
         self.bulk_done = True
-        _log.info("restored %d KV slots of %d sequences from their replica", len(slots), len(chunk.seq_ids))
+        _log.info("restored %d KV slots of %d sequences from their replica%s", len(slots), len(chunk.seq_ids),
+                  " file" if chunk.shm_path else "")
 
     def _maybe_done(self) -> None:
         if self.active and self.replay_left >= 0 and self.replayed >= self.replay_left:
@@ -200,14 +230,27 @@ class StageFT:
                 self.w.send_to(msg.until, plan, cp.out if cp is not None else None)
 
     def _ship_replica(self, q: ReplicaQuery) -> None:
-        """Tell the coordinator the coverage first (it plans the replay meanwhile), then ship the KV."""
+        """Tell the coordinator the coverage first (it plans the replay meanwhile), then ship the KV:
+        the file's name to a replacement on this host, else the bytes."""
         covered = self.store.coverage(list(q.tables)) if self.store is not None else {}
-        slots, kv = self.store.export(q.tables, covered, self.w.spec.cfg.cache.block_size) if covered else ([], None)
-        self.w.send_coord(ReplicaCoverage(q.source, covered, 0 if kv is None else kv.numel() * kv.element_size()))
-        if kv is not None:
-            sids = sorted(q.tables)
-            chunk = ReplicaChunk(q.source, -1, -1, self.store.layers, sids, [0] * len(sids), [covered.get(s, 0) for s in sids], slots)
-            self.rep_edges[q.to].send(chunk, kv)
+        bs = self.w.spec.cfg.cache.block_size
+        slots = [slot_of(q.tables[s], p, bs) for s in sorted(q.tables) for p in range(covered.get(s, 0))]
+        nbytes = self.store.nbytes(len(slots), len(self.store.layers)) if slots else 0
+        self.w.send_coord(ReplicaCoverage(q.source, covered, nbytes))
+        if not slots:
+            return
+        sids = sorted(q.tables)
+        chunk = ReplicaChunk(q.source, -1, -1, self.store.layers, sids, [0] * len(sids), [covered.get(s, 0) for s in sids], slots)
+        if self.store.path is not None and self._same_host(q.to):
+            self.rep_edges[q.to].send(dataclasses.replace(chunk, inline=False, shm_path=str(self.store.path)))
+        else:
+            self.rep_edges[q.to].send(chunk, self.store.export(q.tables, covered, bs)[1])
+
+    def _same_host(self, member: str) -> bool:
+        from ..comm.store import get_json, has
+
+        key = f"member/{member}"
+        return has(self.w.store, key) and get_json(self.w.store, key).get("host") == socket.gethostname()
 
     def _rereplicate(self, msg: Rereplicate) -> None:
         bs = self.w.spec.cfg.cache.block_size

@@ -19,6 +19,7 @@ import time
 from .. import log
 from ..comm.store import StoreAddress, get_json, has, put_json
 from ..config import RunConfig
+from ..ft import replica_shm
 from ..ft.commands import RECOVERED_KEY, CommandReader
 from .layout import Layout, Member
 from .standby import StandbySpec, assign_key, standby_key
@@ -230,3 +231,4 @@ class Supervisor:
             except ProcessLookupError:
                 pass
         self.zygote.stop()
+        replica_shm.remove_all(self.cfg.ft.shm_dir, self.cfg.run_dir)

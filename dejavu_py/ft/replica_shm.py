@@ -1,0 +1,105 @@
+"""KV replicas in shared host memory.
+
+A holder keeps the replica it holds in a file of a RAM-backed directory (``--replica-shm-dir``,
+/dev/shm by default) and tells its source where (``ReplicaShm``). A source on the same host then
+writes its K/V into that file itself and sends the holder only what it wrote (slots, positions), so
+no replica byte crosses a socket; a replacement on the holder's host maps the file and copies its
+KV straight to its device. Across hosts the bytes still travel over the replica edge, into the same
+file. The file outlives a dead source (that is the point) and is removed when its holder is replaced
+and at the end of the run.
+
+Legend: L = the source stage's layers, N = cache slots, T = slots of a chunk, K = KV heads, D = head dim.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import log
+
+_log = log.get(__name__)
+
+
+@dataclass
+class ReplicaShm:
+    """Holder -> source: the replica lives in this file on this host, [2, L, N, K, D] of ``dtype``."""
+
+    holder: str
+    host: str
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _run_tag(run_dir: Path) -> str:
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+
+
+def replica_path(shm_dir: str | Path, run_dir: Path, holder: str) -> Path:
+    """This process's replica file as ``holder`` (a standby preloading a stage makes one too)."""
+    return Path(shm_dir) / f"dejavu-{_run_tag(run_dir)}-{holder}-{os.getpid()}.kv"
+
+
+def create(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A shared mapping of a new file (pages are allocated as they are written)."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+
+
+def attach(msg: ReplicaShm) -> torch.Tensor | None:
+    """Map a holder's replica file, if it is on this host and still there."""
+    if msg.host != socket.gethostname() or not os.path.exists(msg.path):
+        return None
+    numel = 1
+    for n in msg.shape:
+        numel *= n
+    try:
+        return torch.from_file(msg.path, shared=True, size=numel, dtype=getattr(torch, msg.dtype)).view(msg.shape)
+    except (RuntimeError, OSError) as e:
+        _log.warning("cannot map the replica at %s (%s): its bytes go over the replica edge", msg.path, e)
+        return None
+
+
+def remove_stale(shm_dir: str | Path, run_dir: Path, holder: str, keep: Path | None) -> None:
+    """Files an earlier worker of ``holder`` left (it died): their source re-replicates to ours."""
+    for p in Path(shm_dir).glob(f"dejavu-{_run_tag(run_dir)}-{holder}-*.kv"):
+        if p != keep:
+            p.unlink(missing_ok=True)
+
+
+def remove_all(shm_dir: str | None, run_dir: Path) -> None:
+    """End of run: every replica file of this run on this host (mappings still open stay valid)."""
+    if shm_dir:
+        for p in Path(shm_dir).glob(f"dejavu-{_run_tag(run_dir)}-*.kv"):
+            p.unlink(missing_ok=True)
+
+
+def write_chunk(target_2LNKD: torch.Tensor, index: dict[int, int], layers: list[int], slots: list[int],
+                kv_2LTKD: torch.Tensor) -> None:
+    """Write a chunk's K/V (host memory) into a replica mapping at its slots."""
+    idx = torch.tensor(slots, dtype=torch.long)
+    kv_2LTKD = kv_2LTKD.to(target_2LNKD.dtype)
+    if [index[l] for l in layers] == list(range(target_2LNKD.shape[1])):
+        target_2LNKD.index_copy_(2, idx, kv_2LTKD)
+        return
+    for i, layer in enumerate(layers):
+        target_2LNKD[:, index[layer]].index_copy_(1, idx, kv_2LTKD[:, i])
+
+
+def read_chunk(source_2LNKD: torch.Tensor, layers: list[int], slots: list[int], write) -> None:
+    """Copy the K/V at ``slots`` of every layer out of a mapped replica: ``write(layer, k_TKD, v_TKD)``
+    gets host tensors, pinned on CUDA so that the copy to the device overlaps gathering the next layer."""
+    idx = torch.tensor(slots, dtype=torch.long)
+    pin = torch.cuda.is_available()
+    for i, layer in enumerate(layers):
+        kv_2TKD = source_2LNKD[:, i].index_select(1, idx)
+        if pin:
+            kv_2TKD = kv_2TKD.pin_memory()
+        write(layer, kv_2TKD[0], kv_2TKD[1])
