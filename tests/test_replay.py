@@ -105,8 +105,7 @@ def test_restore_and_replay_give_back_the_exact_kv(ckpt, tmp_path, shared):
     b.seqs.update({s: state(tables[s]) for s in live})
     slots, kv = store.export({s: tables[s] for s in live}, covered, BS)
     if shared:  # what a replacement on the holder's host does: map the file, copy the slots out of it
-        replica_shm.read_chunk(replica_shm.attach(store.describe("holder")), store.layers, slots,
-                               lambda layer, k, v: b.kv.write(layer, torch.tensor(slots), k, v))
+        replica_shm.copy_spans(replica_shm.attach(store.describe("holder")), store.layers, slots, b.kv.k_NKD, b.kv.v_NKD)
     else:
         for i, layer in enumerate(store.layers):
             b.kv.write(layer, torch.tensor(slots), kv[0, i], kv[1, i])

@@ -64,7 +64,7 @@ class StageFT:
             self.store = runner.replica_store or replica_store_for(spec.cfg, layout, worker.me, runner.kv.spec, runner.device,
                                                                    runner.model.dtype)
             if self.store.path is not None:  # a replica file of the worker we replace is stale now
-                replica_shm.remove_stale(self.store.path.parent, spec.cfg.run_dir, me, keep=self.store.path)
+                replica_shm.remove_stale(self.store.path.parent, spec.cfg.run_dir, me)
         self.rep_edges: dict = {}
         self.replay_left = -1
         self.replayed = 0
@@ -200,7 +200,12 @@ class StageFT:
                                                    str(runner.model.dtype).removeprefix("torch.")))
             if mapped is None:
                 raise RuntimeError(f"replica file {chunk.shm_path} is gone: cannot restore the KV")
-            replica_shm.read_chunk(mapped, chunk.layers, slots, write)
+            if runner.swapper is not None:  # virtual slots: gather them
+                for i, layer in enumerate(chunk.layers):
+                    kv_2TKD = mapped[:, i].index_select(1, torch.tensor(slots, dtype=torch.long))
+                    write(layer, kv_2TKD[0], kv_2TKD[1])
+            else:
+                replica_shm.copy_spans(mapped, chunk.layers, slots, runner.kv.k_NKD, runner.kv.v_NKD)
         else:
             for i, layer in enumerate(chunk.layers):
                 write(layer, kv[0, i], kv[1, i])
