@@ -12,7 +12,7 @@ from torch import nn
 from ..engine.attn_meta import AttnMeta, paged_attention
 from ..engine.kv_cache import KVCache
 from .config import ModelConfig
-from .layers import RMSNorm, apply_rotary
+from .layers import RMSNorm, apply_rotary_qk
 
 
 class Attention(nn.Module):
@@ -55,7 +55,7 @@ class Attention(nn.Module):
         self, x_TD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, meta: AttnMeta, kv: KVCache
     ) -> torch.Tensor:
         q_THD, k_TKD, v_TKD = self._qkv(x_TD)
-        q_THD, k_TKD = apply_rotary(q_THD, cos_TD, sin_TD), apply_rotary(k_TKD, cos_TD, sin_TD)
+        q_THD, k_TKD = apply_rotary_qk(q_THD, k_TKD, cos_TD, sin_TD)
         k_NKD, v_NKD = kv.update(self.layer, meta.slots_T, k_TKD, v_TKD)
         o_THD = paged_attention(q_THD, k_NKD, v_NKD, meta, self.scale, k_TKD, v_TKD)
         return self.o_proj(o_THD.reshape(x_TD.shape[0], -1))

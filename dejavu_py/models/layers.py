@@ -12,11 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_ops
 from .config import RopeConfig
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / rms(x)``, the statistics in float32, the product in the input dtype."""
+    """``weight * x / rms(x)``, the statistics in float32, the product in the input dtype.
+
+    On CUDA (``triton_ops.enabled``) one Triton launch with the same rounding steps; else eager torch.
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -24,6 +28,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_ops.enabled(x):
+            return triton_ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -127,3 +133,12 @@ def apply_rotary(x_THD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor
     """Rotate query or key heads by their positions' angles."""
     cos, sin = cos_TD[:, None, :], sin_TD[:, None, :]
     return x_THD * cos + _rotate_half(x_THD) * sin
+
+
+def apply_rotary_qk(
+    q_THD: torch.Tensor, k_TKD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rotary`` of the queries and the keys: one Triton launch when ``triton_ops.enabled``."""
+    if triton_ops.enabled(q_THD):
+        return triton_ops.rotary(q_THD, k_TKD, cos_TD, sin_TD)
+    return apply_rotary(q_THD, cos_TD, sin_TD), apply_rotary(k_TKD, cos_TD, sin_TD)

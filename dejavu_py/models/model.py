@@ -13,6 +13,7 @@ from torch import nn
 from ..engine.attn_meta import AttnMeta
 from ..engine.kv_cache import KVCache
 from ..engine.split import StageSpec
+from . import triton_ops
 from .attention import Attention
 from .config import ModelConfig
 from .layers import DenseMLP, RMSNorm, Rotary
@@ -42,11 +43,19 @@ class DecoderLayer(nn.Module):
         sink: RoutingSink | None,
         forced: dict | None = None,
     ) -> torch.Tensor:
-        h_TD = h_TD + self.self_attn(self.input_layernorm(h_TD), cos_TD, sin_TD, meta, kv)
-        x_TD = self.post_attention_layernorm(h_TD)
+        a_TD = self.self_attn(self.input_layernorm(h_TD), cos_TD, sin_TD, meta, kv)
+        h_TD, x_TD = self._residual_norm(h_TD, a_TD)
         if not self.is_moe:
             return h_TD + self.mlp(x_TD)
         return h_TD + self.mlp(x_TD, sink, forced.get(self.mlp.layer) if forced else None)
+
+    def _residual_norm(self, h_TD: torch.Tensor, a_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + attention out, post_attention_layernorm of it): one Triton launch when enabled."""
+        norm = self.post_attention_layernorm
+        if triton_ops.enabled(h_TD):
+            return triton_ops.add_rms_norm(h_TD, a_TD, norm.weight, norm.eps)
+        h_TD = h_TD + a_TD
+        return h_TD, norm(h_TD)
 
 
 class _Body(nn.Module):
