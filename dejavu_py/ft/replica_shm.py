@@ -13,6 +13,7 @@ Legend: L = the source stage's layers, N = cache slots, T = slots of a chunk, K 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import socket
 from dataclasses import dataclass
@@ -45,24 +46,45 @@ def replica_path(shm_dir: str | Path, run_dir: Path, holder: str) -> Path:
     return Path(shm_dir) / f"dejavu-{_run_tag(run_dir)}-{holder}-{os.getpid()}.kv"
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _map(fd: int, shape: tuple[int, ...], dtype: torch.dtype, populate: bool) -> torch.Tensor:
+    """A tensor over a shared mapping of the open file (the tensor keeps the mapping alive)."""
+    nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+    try:
+        mm = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return torch.frombuffer(mm, dtype=dtype, count=_numel(shape)).view(shape)
+
+
 def create(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A shared mapping of a new file (pages are allocated as they are written)."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).view(shape)
+    """A new replica file, its memory allocated now (a page first touched in a step costs a fault
+    and a zeroing there: 3 ms a step at batch 64), mapped."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+    os.ftruncate(fd, nbytes)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:  # e.g. the directory is not tmpfs-like: pages come as they are written
+        _log.info("replica file %s not preallocated: %s", path, e)
+    return _map(fd, shape, dtype, populate=False)
 
 
 def attach(msg: ReplicaShm) -> torch.Tensor | None:
-    """Map a holder's replica file, if it is on this host and still there."""
+    """Map a holder's replica file, if it is on this host and still there; its page tables are filled
+    at once (faulting 1.5 GB in page by page took 0.6 s of a restore)."""
     if msg.host != socket.gethostname() or not os.path.exists(msg.path):
         return None
-    numel = 1
-    for n in msg.shape:
-        numel *= n
     try:
-        return torch.from_file(msg.path, shared=True, size=numel, dtype=getattr(torch, msg.dtype)).view(msg.shape)
-    except (RuntimeError, OSError) as e:
+        return _map(os.open(msg.path, os.O_RDWR), tuple(msg.shape), getattr(torch, msg.dtype), populate=True)
+    except (RuntimeError, OSError, ValueError) as e:
         _log.warning("cannot map the replica at %s (%s): its bytes go over the replica edge", msg.path, e)
         return None
 
