@@ -149,7 +149,6 @@ class Recovery:
             self.pending[seq.seq_id] = rec
             self.t_resume[seq.seq_id] = t_resume
         rec.phases["paused_s"] = t_resume - t0
-        put_json(c.store, commands.RECOVERED_KEY, {"generation": gen})
         self.first_token.append(rec)  # written once the pipeline produces again (and recomputes are done)
         c.refresh_workers_file()
 
@@ -322,7 +321,10 @@ class Recovery:
 
     # -- after the replay --------------------------------------------------------------------------
     def on_tokens(self, seq_ids: list[int]) -> None:
-        """Tokens arrived for these sequences: a recovery whose recomputations all produced one is done."""
+        """Tokens arrived for these sequences: a recovery whose recomputations all produced one is done.
+        The first token after a recovery also lets supervisors refill their standbys (loading a stage
+        before it would compete with the recovery for the device)."""
+        self._refill_standbys()
         for rec in self.first_token:
             rec.notes["kill_to_next_token_s"] = round(time.time() - rec.t_failure, 4)
             rec.notes["resumed_at"] = round(time.time(), 4)  # wall clock: tools compare it with the fault's time
@@ -338,12 +340,17 @@ class Recovery:
             if rec not in self.pending.values():
                 self._write(rec)
 
+    def _refill_standbys(self) -> None:
+        if self.first_token:
+            put_json(self.coord.store, commands.RECOVERED_KEY, {"generation": self.generation})
+
     def finish(self) -> None:
         """End of run: write what is still open."""
         self._flush_pending("run ended before it finished")
 
     def _flush_pending(self, why: str) -> None:
         """Write the records of earlier recoveries whose recomputation had not finished."""
+        self._refill_standbys()
         for rec in self.first_token:
             if rec not in self.pending.values():
                 self._write(rec)

@@ -35,6 +35,9 @@ from . import replica_shm
 
 _log = log.get(__name__)
 
+BULK_BYTES = 64 << 20
+"""Chunks larger than this (re-replicating a whole cache) leave the device one layer at a time."""
+
 
 @dataclass
 class ReplicaChunk:
@@ -95,6 +98,7 @@ class ReplicaSender:
         self.shm: torch.Tensor | None = None
         """The holder's replica file, mapped, when it is on this host: chunks are written there."""
         self._index = {l: i for i, l in enumerate(kv.layers)}
+        self._stream: torch.cuda.Stream | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._run, name=f"replica-send-{me}", daemon=True).start()
 
@@ -121,7 +125,10 @@ class ReplicaSender:
         self.bytes += kv_2LTKD.numel() * kv_2LTKD.element_size()
         self.chunks += 1
         ready = None
-        if kv_2LTKD.device.type == "cuda":  # on the device's queue now, in step order; waited for by the sender thread
+        if kv_2LTKD.device.type == "cuda" and kv_2LTKD.numel() * kv_2LTKD.element_size() > BULK_BYTES and len(msg.layers) > 1:
+            ready = torch.cuda.Event()  # a bulk chunk (re-replication): the sender thread copies it layer by layer
+            ready.record()
+        elif kv_2LTKD.device.type == "cuda":  # on the device's queue now, in step order; waited for by the sender thread
             host = torch.empty(kv_2LTKD.shape, dtype=kv_2LTKD.dtype, pin_memory=True)
             host.copy_(kv_2LTKD, non_blocking=True)
             ready = torch.cuda.Event()
@@ -143,15 +150,32 @@ class ReplicaSender:
                 continue
             if ready is not None:
                 ready.synchronize()
-            shm = self.shm
-            if shm is not None:  # the holder's file is on this host: write it, send only the bookkeeping
-                replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
-                msg, kv = dataclasses.replace(msg, inline=False), None
-                self.shm_chunks += 1
-            try:
-                self._send(msg, kv)
-            except Exception as e:  # the holder is gone: the coordinator's recovery re-replicates
-                _log.warning("replica chunk for step %d of microbatch %d not sent: %s", msg.step, msg.mb, e)
+            if kv.device.type != "cuda":
+                self._deliver(msg, kv)
+                continue
+            for i, layer in enumerate(msg.layers):  # one layer at a time: no GB of pinned memory at once
+                with torch.cuda.stream(self._side()):
+                    host = torch.empty(kv[:, i:i + 1].shape, dtype=kv.dtype, pin_memory=True)
+                    host.copy_(kv[:, i:i + 1], non_blocking=True)
+                    torch.cuda.current_stream().synchronize()
+                self._deliver(dataclasses.replace(msg, layers=[layer]), host)
+
+    def _side(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.kv.device)
+        return self._stream
+
+    def _deliver(self, msg: ReplicaChunk, kv: torch.Tensor) -> None:
+        """Into the holder's file when it is on this host (then only the bookkeeping travels), else over the edge."""
+        shm = self.shm
+        if shm is not None:
+            replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
+            msg, kv = dataclasses.replace(msg, inline=False), None
+            self.shm_chunks += 1
+        try:
+            self._send(msg, kv)
+        except Exception as e:  # the holder is gone: the coordinator's recovery re-replicates
+            _log.warning("replica chunk for step %d of microbatch %d not sent: %s", msg.step, msg.mb, e)
 
     def acked(self, ack: ReplicaAck) -> None:
         with self.cv:

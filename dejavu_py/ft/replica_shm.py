@@ -16,6 +16,7 @@ import hashlib
 import mmap
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ _log = log.get(__name__)
 
 @dataclass
 class ReplicaShm:
-    """Holder -> source: the replica lives in this file on this host, [2, L, N, K, D] of ``dtype``."""
+    """Where a holder keeps a replica: this file on this host, [2, L, N, K, D] of ``dtype``. Published
+    in the store (``key``) before the holder builds its edges, so a source that has an edge to it finds it."""
 
     holder: str
     host: str
@@ -64,17 +66,18 @@ def _map(fd: int, shape: tuple[int, ...], dtype: torch.dtype, populate: bool) ->
     return torch.frombuffer(mm, dtype=dtype, count=_numel(shape)).view(shape)
 
 
-def create(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A new replica file, its memory allocated now (a page first touched in a step costs a fault
-    and a zeroing there: 3 ms a step at batch 64), mapped."""
+def create(path: Path, shape: tuple[int, ...], dtype: torch.dtype, threads: int = 8) -> torch.Tensor:
+    """A new replica file, mapped, every page written now by a few threads: a page first touched in a
+    step costs a fault and a zeroing there (3 ms a step at batch 64), and mapping a file whose pages
+    exist with populated page tables (``attach``) is 15x faster than one whose pages do not."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-    os.ftruncate(fd, nbytes)
-    try:
-        os.posix_fallocate(fd, 0, nbytes)
-    except OSError as e:  # e.g. the directory is not tmpfs-like: pages come as they are written
-        _log.info("replica file %s not preallocated: %s", path, e)
-    return _map(fd, shape, dtype, populate=False)
+    os.ftruncate(fd, _numel(shape) * torch.empty((), dtype=dtype).element_size())
+    t = _map(fd, shape, dtype, populate=False)
+    flat = t.view(-1)
+    step = -(-flat.numel() // threads)
+    with ThreadPoolExecutor(threads) as pool:  # zero_ leaves the GIL: the threads fault in parallel
+        list(pool.map(lambda a: flat[a:a + step].zero_(), range(0, flat.numel(), step)))
+    return t
 
 
 def attach(msg: ReplicaShm) -> torch.Tensor | None:
@@ -87,6 +90,10 @@ def attach(msg: ReplicaShm) -> torch.Tensor | None:
     except (RuntimeError, OSError, ValueError) as e:
         _log.warning("cannot map the replica at %s (%s): its bytes go over the replica edge", msg.path, e)
         return None
+
+
+def key(holder: str) -> str:
+    return f"replica_shm/{holder}"
 
 
 def _alive(pid: int) -> bool:

@@ -20,6 +20,7 @@ from .. import log
 from ..engine.attn_meta import slot_of
 from ..engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult
 from .checkpoints import TokenStateRing, compact, routing_mismatches
+from ..comm.store import get_json, has, put_json
 from . import replica_shm
 from .messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
 from .replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaSender, ReplicaStore
@@ -65,6 +66,8 @@ class StageFT:
                                                                    runner.model.dtype)
             if self.store.path is not None:  # a replica file of the worker we replace is stale now
                 replica_shm.remove_stale(self.store.path.parent, spec.cfg.run_dir, me)
+            where = self.store.describe(me)  # published even when empty: it replaces a dead holder's
+            put_json(worker.store, replica_shm.key(me), dataclasses.asdict(where) if where else {})
         self.rep_edges: dict = {}
         self.replay_left = -1
         self.replayed = 0
@@ -75,27 +78,33 @@ class StageFT:
             runner.enable_recording()
 
     # -- edges -----------------------------------------------------------------------------------
-    def connect(self, generation: int, peers: list[str] | None = None) -> dict:
-        """Replica edges (to the holder and from the source), built after the main edges."""
+    def connect(self, generation: int, peers: list[str] | None = None) -> tuple[dict, torch.Tensor | None]:
+        """Replica edges (to the holder and from the source), built after the main edges, and the
+        holder's replica file mapped when it is on this host (its edge is up: it has published it)."""
+        from ..comm.edge import Edge
         from ..comm.store import connect
 
         wanted = self.w.spec.layout.replica_peers_of(self.w.me.name) if self.active else []
         if peers is not None:
             wanted = [p for p in wanted if p in peers]
-        from ..comm.edge import Edge
+        edges = {p: Edge(connect(self.w.spec.store), self.w.me.name, p, generation,
+                         self.w.spec.cfg.runtime.comm_timeout_s, channel="rep") for p in wanted}
+        mapped, client = None, connect(self.w.spec.store) if self.holder in edges else None
+        where = get_json(client, replica_shm.key(self.holder)) if client is not None and has(client, replica_shm.key(self.holder)) else {}
+        if where:
+            mapped = replica_shm.attach(ReplicaShm(**where))
+            _log.info("replica for %s: %s", self.holder, "its shared file" if mapped is not None else "over the replica edge")
+        return edges, mapped
 
-        return {p: Edge(connect(self.w.spec.store), self.w.me.name, p, generation,
-                        self.w.spec.cfg.runtime.comm_timeout_s, channel="rep") for p in wanted}
-
-    def install(self, edges: dict) -> None:
+    def install(self, got: tuple[dict, torch.Tensor | None]) -> None:
+        edges, mapped = got
+        if self.sender is not None and self.holder in edges:
+            self.sender.shm = mapped
         for peer, edge in edges.items():
             old = self.rep_edges.pop(peer, None)
             if old is not None:
                 old.close()
             self.rep_edges[peer] = edge
-            where = self.store.describe(self.w.me.name) if self.store is not None and peer == self.source else None
-            if where is not None:  # before the pump starts: nothing else sends on this edge yet
-                edge.send(where)
             threading.Thread(target=self._pump, args=(peer, edge), name=f"rep-{peer}", daemon=True).start()
 
     def drop(self, failed: list[str]) -> None:
@@ -116,10 +125,6 @@ class StageFT:
                 return
             if isinstance(msg, ReplicaAck) and self.sender is not None:
                 self.sender.acked(msg)
-            elif isinstance(msg, ReplicaShm) and self.sender is not None and msg.holder == self.holder:
-                self.sender.shm = replica_shm.attach(msg)
-                _log.info("replica for %s: %s", msg.holder, "shared file " + msg.path if self.sender.shm is not None
-                          else "over the replica edge (another host)")
             elif isinstance(msg, ReplicaChunk) and msg.source == self.w.me.name:
                 self.w.inbox.put((peer, msg, t))  # our own KV coming back: the main loop writes it
             elif isinstance(msg, ReplicaChunk) and self.store is not None:
@@ -252,8 +257,6 @@ class StageFT:
             self.rep_edges[q.to].send(chunk, self.store.export(q.tables, covered, bs)[1])
 
     def _same_host(self, member: str) -> bool:
-        from ..comm.store import get_json, has
-
         key = f"member/{member}"
         return has(self.w.store, key) and get_json(self.w.store, key).get("host") == socket.gethostname()
 
