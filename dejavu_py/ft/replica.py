@@ -97,6 +97,7 @@ class ReplicaSender:
         self.shm_chunks = 0
         self.shm: torch.Tensor | None = None
         """The holder's replica file, mapped, when it is on this host: chunks are written there."""
+        self.shm_path: str | None = None
         self._index = {l: i for i, l in enumerate(kv.layers)}
         self._stream: torch.cuda.Stream | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

@@ -78,7 +78,7 @@ class StageFT:
             runner.enable_recording()
 
     # -- edges -----------------------------------------------------------------------------------
-    def connect(self, generation: int, peers: list[str] | None = None) -> tuple[dict, torch.Tensor | None]:
+    def connect(self, generation: int, peers: list[str] | None = None) -> tuple[dict, torch.Tensor | None, str | None]:
         """Replica edges (to the holder and from the source), built after the main edges, and the
         holder's replica file mapped when it is on this host (its edge is up: it has published it)."""
         from ..comm.edge import Edge
@@ -94,12 +94,14 @@ class StageFT:
         if where:
             mapped = replica_shm.attach(ReplicaShm(**where))
             _log.info("replica for %s: %s", self.holder, "its shared file" if mapped is not None else "over the replica edge")
-        return edges, mapped
+        return edges, mapped, where.get("path") if mapped is not None else None
 
-    def install(self, got: tuple[dict, torch.Tensor | None]) -> None:
-        edges, mapped = got
+    def install(self, got: tuple[dict, torch.Tensor | None, str | None]) -> None:
+        edges, mapped, path = got
         if self.sender is not None and self.holder in edges:
-            self.sender.shm = mapped
+            self.sender.shm, self.sender.shm_path = mapped, path
+            if mapped is not None and self.w.spec.generation > 0 and not self.w.restored:
+                replica_shm.prefault(mapped)  # our own KV is in there: the restore reads it all soon
         for peer, edge in edges.items():
             old = self.rep_edges.pop(peer, None)
             if old is not None:
@@ -199,10 +201,11 @@ class StageFT:
             else:
                 runner.kv.write(layer, idx, k, v)
 
-        if chunk.shm_path is not None:
+        if chunk.shm_path is not None:  # the holder's file: the one we replicate into, already mapped
             shape = (2, len(chunk.layers), *runner.kv.k_NKD[chunk.layers[0]].shape)
-            mapped = replica_shm.attach(ReplicaShm("", socket.gethostname(), chunk.shm_path, shape,
-                                                   str(runner.model.dtype).removeprefix("torch.")))
+            mapped = self.sender.shm if self.sender is not None and self.sender.shm_path == chunk.shm_path else \
+                replica_shm.attach(ReplicaShm("", socket.gethostname(), chunk.shm_path, shape,
+                                              str(runner.model.dtype).removeprefix("torch.")))
             if mapped is None:
                 raise RuntimeError(f"replica file {chunk.shm_path} is gone: cannot restore the KV")
             if runner.swapper is not None:  # virtual slots: gather them
