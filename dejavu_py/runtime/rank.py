@@ -14,14 +14,8 @@ from .zygote import Zygote
 
 _log = log.get(__name__)
 
-SWITCH_INTERVAL_S = 0.0005
-"""How long a thread may hold the GIL while another waits for it (Python's default: 5 ms). Every
-process here is a few threads handing each other messages (receivers, the step or scheduling loop,
-replica sender, heartbeat); at the default a message could wait a whole decode step for the GIL."""
-
 
 def run_rank(cfg: RunConfig, info: RankInfo) -> int:
-    sys.setswitchinterval(SWITCH_INTERVAL_S)  # before the zygote forks: workers and standbys inherit it
     model_cfg, layout = prepare(cfg, info.world_size)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     level = cfg.runtime.log_level
