@@ -76,11 +76,13 @@ def run_with_faults(ckpt, rf, run_dir, nproc: int, fault_args: list[list[str]], 
 @pytest.mark.parametrize("victim", ["s0", "s1", "s2"])
 def test_kill_a_stage_at_a_chosen_step(ckpt, workload, tmp_path, victim):
     """Replicas in shared-memory files (the default) for s0 and s2; for s1 in pinned memory, every
-    byte over the replica edge (--replica-shm-dir off)."""
+    byte over the replica edge (--replica-shm-dir off). s2's run decodes on the static (graph) path,
+    whose replica chunks are the K/V each step recorded, not read back from the cache."""
     rf, ref = workload
     run = tmp_path / "run"
     shared = victim != "s1"
     extra = () if shared else ("--replica-shm-dir", "off")
+    extra += ("--cuda-graphs", "on") if victim == "s2" else ()
     outs, before, after = run_with_faults(ckpt, rf, run, 3, [["--name", victim, "--after-tokens", "120"]], *extra)
     assert ids(outs) == ref
     hit = faults(run)

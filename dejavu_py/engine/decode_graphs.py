@@ -10,12 +10,18 @@ sequence owns, so they write their K/V there and attend to finite garbage that n
 
 On CPU the same static path runs eagerly (``capture=False``): the tests check it against the plain path.
 
-Legend: B = batch rows (bucketed), M = blocks per row, L = context width (M * block size), D = hidden.
+With ``record`` (fault tolerance on) the step also stacks, inside the graph, what a stage's checkpoint and
+KV replica need: every MoE layer's routing (ids_RBK, weights_RBK) and every layer's new K/V (kv_2LBKD),
+so that after a replay they are one copy each away from the host, with no gather launched per layer.
+
+Legend: B = batch rows (bucketed), M = blocks per row, W = context width (M * block size), D = hidden,
+R = MoE layers of the stage, L = its layers, K = top-k (routing) or KV heads (cache), Dh = head dim.
 """
 from __future__ import annotations
 
 import bisect
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -61,12 +67,28 @@ def width_buckets(max_len: int, block_size: int) -> list[int]:
     return out + [top]
 
 
+@dataclass
+class StepRecord:
+    """What a decode step routed and wrote, stacked over the stage's layers."""
+
+    layers: list[int]
+    """The MoE layers, in the order of ``ids_RBK``."""
+    ids_RBK: torch.Tensor | None
+    weights_RBK: torch.Tensor | None
+    kv_2LBKD: torch.Tensor
+    """The new K and V of every layer of the stage (in cache order), as written to the cache."""
+
+    def rows(self, batch: int) -> StepRecord:
+        cut = (lambda t: None if t is None else t[:, :batch])  # noqa: E731
+        return StepRecord(self.layers, cut(self.ids_RBK), cut(self.weights_RBK), self.kv_2LBKD[:, :, :batch])
+
+
 class DecodeGraphs:
     """Static-buffer decode for one stage's model and KV cache."""
 
     def __init__(self, model: torch.nn.Module, kv: KVCache, block_size: int, max_batch: int, max_len: int,
-                 capture: bool) -> None:
-        self.model, self.kv, self.block_size, self.capture = model, kv, block_size, capture
+                 capture: bool, record: bool = False) -> None:
+        self.model, self.kv, self.block_size, self.capture, self.record = model, kv, block_size, capture, record
         self.device = kv.device
         self.batch_buckets = _buckets(max_batch, BATCH_BUCKETS)
         self.width_buckets = width_buckets(max_len, block_size)
@@ -80,7 +102,7 @@ class DecodeGraphs:
         else:
             self.x = torch.zeros(self.max_batch, model.cfg.hidden_size, dtype=model.dtype, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.routing: dict[tuple[int, int], list] = {}  # per graph: the routing tensors it writes
+        self.records: dict[tuple[int, int], StepRecord | None] = {}  # per graph: the record tensors it writes
         self._last: tuple[int, int] | None = None
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
@@ -118,20 +140,42 @@ class DecodeGraphs:
             self.tables_BM[B:Bb, :M].fill_(self.scratch)
             self.ctx_B[B:Bb].fill_(1)
         self.x[:B].copy_(x)
+        self._last = (Bb, W)
         if not self.capture:
-            return self._forward(Bb, W)[:B]
+            out, self.records[(Bb, W)] = self._forward_recorded(Bb, W)
+            return out[:B]
         entry = self.graphs.get((Bb, W)) or self._capture(Bb, W)
         entry[0].replay()
-        self._last = (Bb, W)
         return entry[1][:B].clone()  # the buffer is overwritten by the next replay
 
-    def last_routing(self, batch: int) -> list:
-        """(layer, ids, weights) the last replayed graph computed for its first ``batch`` rows."""
-        return [(layer, ids[:batch], w[:batch]) for layer, ids, w in self.routing.get(self._last, [])]
+    def last_record(self, batch: int) -> StepRecord | None:
+        """The record of the last step for its first ``batch`` rows (device tensors; a replay overwrites
+        them: copy before the next one)."""
+        rec = self.records.get(self._last)
+        return None if rec is None else rec.rows(batch)
 
     def _forward(self, Bb: int, W: int) -> torch.Tensor:
         meta = decode_meta(self.tables_BM[:Bb, : W // self.block_size], self.ctx_B[:Bb], W, self.block_size)
         return self.model(self.x[:Bb], meta, self.kv)
+
+    def _forward_recorded(self, Bb: int, W: int) -> tuple[torch.Tensor, StepRecord | None]:
+        """The step, and with ``record`` what it routed and wrote, stacked (inside a capture: in the graph)."""
+        if not self.record:
+            return self._forward(Bb, W), None
+        routed, written = [], []
+        sink, on_update = self.model.routing_sink, self.kv.on_update
+        self.model.routing_sink = lambda layer, ids, w: routed.append((layer, ids, w))
+        self.kv.on_update = lambda layer, slots, k, v: written.append((k, v))
+        try:
+            out = self._forward(Bb, W)
+        finally:
+            self.model.routing_sink, self.kv.on_update = sink, on_update
+        dtype = self.kv.k_NKD[self.kv.layers[0]].dtype
+        kv_2LBKD = torch.stack((torch.stack([k for k, _ in written]), torch.stack([v for _, v in written]))).to(dtype)
+        if not routed:
+            return out, StepRecord([], None, None, kv_2LBKD)
+        return out, StepRecord([layer for layer, _, _ in routed], torch.stack([i for _, i, _ in routed]),
+                               torch.stack([w for _, _, w in routed]), kv_2LBKD)
 
     def _capture(self, Bb: int, W: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream, then capture; the inputs are the current step's, so the K/V the
@@ -143,15 +187,8 @@ class DecodeGraphs:
                 self._forward(Bb, W)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        sink, collected = self.model.routing_sink, []
-        if sink is not None:  # the routing tensors live in the graph's memory: keep them to read after replays
-            self.model.routing_sink = lambda layer, ids, w: collected.append((layer, ids, w))
-        try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self._forward(Bb, W)
-        finally:
-            self.model.routing_sink = sink
+        with torch.cuda.graph(graph, pool=self._pool):  # the record lives in the graph's memory
+            out, self.records[(Bb, W)] = self._forward_recorded(Bb, W)
         self.graphs[(Bb, W)] = (graph, out)
-        self.routing[(Bb, W)] = collected
         _log.debug("captured decode graph for batch %d, context %d", Bb, W)
         return graph, out

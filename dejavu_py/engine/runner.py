@@ -25,6 +25,14 @@ def _to_host(routing: list) -> list:
     return [(layer, ids[j], w[j]) for j, (layer, _, _) in enumerate(routing)]
 
 
+def _record_to_host(record) -> list:
+    """A graph step's stacked routing to the host in one copy each."""
+    if record.ids_RBK is None:
+        return []
+    ids, w = record.ids_RBK.cpu(), record.weights_RBK.cpu()
+    return [(layer, ids[j], w[j]) for j, layer in enumerate(record.layers)]
+
+
 class StageRunner:
     """Runs one stage's layers for a plan, keeping the per-sequence state the plans announced."""
 
@@ -53,6 +61,9 @@ class StageRunner:
         self.routing: list = []
         self.slots: list[int] = []
         self.phys_slots: list[int] = []
+        self.step_kv: torch.Tensor | None = None
+        """A decode step from the graphs: its new K/V of every layer [2, L, B, K, D] (device; the next
+        step overwrites it), what the replica needs without gathering it back from the cache."""
         self._scratch: dict[int, int] = {}
         self._routing_dev: list = []
 
@@ -87,9 +98,9 @@ class StageRunner:
         finally:
             self.model.routing_override = None
         if self.record_routing:
-            if static and self.graphs.capture:
-                self._routing_dev = self.graphs.last_routing(len(plan.seq_ids))
-            self.routing = _to_host(self._routing_dev)
+            record = self.graphs.last_record(len(plan.seq_ids)) if static else None
+            self.step_kv = None if record is None else record.kv_2LBKD
+            self.routing = _to_host(self._routing_dev) if record is None else _record_to_host(record)
             tables = [self._table(s) if s in self._scratch else self.seqs[s].block_table  # virtual ids
                       for s in plan.seq_ids]
             self.slots = step_slots(tables, plan.start_pos, plan.num_tokens, self.block_size)

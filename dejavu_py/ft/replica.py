@@ -104,17 +104,22 @@ class ReplicaSender:
         threading.Thread(target=self._run, name=f"replica-send-{me}", daemon=True).start()
 
     def chunk(self, mb: int, step: int, seq_ids, start_pos, num_tokens, slots: list[int],
-              read_slots: list[int] | None = None, layers: list[int] | None = None) -> None:
-        """Send what a step (or an arriving prompt KV chunk) wrote, read back from the cache at
-        ``read_slots`` (device slots; default ``slots``, the sequence-table ones the holder mirrors)."""
+              read_slots: list[int] | None = None, written: torch.Tensor | None = None) -> None:
+        """Send what a step wrote: ``written`` [2, L, T, K, D] when the step handed it over (a graph's
+        record), else read back from the cache at ``read_slots`` (device slots; default ``slots``, the
+        sequence-table ones the holder mirrors)."""
         if not self.enabled or not slots:
             return
-        idx = torch.tensor(read_slots or slots, dtype=torch.long).to(self.kv.device, non_blocking=True)
-        layers = layers or list(self.kv.layers)
-        k = torch.stack([self.kv.k_NKD[l][idx] for l in layers])
-        v = torch.stack([self.kv.v_NKD[l][idx] for l in layers])
+        layers = list(self.kv.layers)
+        if written is None:
+            idx = torch.tensor(read_slots or slots, dtype=torch.long).to(self.kv.device, non_blocking=True)
+            k = torch.stack([self.kv.k_NKD[l][idx] for l in layers])
+            v = torch.stack([self.kv.v_NKD[l][idx] for l in layers])
+            written = torch.stack((k, v))
+        elif written.numel() * written.element_size() > BULK_BYTES:  # it outlives the next step: copy it
+            written = written.clone()
         self.forward(ReplicaChunk(self.me, mb, step, layers, list(seq_ids), list(start_pos), list(num_tokens), slots),
-                     torch.stack((k, v)))
+                     written)
 
     def forward(self, msg: ReplicaChunk, kv_2LTKD: torch.Tensor) -> None:
         """Send a chunk whose K/V is already in hand (e.g. prompt KV that just arrived)."""

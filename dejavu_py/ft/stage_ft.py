@@ -162,7 +162,8 @@ class StageFT:
             plan.routing[self.w.me.name] = record
         self.ring.record(plan.mb, plan.step, plan.seq_ids, out if isinstance(out, torch.Tensor) else None, record)
         if self.sender is not None:
-            self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, r.slots, r.phys_slots)
+            self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, r.slots, r.phys_slots,
+                              r.step_kv)
         if isinstance(out, StepResult):
             out.routing = plan.routing
         if plan.replay_until != self.w.me.name:

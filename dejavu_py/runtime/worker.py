@@ -144,7 +144,7 @@ def load_runner(spec: WorkerSpec, device: torch.device) -> tuple[StageRunner, fl
     if decodes and (cfg.pipeline.cuda_graphs == "on" or (cfg.pipeline.cuda_graphs == "auto" and device.type == "cuda")):
         max_len = min(cfg.cache.max_model_len or mcfg.max_position_embeddings, cache.capacity_tokens)
         graphs = DecodeGraphs(model, kv, cfg.cache.block_size, cfg.scheduler.max_batch_size, max_len,
-                              capture=device.type == "cuda" and capturable(mcfg, dtype))
+                              capture=device.type == "cuda" and capturable(mcfg, dtype), record=cfg.ft.enabled)
         graphs.capture_all()
     runner.graphs = graphs
     return runner, load_s
