@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dejavu_py.engine.decode_graphs import DecodeGraphs
 from dejavu_py.engine.kv_cache import CacheSpec, KVCache
 from dejavu_py.engine.plan import SeqState, StepPlan
 from dejavu_py.engine.runner import StageRunner
@@ -27,12 +28,17 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("ck") / "m", family="qwen3_moe", seed=9, tokenizer=False)
 
 
-def runner_for(ckpt) -> StageRunner:
+def runner_for(ckpt, static: bool = False) -> StageRunner:
+    """``static``: decode steps take the bucketed path of the CUDA graphs (uncaptured here), replays
+    included, with the step record (routing, new K/V) that fault tolerance reads."""
     cfg = load_model_config(ckpt)
     spec = split_stages(cfg.num_layers, 1)[0]
     model = load_stage(ckpt, spec, torch.float32, "cpu")
     kv = KVCache(CacheSpec(32, BS, cfg.num_kv_heads, cfg.head_dim), spec.layers, torch.float32, "cpu")
-    r = StageRunner(model, kv, spec, BS, torch.device("cpu"))
+    # buckets 1, 2, 3: no padding rows, whose routing (by the router, on stale inputs) would change the
+    # per-expert GEMM shapes of the CPU loop path and so the real rows' rounding
+    graphs = DecodeGraphs(model, kv, BS, 3, 64, capture=False, record=True) if static else None
+    r = StageRunner(model, kv, spec, BS, torch.device("cpu"), graphs)
     r.enable_recording()
     return r
 
@@ -49,11 +55,13 @@ def _send(store: ReplicaStore, shared: bool, lagging: dict):
     return send
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["bytes-over-edge", "shared-file"])
+@pytest.mark.parametrize("shared", [False, True], ids=["bytes-over-edge", "shared-file+static"])
 def test_restore_and_replay_give_back_the_exact_kv(ckpt, tmp_path, shared):
     """With a shared replica file the source writes its K/V into the holder's file itself (a separate
-    mapping, as another process has) and the replacement reads it back from the file."""
-    a = runner_for(ckpt)
+    mapping, as another process has) and the replacement reads it back from the file. That variant
+    decodes on the bucketed static path: replica chunks come from the step record, and replays run
+    in their bucket with their recorded routing."""
+    a = runner_for(ckpt, static=shared)
     path = tmp_path / "replica.kv" if shared else None
     store = ReplicaStore("x", a.kv.layers, (32 + 1) * BS, a.kv.spec.num_kv_heads, a.kv.spec.head_dim, torch.float32, False, path)
     lagging = {"on": True}
@@ -101,7 +109,7 @@ def test_restore_and_replay_give_back_the_exact_kv(ckpt, tmp_path, shared):
     covered = store.coverage(list(live))
     assert all(covered[s] < live[s] for s in (0, 1))  # the replica really lags
 
-    b = runner_for(ckpt)  # the replacement: an empty cache
+    b = runner_for(ckpt, static=shared)  # the replacement: an empty cache
     b.seqs.update({s: state(tables[s]) for s in live})
     slots, kv = store.export({s: tables[s] for s in live}, covered, BS)
     if shared:  # what a replacement on the holder's host does: map the file, copy the slots out of it

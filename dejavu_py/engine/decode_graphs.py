@@ -103,7 +103,8 @@ class DecodeGraphs:
             self.x = torch.zeros(self.max_batch, model.cfg.hidden_size, dtype=model.dtype, device=self.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.records: dict[tuple[int, int], StepRecord | None] = {}  # per graph: the record tensors it writes
-        self._last: tuple[int, int] | None = None
+        self._last: tuple[int, int] | None = None  # the bucket of the last step; None: it ran eagerly
+        self._eager_record: StepRecord | None = None
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     def capture_all(self) -> int:
@@ -126,9 +127,10 @@ class DecodeGraphs:
     def fits(self, batch: int, max_ctx: int) -> bool:
         return batch <= self.max_batch and max_ctx <= self.max_len
 
-    def run(self, tables: list[list[int]], ctx_lens: list[int], x: torch.Tensor) -> torch.Tensor:
+    def run(self, tables: list[list[int]], ctx_lens: list[int], x: torch.Tensor, eager: bool = False) -> torch.Tensor:
         """One decode step of ``len(ctx_lens)`` sequences (each ``ctx_lens[i]`` tokens long including
-        its new one); returns the stage's output rows for them."""
+        its new one); returns the stage's output rows for them. ``eager``: run the bucket's step without
+        its graph (a replay that forces recorded routing), on the shapes the graphs already ran."""
         B = len(ctx_lens)
         Bb = self.batch_buckets[bisect.bisect_left(self.batch_buckets, B)]
         W = self.width_buckets[bisect.bisect_left(self.width_buckets, max(ctx_lens))]
@@ -141,8 +143,13 @@ class DecodeGraphs:
             self.ctx_B[B:Bb].fill_(1)
         self.x[:B].copy_(x)
         self._last = (Bb, W)
-        if not self.capture:
-            out, self.records[(Bb, W)] = self._forward_recorded(Bb, W)
+        if not self.capture or eager:
+            forced = self.model.routing_override
+            if forced and Bb > B:  # recorded routing of the real rows; padding rows route as the first
+                self.model.routing_override = {layer: tuple(torch.cat((t, t[:1].expand(Bb - B, *t.shape[1:]))) for t in pair)
+                                               for layer, pair in forced.items()}
+            out, self._eager_record = self._forward_recorded(Bb, W)
+            self._last = None
             return out[:B]
         entry = self.graphs.get((Bb, W)) or self._capture(Bb, W)
         entry[0].replay()
@@ -151,7 +158,7 @@ class DecodeGraphs:
     def last_record(self, batch: int) -> StepRecord | None:
         """The record of the last step for its first ``batch`` rows (device tensors; a replay overwrites
         them: copy before the next one)."""
-        rec = self.records.get(self._last)
+        rec = self._eager_record if self._last is None else self.records.get(self._last)
         return None if rec is None else rec.rows(batch)
 
     def _forward(self, Bb: int, W: int) -> torch.Tensor:

@@ -136,13 +136,13 @@ class StageRunner:
     def _static_ok(self, plan: StepPlan) -> bool:
         if self.graphs is None or any(n != 1 for n in plan.num_tokens) or not all(plan.wants_token):
             return False
-        if plan.replay_until is not None:  # replays run eagerly (they may force recorded routing)
-            return False
         return self.graphs.fits(len(plan.seq_ids), max(plan.start_pos) + 1)
 
     def _decode_static(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
+        """A replay runs its bucket's step without the graph (it may force recorded routing), on shapes
+        the graphs compiled and planned kernels for: an odd batch would compile new ones mid-recovery."""
         tables = [self._table(sid) for sid in plan.seq_ids]
-        return self.graphs.run(tables, [s + 1 for s in plan.start_pos], x)
+        return self.graphs.run(tables, [s + 1 for s in plan.start_pos], x, eager=plan.replay_until is not None)
 
     def _eager(self, plan: StepPlan, x: torch.Tensor) -> torch.Tensor:
         slices = [
