@@ -77,7 +77,7 @@ def test_restore_and_replay_give_back_the_exact_kv(ckpt, tmp_path, shared):
     def run(plan: StepPlan) -> None:
         res = a.step(plan, None)
         plan.routing = {"x": compact(a.routing)}
-        sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, a.slots)
+        sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, a.slots, written=a.step_kv)
         sender.flush()  # the sender thread has applied it (or not, while lagging) before the next step
         history[0].append(plan)
         for sid, tok in zip(res.seq_ids, res.token_ids):
