@@ -90,6 +90,7 @@ class Edge:
 
     def _for_wire(self, t: torch.Tensor) -> torch.Tensor:
         if self.data_backend == "gloo" and t.device.type != "cpu":
+            torch.cuda.current_stream(t.device).synchronize()  # waits without the GIL; the copy then does not wait
             return t.to("cpu", non_blocking=False)
         return t.contiguous()
 

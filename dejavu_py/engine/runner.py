@@ -25,10 +25,20 @@ def _to_host(routing: list) -> list:
     return [(layer, ids[j], w[j]) for j, (layer, _, _) in enumerate(routing)]
 
 
+def _host_list(t: torch.Tensor) -> list:
+    """``t.tolist()``, waiting for the device first with the GIL released: ``tolist`` would hold it
+    through the whole step's kernels, and the stage's receiver and replica threads need it meanwhile."""
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
+    return t.tolist()
+
+
 def _record_to_host(record) -> list:
     """A graph step's stacked routing to the host in one copy each."""
     if record.ids_RBK is None:
         return []
+    if record.ids_RBK.is_cuda:  # as _host_list: wait without the GIL
+        torch.cuda.current_stream(record.ids_RBK.device).synchronize()
     ids, w = record.ids_RBK.cpu(), record.weights_RBK.cpu()
     return [(layer, ids[j], w[j]) for j, layer in enumerate(record.layers)]
 
@@ -158,7 +168,7 @@ class StageRunner:
         states = [self.seqs[s] for s in sids]
         dev = logits_SV.device
         if all(s.temperature == 0 for s in states):  # greedy: no per-row tensors, no device sync
-            return StepResult(plan.mb, plan.step, sids, logits_SV.argmax(dim=1).tolist())
+            return StepResult(plan.mb, plan.step, sids, _host_list(logits_SV.argmax(dim=1)))
         ids = sample(
             logits_SV,
             torch.tensor([s.temperature for s in states], dtype=torch.float32, device=dev),
@@ -169,4 +179,4 @@ class StageRunner:
             all_greedy=False,
             any_filter=any(s.top_k > 0 or s.top_p < 1 for s in states),
         )
-        return StepResult(plan.mb, plan.step, sids, ids.tolist())
+        return StepResult(plan.mb, plan.step, sids, _host_list(ids))
