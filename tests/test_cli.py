@@ -76,6 +76,7 @@ def test_help_explains_every_flag(capsys):
         (["--dtype", "int8"], ["--dtype", "int8"]),
         (["--layers-per-stage", "2,x"], ["--layers-per-stage", "2,x"]),
         (["--seed", "-1"], ["--seed -1"]),
+        (["--replica-shm-dir", "/no/such/dir"], ["--replica-shm-dir", "/no/such/dir", "auto or off"]),
     ],
 )
 def test_bad_flag(capsys, ckpt, reqs, tmp_path, extra, needles):
