@@ -1,0 +1,57 @@
+"""Shared-memory replica files: names, stale files of dead workers, spans copied at a restore."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+from dejavu_py.ft import replica_shm
+from dejavu_py.ft.replica_shm import ReplicaShm
+
+
+def test_spans_merge_close_slots_and_keep_far_ones_apart():
+    assert replica_shm.spans([5, 3, 4, 4, 20], gap=1) == [(3, 6), (20, 21)]
+    assert replica_shm.spans([5, 3, 4, 20], gap=16) == [(3, 21)]
+    assert replica_shm.spans([], gap=4) == []
+
+
+def test_copy_spans_moves_exactly_the_slots_asked(tmp_path):
+    shape = (2, 2, 32, 2, 4)  # [2, L, N, K, D]
+    src = replica_shm.create(tmp_path / "r.kv", shape, torch.float32)
+    src.copy_(torch.randn(shape))
+    k = {7: torch.zeros(32, 2, 4), 9: torch.zeros(32, 2, 4)}
+    v = {7: torch.zeros(32, 2, 4), 9: torch.zeros(32, 2, 4)}
+    slots = [1, 2, 3, 17, 30]
+    replica_shm.copy_spans(src, [7, 9], slots, k, v, gap=4)
+    for i, layer in enumerate([7, 9]):
+        assert torch.equal(k[layer][slots], src[0, i, slots]) and torch.equal(v[layer][slots], src[1, i, slots])
+        assert not k[layer][20:30].any()  # far from every slot asked: not copied
+
+
+def test_attach_maps_the_same_bytes_and_refuses_other_hosts(tmp_path):
+    path = tmp_path / "r.kv"
+    t = replica_shm.create(path, (2, 1, 8, 1, 2), torch.bfloat16)
+    here = ReplicaShm("h", socket.gethostname(), str(path), (2, 1, 8, 1, 2), "bfloat16")
+    other = replica_shm.attach(here)
+    other[1, 0, 3] = 2.5
+    assert t[1, 0, 3, 0, 0].item() == 2.5  # one file, two mappings
+    assert replica_shm.attach(ReplicaShm("h", socket.gethostname() + "-elsewhere", str(path), (2, 1, 8, 1, 2), "bfloat16")) is None
+    assert replica_shm.attach(ReplicaShm("h", socket.gethostname(), str(tmp_path / "gone.kv"), (2, 1, 8, 1, 2), "bfloat16")) is None
+
+
+def test_stale_files_of_dead_workers_go_and_live_ones_stay(tmp_path):
+    run = tmp_path / "run"
+    mine = replica_shm.replica_path(tmp_path, run, "s1")
+    mine.write_bytes(b"x")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = mine.with_name(mine.name.replace(f"-{os.getpid()}.kv", f"-{dead.stdout.strip()}.kv"))
+    stale.write_bytes(b"x")
+    other_member = replica_shm.replica_path(tmp_path, run, "s0")
+    other_member.write_bytes(b"x")
+    replica_shm.remove_stale(tmp_path, run, "s1")
+    assert mine.exists() and not stale.exists() and other_member.exists()
+    replica_shm.remove_all(str(tmp_path), run)
+    assert not list(tmp_path.glob("dejavu-*.kv"))
