@@ -142,7 +142,6 @@ class DecodeGraphs:
             self.tables_BM[B:Bb, :M].fill_(self.scratch)
             self.ctx_B[B:Bb].fill_(1)
         self.x[:B].copy_(x)
-        self._last = (Bb, W)
         if not self.capture or eager:
             forced = self.model.routing_override
             if forced and Bb > B:  # recorded routing of the real rows; padding rows route as the first
@@ -153,6 +152,7 @@ class DecodeGraphs:
             return out[:B]
         entry = self.graphs.get((Bb, W)) or self._capture(Bb, W)
         entry[0].replay()
+        self._last = (Bb, W)
         return entry[1][:B].clone()  # the buffer is overwritten by the next replay
 
     def last_record(self, batch: int) -> StepRecord | None:

@@ -16,31 +16,38 @@ from .swap import Swapper
 _log = log.get(__name__)
 
 
-def _to_host(routing: list) -> list:
-    """Every MoE layer's (ids, weights) to the host in one copy each (not one per layer)."""
-    if not routing:
-        return []
-    ids = torch.stack([i for _, i, _ in routing]).cpu()
-    w = torch.stack([x for _, _, x in routing]).cpu()
-    return [(layer, ids[j], w[j]) for j, (layer, _, _) in enumerate(routing)]
+def _settled(t: torch.Tensor) -> torch.Tensor:
+    """``t`` once the device has computed it, waited for with the GIL released: reading it back
+    (``tolist``, ``cpu``) would hold the GIL through the whole step's kernels, while the stage's
+    receiver and replica threads need it."""
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
+    return t
 
 
 def _host_list(t: torch.Tensor) -> list:
-    """``t.tolist()``, waiting for the device first with the GIL released: ``tolist`` would hold it
-    through the whole step's kernels, and the stage's receiver and replica threads need it meanwhile."""
-    if t.is_cuda:
-        torch.cuda.current_stream(t.device).synchronize()
-    return t.tolist()
+    return _settled(t).tolist()
+
+
+def _stacked_to_host(layers: list[int], ids_RTK: torch.Tensor, w_RTK: torch.Tensor) -> list:
+    """Every MoE layer's (ids, weights), stacked over layers, to the host in one copy each."""
+    ids, w = _settled(ids_RTK).cpu(), w_RTK.cpu()
+    return [(layer, ids[j], w[j]) for j, layer in enumerate(layers)]
+
+
+def _to_host(routing: list) -> list:
+    """An eager step's routing, as the MoE layers reported it one by one."""
+    if not routing:
+        return []
+    return _stacked_to_host([layer for layer, _, _ in routing], torch.stack([i for _, i, _ in routing]),
+                            torch.stack([x for _, _, x in routing]))
 
 
 def _record_to_host(record) -> list:
-    """A graph step's stacked routing to the host in one copy each."""
+    """A graph step's routing, stacked in the graph."""
     if record.ids_RBK is None:
         return []
-    if record.ids_RBK.is_cuda:  # as _host_list: wait without the GIL
-        torch.cuda.current_stream(record.ids_RBK.device).synchronize()
-    ids, w = record.ids_RBK.cpu(), record.weights_RBK.cpu()
-    return [(layer, ids[j], w[j]) for j, layer in enumerate(record.layers)]
+    return _stacked_to_host(record.layers, record.ids_RBK, record.weights_RBK)
 
 
 class StageRunner:

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
-
-import socket
 from pathlib import Path
 
 import torch
@@ -81,6 +80,11 @@ def step_slots(tables: list[list[int]], start_pos: list[int], num_tokens: list[i
     return out
 
 
+def covered_slots(tables: dict[int, list[int]], covered: dict[int, int], block_size: int) -> list[int]:
+    """Slots of the covered leading positions of these sequences, sequence by sequence."""
+    return [slot_of(tables[s], p, block_size) for s in sorted(tables) for p in range(covered.get(s, 0))]
+
+
 class ReplicaSender:
     """Streams a stage's new K/V to its replica holder. The step's thread only queues the work on the
     device (gather, copy into pinned host memory, an event); a sender thread waits for the event and
@@ -128,10 +132,11 @@ class ReplicaSender:
         if msg.mb >= 0:
             with self.cv:
                 self.unacked.setdefault(msg.mb, []).append(msg.step)
-        self.bytes += kv_2LTKD.numel() * kv_2LTKD.element_size()
+        nbytes = kv_2LTKD.numel() * kv_2LTKD.element_size()
+        self.bytes += nbytes
         self.chunks += 1
         ready = None
-        if kv_2LTKD.device.type == "cuda" and kv_2LTKD.numel() * kv_2LTKD.element_size() > BULK_BYTES and len(msg.layers) > 1:
+        if kv_2LTKD.device.type == "cuda" and nbytes > BULK_BYTES and len(msg.layers) > 1:
             ready = torch.cuda.Event()  # a bulk chunk (re-replication): the sender thread copies it layer by layer
             ready.record()
         elif kv_2LTKD.device.type == "cuda":  # on the device's queue now, in step order; waited for by the sender thread
@@ -260,7 +265,11 @@ class ReplicaStore:
 
     def export(self, tables: dict[int, list[int]], covered: dict[int, int], block_size: int):
         """(slots, tensor [2, L, T, K, D]) of the covered positions of these sequences."""
-        slots = [slot_of(tables[s], p, block_size) for s in sorted(tables) for p in range(covered.get(s, 0))]
+        slots = covered_slots(tables, covered, block_size)
+        return slots, self.read(slots)
+
+    def read(self, slots: list[int]) -> torch.Tensor:
+        """[2, L, T, K, D]: the replica at these slots (a copy)."""
         idx = torch.tensor(slots, dtype=torch.long)
         with self.lock:
-            return slots, self.kv_2LNKD.index_select(2, idx)
+            return self.kv_2LNKD.index_select(2, idx)

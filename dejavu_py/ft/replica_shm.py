@@ -13,6 +13,7 @@ Legend: L = the source stage's layers, N = cache slots, T = slots of a chunk, K 
 from __future__ import annotations
 
 import hashlib
+import math
 import mmap
 import os
 import socket
@@ -49,22 +50,18 @@ def replica_path(shm_dir: str | Path, run_dir: Path, holder: str) -> Path:
     return Path(shm_dir) / f"dejavu-{_run_tag(run_dir)}-{holder}-{os.getpid()}.kv"
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
 
 
 def _map(fd: int, shape: tuple[int, ...], dtype: torch.dtype, populate: bool) -> torch.Tensor:
     """A tensor over a shared mapping of the open file (the tensor keeps the mapping alive)."""
-    nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
     flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
     try:
-        mm = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(fd, _nbytes(shape, dtype), flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-    return torch.frombuffer(mm, dtype=dtype, count=_numel(shape)).view(shape)
+    return torch.frombuffer(mm, dtype=dtype, count=math.prod(shape)).view(shape)
 
 
 def create(path: Path, shape: tuple[int, ...], dtype: torch.dtype, threads: int = 8) -> torch.Tensor:
@@ -72,7 +69,7 @@ def create(path: Path, shape: tuple[int, ...], dtype: torch.dtype, threads: int 
     step costs a fault and a zeroing there (3 ms a step at batch 64), and mapping a file whose pages
     exist with populated page tables (``attach``) is 15x faster than one whose pages do not."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.ftruncate(fd, _numel(shape) * torch.empty((), dtype=dtype).element_size())
+    os.ftruncate(fd, _nbytes(shape, dtype))
     t = _map(fd, shape, dtype, populate=False)
     flat = t.view(-1)
     step = -(-flat.numel() // threads)

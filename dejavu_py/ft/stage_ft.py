@@ -23,7 +23,7 @@ from .checkpoints import TokenStateRing, compact, routing_mismatches
 from ..comm.store import get_json, has, put_json
 from . import replica_shm
 from .messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
-from .replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaSender, ReplicaStore
+from .replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaSender, ReplicaStore, covered_slots
 from .replica_shm import ReplicaShm
 
 if TYPE_CHECKING:
@@ -247,8 +247,7 @@ class StageFT:
         """Tell the coordinator the coverage first (it plans the replay meanwhile), then ship the KV:
         the file's name to a replacement on this host, else the bytes."""
         covered = self.store.coverage(list(q.tables)) if self.store is not None else {}
-        bs = self.w.spec.cfg.cache.block_size
-        slots = [slot_of(q.tables[s], p, bs) for s in sorted(q.tables) for p in range(covered.get(s, 0))]
+        slots = covered_slots(q.tables, covered, self.w.spec.cfg.cache.block_size)
         nbytes = self.store.nbytes(len(slots), len(self.store.layers)) if slots else 0
         self.w.send_coord(ReplicaCoverage(q.source, covered, nbytes))
         if not slots:
@@ -258,16 +257,17 @@ class StageFT:
         if self.store.path is not None and self._same_host(q.to):
             self.rep_edges[q.to].send(dataclasses.replace(chunk, inline=False, shm_path=str(self.store.path)))
         else:
-            self.rep_edges[q.to].send(chunk, self.store.export(q.tables, covered, bs)[1])
+            self.rep_edges[q.to].send(chunk, self.store.read(slots))
 
     def _same_host(self, member: str) -> bool:
-        key = f"member/{member}"
+        from ..runtime.worker import member_key  # the worker imports this module
+
+        key = member_key(member)
         return has(self.w.store, key) and get_json(self.w.store, key).get("host") == socket.gethostname()
 
     def _rereplicate(self, msg: Rereplicate) -> None:
-        bs = self.w.spec.cfg.cache.block_size
         sids = sorted(msg.tables)
-        slots = [slot_of(msg.tables[s], p, bs) for s in sids for p in range(msg.lengths[s])]
+        slots = covered_slots(msg.tables, msg.lengths, self.w.spec.cfg.cache.block_size)
         kv = self.w.runner.kv
         if self.w.runner.swapper is not None:  # partitions may be on the device or at home on the host
             pairs = [self.w.runner.swapper.read(layer, slots) for layer in kv.layers]

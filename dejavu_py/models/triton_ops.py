@@ -23,13 +23,10 @@ from typing import Any
 
 import torch
 
-from .fused_moe import available, interpreting, tl, triton
+from .fused_moe import DTYPES, available, interpreting, tl, triton
 
 if triton is not None:
     from .fused_moe import _add_combine  # tl.sum's combine, which the interpreter runs with numpy
-
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
 
 def enabled(x: torch.Tensor) -> bool:
     """Whether the Triton ops serve ``x``: triton, CUDA (or the interpreter), a supported dtype, not disabled."""
