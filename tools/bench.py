@@ -90,7 +90,8 @@ def run_dejavu(ckpt: Path, work: Path, batch: int, stages: int, a) -> dict:
     ttft = max(first)
     return {"engine": "dejavu", "stages": stages, "batch": batch, "ttft_s": ttft, "tpot_s": sum(tpot) / len(tpot),
             "prefill_tok_s": batch * a.prompt_len / ttft, "decode_tok_s": batch / (sum(tpot) / len(tpot)),
-            "job_wall_s": time.time() - t0}
+            "job_wall_s": time.time() - t0,
+            "loop_ms": json.loads((run_dir / "summary.json").read_text()).get("loop_ms")}  # host vs device per step
 
 
 def wait_gpu_free(timeout_s: float = 60) -> None:

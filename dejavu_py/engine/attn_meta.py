@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models import triton_attention
+
 
 @dataclass
 class SeqSlice:
@@ -52,6 +54,8 @@ class AttnMeta:
     """int64 [B, L] cache slots of each decode sequence's context, padded with slot 0."""
     decode_mask_BL: torch.Tensor
     """bool [B, L] True where a context position is real."""
+    decode_len_B: torch.Tensor
+    """int32 [B] context length of each decode sequence, its new token included."""
     prefills: list[PrefillSeq]
     """Multi-token sequences, attended one by one."""
     logits_rows_S: torch.Tensor
@@ -108,6 +112,7 @@ def build_attn_meta(seqs: list[SeqSlice], block_size: int, device: torch.device 
         decode_rows_B=t(decode_rows),
         decode_slots_BL=t(pad_slots).reshape(len(decode_ctx), width),
         decode_mask_BL=t(mask, torch.bool).reshape(len(decode_ctx), width),
+        decode_len_B=t([len(c) for c in decode_ctx], torch.int32),
         prefills=prefills,
         logits_rows_S=t(logits_rows),
     )
@@ -128,6 +133,7 @@ def decode_meta(tables_BM: torch.Tensor, ctx_len_B: torch.Tensor, width: int, bl
         decode_rows_B=rows_B,
         decode_slots_BL=slots_BL,
         decode_mask_BL=pos_L[None, :] < ctx_len_B[:, None],
+        decode_len_B=ctx_len_B,
         prefills=[],
         logits_rows_S=rows_B,
     )
@@ -172,7 +178,10 @@ def paged_attention(
     With the step's own K/V (``new_k_TKD``/``new_v_TKD``) fresh prompts of equal length are attended
     as one batch straight from them, without gathering from the cache."""
     out_THD = torch.empty_like(q_THD)
-    if meta.decode_rows_B.numel():
+    if meta.decode_rows_B.numel() and triton_attention.enabled(q_THD) and k_NKD.dtype == q_THD.dtype:
+        triton_attention.decode_attention(q_THD, k_NKD, v_NKD, meta.decode_rows_B, meta.decode_slots_BL,
+                                          meta.decode_len_B, scale, out_THD)
+    elif meta.decode_rows_B.numel():
         q_BH1D = q_THD[meta.decode_rows_B].unsqueeze(2)
         k_BKLD = k_NKD[meta.decode_slots_BL].transpose(1, 2)
         v_BKLD = v_NKD[meta.decode_slots_BL].transpose(1, 2)

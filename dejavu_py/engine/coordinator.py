@@ -35,7 +35,7 @@ from .disagg import DisaggDriver
 from .output import Timings, error_record, request_error_record, success_record, write_outputs
 from .plan import EdgeBroken, StepCounter, StepResult, Stop
 from .prefill_scheduler import PrefillScheduler
-from .progress import ProgressBar, RunSummary
+from .progress import LoopTimes, ProgressBar, RunSummary
 from .request import Request, RequestLimits, load_requests
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
@@ -68,6 +68,8 @@ class Coordinator:
         self._progress_t = 0.0
         self._last_progress = (0, 0)
         self.timeline: list[list] = []  # [unix time, tokens, requests done] -> timeline-<attempt>.json
+        self.loop_times = LoopTimes()
+        """The serving loop per step result: idle (waiting for any message), plan (everything else)."""
 
     # -- setup ---------------------------------------------------------------------------------
     def load_requests(self) -> list[Request]:
@@ -228,15 +230,20 @@ class Coordinator:
         heapq.heapify(arrivals)
         bar = ProgressBar(len(seqs), self.cfg.runtime.progress)
         done = tokens = 0
+        self.loop_times = times = LoopTimes()
         while arrivals or driver.busy():
+            times.mark("plan")
             now = time.monotonic()
             while arrivals and arrivals[0][0] <= now:
                 driver.add(seqs[heapq.heappop(arrivals)[1]])
             driver.fill()
             wait = arrivals[0][0] - now if arrivals else self.cfg.runtime.comm_timeout_s
+            times.mark("plan")
             try:
                 source, msg = self.inbox.get(timeout=max(wait, 0.001))
+                times.mark("idle")
             except queue.Empty:
+                times.mark("idle")
                 if arrivals:
                     continue
                 raise TimeoutError(f"no message from any stage for {self.cfg.runtime.comm_timeout_s:.0f}s") from None
@@ -249,6 +256,7 @@ class Coordinator:
                 continue
             finished = driver.on_message(source, msg)
             if isinstance(msg, StepResult):
+                times.steps += 1
                 tokens += len(msg.token_ids)
                 self.recovery.on_tokens(msg.seq_ids)
             for s in finished:
@@ -363,7 +371,10 @@ class Coordinator:
             stages=len(self.layout.members),
         )
         self.recovery.finish()
-        doc = {**self.summary.to_dict(), **self.driver.notes(), "recoveries": self.recovery.count,
+        loops = {"coordinator": self.loop_times.per_step_ms(), **{
+            m.name: get_json(self.store, f"ft_stats/{m.name}").get("loop") for m in self.layout.members
+            if has(self.store, f"ft_stats/{m.name}")}}
+        doc = {**self.summary.to_dict(), **self.driver.notes(), "recoveries": self.recovery.count, "loop_ms": loops,
                "resumed_from_journal": len(self.journal.finished) - sum(1 for s in seqs if s.status is Status.FINISHED)}
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
         attempt = self.journal.attempts + 1

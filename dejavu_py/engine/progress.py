@@ -62,3 +62,23 @@ class RunSummary:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+
+
+class LoopTimes:
+    """Where a serving loop's time goes, per step: blocked waiting for its next message (``idle``), in
+    named phases of its own work. What shows whether the device or the host paces a run."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.seconds: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        """Charge the time since the last mark to ``phase``."""
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
+        self._t = now
+
+    def per_step_ms(self) -> dict:
+        n = max(self.steps, 1)
+        return {"steps": self.steps, **{f"{k}_ms": round(1e3 * v / n, 4) for k, v in sorted(self.seconds.items())}}

@@ -1,6 +1,8 @@
 """The stage runner computes; it never decides. One step plan in, activations or sampled ids out."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .. import log
@@ -16,38 +18,42 @@ from .swap import Swapper
 _log = log.get(__name__)
 
 
-def _settled(t: torch.Tensor) -> torch.Tensor:
-    """``t`` once the device has computed it, waited for with the GIL released: reading it back
-    (``tolist``, ``cpu``) would hold the GIL through the whole step's kernels, while the stage's
+class DeviceWait:
+    """Waits for the device with the GIL released, and counts the time spent waiting: reading a result
+    back (``tolist``, ``cpu``) would hold the GIL through the whole step's kernels, while the stage's
     receiver and replica threads need it."""
-    if t.is_cuda:
-        torch.cuda.current_stream(t.device).synchronize()
-    return t
 
+    def __init__(self) -> None:
+        self.seconds = 0.0
 
-def _host_list(t: torch.Tensor) -> list:
-    return _settled(t).tolist()
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` once the device has computed it."""
+        if t.is_cuda:
+            t0 = time.perf_counter()
+            torch.cuda.current_stream(t.device).synchronize()
+            self.seconds += time.perf_counter() - t0
+        return t
 
+    def host_list(self, t: torch.Tensor) -> list:
+        return self(t).tolist()
 
-def _stacked_to_host(layers: list[int], ids_RTK: torch.Tensor, w_RTK: torch.Tensor) -> list:
-    """Every MoE layer's (ids, weights), stacked over layers, to the host in one copy each."""
-    ids, w = _settled(ids_RTK).cpu(), w_RTK.cpu()
-    return [(layer, ids[j], w[j]) for j, layer in enumerate(layers)]
+    def stacked_to_host(self, layers: list[int], ids_RTK: torch.Tensor, w_RTK: torch.Tensor) -> list:
+        """Every MoE layer's (ids, weights), stacked over layers, to the host in one copy each."""
+        ids, w = self(ids_RTK).cpu(), w_RTK.cpu()
+        return [(layer, ids[j], w[j]) for j, layer in enumerate(layers)]
 
+    def routing_to_host(self, routing: list) -> list:
+        """An eager step's routing, as the MoE layers reported it one by one."""
+        if not routing:
+            return []
+        return self.stacked_to_host([layer for layer, _, _ in routing], torch.stack([i for _, i, _ in routing]),
+                                    torch.stack([x for _, _, x in routing]))
 
-def _to_host(routing: list) -> list:
-    """An eager step's routing, as the MoE layers reported it one by one."""
-    if not routing:
-        return []
-    return _stacked_to_host([layer for layer, _, _ in routing], torch.stack([i for _, i, _ in routing]),
-                            torch.stack([x for _, _, x in routing]))
-
-
-def _record_to_host(record) -> list:
-    """A graph step's routing, stacked in the graph."""
-    if record.ids_RBK is None:
-        return []
-    return _stacked_to_host(record.layers, record.ids_RBK, record.weights_RBK)
+    def record_to_host(self, record) -> list:
+        """A graph step's routing, stacked in the graph."""
+        if record.ids_RBK is None:
+            return []
+        return self.stacked_to_host(record.layers, record.ids_RBK, record.weights_RBK)
 
 
 class StageRunner:
@@ -83,6 +89,8 @@ class StageRunner:
         step overwrites it), what the replica needs without gathering it back from the cache."""
         self._scratch: dict[int, int] = {}
         self._routing_dev: list = []
+        self.wait = DeviceWait()
+        """Time this stage's thread spent waiting for its steps' kernels (the rest of a step is host work)."""
 
     def enable_recording(self) -> None:
         self.record_routing = True
@@ -117,7 +125,8 @@ class StageRunner:
         if self.record_routing:
             record = self.graphs.last_record(len(plan.seq_ids)) if static else None
             self.step_kv = None if record is None else record.kv_2LBKD
-            self.routing = _to_host(self._routing_dev) if record is None else _record_to_host(record)
+            self.routing = (self.wait.routing_to_host(self._routing_dev) if record is None
+                            else self.wait.record_to_host(record))
             tables = [self._table(s) if s in self._scratch else self.seqs[s].block_table  # virtual ids
                       for s in plan.seq_ids]
             self.slots = step_slots(tables, plan.start_pos, plan.num_tokens, self.block_size)
@@ -175,7 +184,7 @@ class StageRunner:
         states = [self.seqs[s] for s in sids]
         dev = logits_SV.device
         if all(s.temperature == 0 for s in states):  # greedy: no per-row tensors, no device sync
-            return StepResult(plan.mb, plan.step, sids, _host_list(logits_SV.argmax(dim=1)))
+            return StepResult(plan.mb, plan.step, sids, self.wait.host_list(logits_SV.argmax(dim=1)))
         ids = sample(
             logits_SV,
             torch.tensor([s.temperature for s in states], dtype=torch.float32, device=dev),
@@ -186,4 +195,4 @@ class StageRunner:
             all_greedy=False,
             any_filter=any(s.top_k > 0 or s.top_p < 1 for s in states),
         )
-        return StepResult(plan.mb, plan.step, sids, _host_list(ids))
+        return StepResult(plan.mb, plan.step, sids, self.wait.host_list(ids))

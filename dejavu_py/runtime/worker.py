@@ -27,6 +27,7 @@ from ..config import RunConfig
 from ..engine.decode_graphs import DecodeGraphs, capturable
 from ..engine.kv_cache import CacheSpec, KVCache
 from ..engine.kv_stream import KVReceiver, KVStreamer
+from ..engine.progress import LoopTimes
 from ..engine.plan import EdgeBroken, KVAck, KVChunk, StepPlan, StepResult, Stop
 from ..engine.runner import StageRunner
 from ..engine.swap import Swapper
@@ -171,6 +172,8 @@ class Worker:
         elif self.me.role == "token":
             self.receiver = KVReceiver(runner.kv, spec.cfg.cache.block_size, runner.swapper)
         self.ft = StageFT(self)
+        self.times = LoopTimes()
+        """Per step: idle (waiting for input), step (the runner, device_wait of it included), send."""
 
     # -- edges ---------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -218,7 +221,9 @@ class Worker:
     def serve(self) -> int:
         steps = 0
         while True:
+            self.times.mark("busy")  # whatever the last message cost, if not a step
             peer, msg, x = self.inbox.get()
+            self.times.mark("idle")
             if not self.restored and isinstance(msg, (StepPlan, KVChunk)):
                 self._stash.append((peer, msg, x))
                 continue
@@ -255,13 +260,18 @@ class Worker:
         if self.receiver is not None and plan.release:
             self.receiver.forget(plan.release)
         self.ft.before_step(plan)
+        waited = self.runner.wait.seconds
         out = self.runner.step(plan, x)
+        self.times.mark("step")
+        self.times.seconds["device_wait"] = self.times.seconds.get("device_wait", 0.0) + self.runner.wait.seconds - waited
+        self.times.steps += 1
         if self.ft.after_step(plan, out):
             return  # a replayed step ends here: its output was already delivered before the failure
         if isinstance(out, StepResult):
             self.send_to(self.me.next, out)
         else:
             self.send_to(self.me.next, plan, out)
+        self.times.mark("send")
 
     def send_coord(self, msg: object) -> None:
         self.send_to(COORD, msg)
@@ -290,7 +300,9 @@ class Worker:
             self.send_coord(KVAck(self.me.name, [s for s, _ in done], [b for _, b in done]))
 
     def _stop(self, msg: Stop) -> bool:
-        stats = {**self.ft.stats(), **(self.runner.swapper.stats() if self.runner.swapper else {})}
+        stats = {**self.ft.stats(), **(self.runner.swapper.stats() if self.runner.swapper else {}),
+                 "loop": self.times.per_step_ms()}
+        _log.info("per step: %s", self.times.per_step_ms())
         put_json(self.store, f"ft_stats/{self.me.name}", stats)  # before the stop marker moves on
         if not msg.forward:
             _log.info("told to stop: %s", msg.reason)
