@@ -74,6 +74,7 @@ def build_parser() -> _Parser:
     pl.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights and compute (default auto: float32 on CPU, bfloat16 on GPU)")
     pl.add_argument("--threads", type=int, help="CPU threads per stage worker (default 1)")
     pl.add_argument("--cuda-graphs", choices=["auto", "on", "off"], help="decode steps replayed from CUDA graphs (default auto: on GPU; 'on' on CPU runs the same static-buffer path uncaptured)")
+    pl.add_argument("--async-scheduling", type=_bool, help="plan a one-stage pipeline's next step while the last one runs, the stage launching it before the last step's tokens reach the host (default true)")
     bc = p.add_argument_group("batching and KV cache")
     bc.add_argument("--max-batch-size", type=int, help="sequences per microbatch (default 32)")
     bc.add_argument("--max-batch-tokens", type=int, help="new tokens per step, prompts included (default 2048)")
@@ -177,6 +178,7 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
             dtype=_pick(ns, "dtype", "auto"),
             threads=_pick(ns, "threads", 1),
             cuda_graphs=_pick(ns, "cuda_graphs", "auto"),
+            async_scheduling=_pick(ns, "async_scheduling", True),
         ),
         scheduler=SchedulerConfig(
             max_batch_size=_pick(ns, "max_batch_size", 32), max_batch_tokens=_pick(ns, "max_batch_tokens", 2048)

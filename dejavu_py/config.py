@@ -45,6 +45,10 @@ class PipelineConfig:
     cuda_graphs: str = "auto"
     """Decode steps from captured CUDA graphs: 'auto' (on GPU), 'on', 'off'. 'on' on CPU runs the same
     static-buffer path without capture."""
+    async_scheduling: bool = True
+    """A one-stage (decode) pipeline gets each step's plan while the step before is still running, and a
+    GPU stage launches it before that step's tokens reach the host: the host work of a step (planning,
+    messages, reading tokens back) overlaps the device's. Off: one plan in flight per microbatch."""
 
     def __post_init__(self) -> None:
         if self.cuda_graphs not in ("auto", "on", "off"):

@@ -203,7 +203,8 @@ class Coordinator:
             blocks = BlockManager(mbs * cache.partition_blocks, cache.block_size, partitions=mbs)
         else:
             blocks = BlockManager(cache.num_blocks, cache.block_size)
-        decode = Scheduler(sc, blocks, mbs, stop_ids, self.steps, history=self.cfg.ft.max_checkpoints)
+        depth = 2 if self.cfg.pipeline.async_scheduling and len(decode_pipe) == 1 and not cache.swap else 1
+        decode = Scheduler(sc, blocks, mbs, stop_ids, self.steps, history=self.cfg.ft.max_checkpoints, depth=depth)
         if not self.layout.disaggregated:
             return ColocatedDriver(decode, decode_pipe, self.send)
         prompt_pipe = self.layout.pipeline("prompt")

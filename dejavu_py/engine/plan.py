@@ -50,7 +50,8 @@ class StepPlan:
     num_tokens: list[int]
     """New tokens per sequence this step."""
     input_ids: list[int]
-    """The new tokens, packed (stage 0 embeds them; later stages ignore them)."""
+    """The new tokens, packed (stage 0 embeds them; later stages ignore them). With ``follows``, a
+    negative entry ``-(row + 1)`` stands for the token that step samples at ``row`` of its result."""
     wants_token: list[bool]
     """Whether the last stage samples a next token for each sequence."""
     new_seqs: dict[int, SeqState] = field(default_factory=dict)
@@ -64,6 +65,9 @@ class StepPlan:
     """Recovery: this stage recomputes the step for its KV and stops it there (no output)."""
     forced: list | None = None
     """Recovery: the routing ``replay_until`` recorded for this step; the replay routes exactly so."""
+    follows: int | None = None
+    """Asynchronous scheduling: the step (of this microbatch, still in flight when this plan was made)
+    whose sampled tokens fill this plan's placeholders; the stage that embeds reads them on its device."""
     scratch_seqs: list[int] = field(default_factory=list)
     """Recovery: sequences of a replayed step that have finished since. They keep their rows (the step's
     numerics stay identical) but their K/V goes to the scratch block: their blocks may be another's now."""

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import log
 from .attn_meta import SeqSlice, build_attn_meta
-from .decode_graphs import DecodeGraphs
+from .decode_graphs import DecodeGraphs, StepRecord
 from .kv_cache import KVCache
 from .plan import SeqState, StepPlan, StepResult
 from .sampler import sample
@@ -56,6 +57,29 @@ class DeviceWait:
         return self.stacked_to_host(record.layers, record.ids_RBK, record.weights_RBK)
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list on the device without waiting for the kernels queued before (a blocking copy would)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+@dataclass
+class Launched:
+    """A step whose kernels are queued: what finishing it needs (device tensors until then)."""
+
+    plan: StepPlan
+    out: torch.Tensor
+    """The stage's output rows (activations, or logits of the last stage)."""
+    sids: list[int] = field(default_factory=list)
+    ids: torch.Tensor | None = None
+    """Last stage: the sampled token of each of ``sids`` (device)."""
+    record: StepRecord | None = None
+    routing_dev: list = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    phys_slots: list[int] = field(default_factory=list)
+    event: torch.cuda.Event | None = None
+    """Recorded after the step's kernels (CUDA): its completion can be waited for off this thread."""
+
+
 class StageRunner:
     """Runs one stage's layers for a plan, keeping the per-sequence state the plans announced."""
 
@@ -89,6 +113,8 @@ class StageRunner:
         step overwrites it), what the replica needs without gathering it back from the cache."""
         self._scratch: dict[int, int] = {}
         self._routing_dev: list = []
+        self.sampled: dict[int, torch.Tensor] = {}
+        """The last few steps' sampled ids on the device, by step: the inputs of plans that follow them."""
         self.wait = DeviceWait()
         """Time this stage's thread spent waiting for its steps' kernels (the rest of a step is host work)."""
 
@@ -105,16 +131,23 @@ class StageRunner:
     @torch.inference_mode()
     def step(self, plan: StepPlan, x: torch.Tensor | None) -> torch.Tensor | StepResult:
         """Hidden states [T, D] for the next stage, or (last stage) the sampled tokens."""
+        return self.finish(self.launch(plan, x))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, x: torch.Tensor | None, ahead: bool = False) -> Launched:
+        """Queue the step's kernels (sampling included) without waiting for them. ``ahead``: another
+        step may be launched before this one is finished, so what the graphs record is copied out."""
         self._apply(plan)
         if self.spec.has_embed:
-            x = torch.tensor(plan.input_ids, dtype=torch.long, device=self.device)
+            x = self._input_ids(plan)
         elif x is None:
             raise RuntimeError(f"stage {self.spec.index} got plan {plan.step} without activations")
         if self.swapper is not None:
             self.swapper.ensure(plan.mb)  # the microbatch's KV partition is on the device
         self._routing_dev = []
+        scratch = set(plan.scratch_seqs)
         self._scratch = {sid: -(-(st + n) // self.block_size) for sid, st, n in
-                         zip(plan.seq_ids, plan.start_pos, plan.num_tokens) if sid in set(plan.scratch_seqs)}
+                         zip(plan.seq_ids, plan.start_pos, plan.num_tokens) if sid in scratch}
         static = self._static_ok(plan)
         if plan.forced is not None:
             self.model.routing_override = {layer: (torch.as_tensor(ids), torch.as_tensor(w)) for layer, ids, w in plan.forced}
@@ -122,21 +155,58 @@ class StageRunner:
             out = self._decode_static(plan, x) if static else self._eager(plan, x)
         finally:
             self.model.routing_override = None
+        done = Launched(plan, out)
         if self.record_routing:
-            record = self.graphs.last_record(len(plan.seq_ids)) if static else None
-            self.step_kv = None if record is None else record.kv_2LBKD
-            self.routing = (self.wait.routing_to_host(self._routing_dev) if record is None
-                            else self.wait.record_to_host(record))
+            done.record = self.graphs.last_record(len(plan.seq_ids)) if static else None
+            if done.record is not None and ahead:
+                done.record = done.record.clone()
+            done.routing_dev = self._routing_dev
             tables = [self._table(s) if s in self._scratch else self.seqs[s].block_table  # virtual ids
                       for s in plan.seq_ids]
-            self.slots = step_slots(tables, plan.start_pos, plan.num_tokens, self.block_size)
-            self.phys_slots = (self.slots if self.swapper is None else step_slots(
+            done.slots = step_slots(tables, plan.start_pos, plan.num_tokens, self.block_size)
+            done.phys_slots = (done.slots if self.swapper is None else step_slots(
                 [self._table(s) for s in plan.seq_ids], plan.start_pos, plan.num_tokens, self.block_size))
         if self.swapper is not None:
             self.swapper.prefetch((plan.mb + 1) % self.swapper.P)  # overlaps the next microbatch's turn
-        if not self.spec.has_head or plan.replay_until is not None:  # a replayed step samples nothing
-            return out
-        return self._sample(plan, out)
+        if self.spec.has_head and plan.replay_until is None:  # a replayed step samples nothing
+            done.sids, done.ids = self._sample(plan, out)
+            self.sampled[plan.step] = done.ids
+            while len(self.sampled) > 4:
+                del self.sampled[next(iter(self.sampled))]
+        if self.device.type == "cuda":
+            done.event = torch.cuda.Event()
+            done.event.record()
+        return done
+
+    def finish(self, done: Launched) -> torch.Tensor | StepResult:
+        """Wait for a launched step; what ``step`` returns. Sets the FT record of the step (``routing``,
+        ``slots``, ``phys_slots``, ``step_kv``) for the checkpoint and the replica."""
+        if self.record_routing:
+            rec = done.record
+            self.step_kv = None if rec is None else rec.kv_2LBKD
+            self.routing = self.wait.routing_to_host(done.routing_dev) if rec is None else self.wait.record_to_host(rec)
+            self.slots, self.phys_slots = done.slots, done.phys_slots
+        if done.ids is None:
+            return done.out
+        plan = done.plan
+        return StepResult(plan.mb, plan.step, done.sids, self.wait.host_list(done.ids))
+
+    def _input_ids(self, plan: StepPlan) -> torch.Tensor:
+        """The plan's tokens on the device; placeholders (``plan.follows``) from that step's sampled ids,
+        which never leave the device. Copies are asynchronous: the previous step may still be running."""
+        ids = plan.input_ids
+        if plan.follows is None:
+            return _to_device(ids, torch.long, self.device)
+        prev = self.sampled.get(plan.follows)
+        if prev is None:
+            raise RuntimeError(f"plan {plan.step} follows step {plan.follows}, which this stage did not sample")
+        rows = [i for i, t in enumerate(ids) if t < 0]
+        src = [-ids[i] - 1 for i in rows]
+        if len(rows) == len(ids) and src == list(range(len(prev))):
+            return prev.clone()  # every sequence goes on, in order: the common decode step
+        x = _to_device([max(t, 0) for t in ids], torch.long, self.device)
+        x[_to_device(rows, torch.long, self.device)] = prev[_to_device(src, torch.long, self.device)]
+        return x
 
     @torch.inference_mode()
     def warmup(self, token_counts: list[int]) -> None:
@@ -178,21 +248,22 @@ class StageRunner:
         meta = build_attn_meta(slices, self.block_size, self.device)
         return self.model(x, meta, self.kv)
 
-    def _sample(self, plan: StepPlan, logits_SV: torch.Tensor) -> StepResult:
+    def _sample(self, plan: StepPlan, logits_SV: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+        """(sequences that sample, their next token ids on the device): queued, not waited for."""
         rows = [i for i, want in enumerate(plan.wants_token) if want]
         sids = [plan.seq_ids[i] for i in rows]
         states = [self.seqs[s] for s in sids]
         dev = logits_SV.device
-        if all(s.temperature == 0 for s in states):  # greedy: no per-row tensors, no device sync
-            return StepResult(plan.mb, plan.step, sids, self.wait.host_list(logits_SV.argmax(dim=1)))
+        if all(s.temperature == 0 for s in states):  # greedy: no per-row tensors
+            return sids, logits_SV.argmax(dim=1)
         ids = sample(
             logits_SV,
-            torch.tensor([s.temperature for s in states], dtype=torch.float32, device=dev),
-            torch.tensor([s.top_p for s in states], dtype=torch.float32, device=dev),
-            torch.tensor([s.top_k for s in states], dtype=torch.long, device=dev),
-            torch.tensor([s.seed for s in states], dtype=torch.long, device=dev),
-            torch.tensor([plan.start_pos[i] + plan.num_tokens[i] for i in rows], dtype=torch.long, device=dev),
+            _to_device([s.temperature for s in states], torch.float32, dev),
+            _to_device([s.top_p for s in states], torch.float32, dev),
+            _to_device([s.top_k for s in states], torch.long, dev),
+            _to_device([s.seed for s in states], torch.long, dev),
+            _to_device([plan.start_pos[i] + plan.num_tokens[i] for i in rows], torch.long, dev),
             all_greedy=False,
             any_filter=any(s.top_k > 0 or s.top_p < 1 for s in states),
         )
-        return StepResult(plan.mb, plan.step, sids, self.wait.host_list(ids))
+        return sids, ids

@@ -4,6 +4,14 @@ Each of the M microbatch slots holds a set of running sequences. When a slot's s
 finished sequences leave, waiting requests join (FIFO, if their whole KV reservation fits and the
 step's token budget allows), and the slot's next plan is built. Slots are filled evenly so that every
 pipeline stage has work: a slot takes at most ceil(active sequences / M).
+
+Asynchronous scheduling (``depth`` 2): a slot's next plan is built while its last one is still in
+flight, so that the stage can launch it before the last step's tokens reach the host. Each sequence of
+the plan in flight goes on with a placeholder for the token that step will sample (``-(row + 1)``: the
+row of that step's result, ``StepPlan.follows``), unless that token will end it by length. A sequence
+that stops early (a stop token) runs one step more, whose token is dropped. Placeholders are filled in
+when the step they wait for comes back, so that the completed plans (replayed after a failure) hold
+the real tokens.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ class Scheduler:
         stop_ids: frozenset[int],
         steps: StepCounter | None = None,
         history: int = 100,
+        depth: int = 1,
     ) -> None:
         self.cfg = cfg
         self.blocks = blocks
@@ -34,7 +43,10 @@ class Scheduler:
         self.seqs: dict[int, Sequence] = {}
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, list[Sequence]] = {m: [] for m in range(num_microbatches)}
-        self.inflight: dict[int, StepPlan] = {}
+        self.depth = depth
+        """Plans in flight per microbatch: 1, or 2 with asynchronous scheduling."""
+        self.inflight: dict[int, list[StepPlan]] = {}
+        """Plans sent and not yet answered, oldest first, per microbatch."""
         self._release: list[int] = []
         self.steps = steps or StepCounter()
         self._announce: set[int] = set()  # sequences whose state the next plans repeat (after a rollback)
@@ -53,7 +65,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def idle_slots(self) -> list[int]:
-        return [m for m in range(self.num_microbatches) if m not in self.inflight]
+        return [m for m in range(self.num_microbatches) if len(self.inflight.get(m, ())) < self.depth]
 
     def has_work(self) -> bool:
         return bool(self.waiting) or bool(self.inflight) or any(self.running.values())
@@ -64,14 +76,23 @@ class Scheduler:
     # -- deciding ------------------------------------------------------------------------------
     def schedule(self, mb: int) -> StepPlan | None:
         """The next step of slot ``mb`` (its running sequences plus admitted ones), or None if empty."""
-        assert mb not in self.inflight, f"microbatch {mb} already in flight"
+        queue = self.inflight.setdefault(mb, [])
+        assert len(queue) < self.depth, f"microbatch {mb} has {len(queue)} plans in flight"
+        prev = queue[-1] if queue else None
         admitted = self._admit(mb, len(self.running[mb]))
-        seqs = self.running[mb]  # the running ones, then those just admitted
+        seqs = [s for s in self.running[mb] if prev is None or not self._ends_with(s, prev)]
         if not seqs:
+            if not queue:
+                del self.inflight[mb]
             return None
-        plan = self._build(mb, seqs, admitted)
-        self.inflight[mb] = plan
+        plan = self._build(mb, seqs, admitted, prev)
+        queue.append(plan)
         return plan
+
+    @staticmethod
+    def _ends_with(seq: Sequence, prev: StepPlan) -> bool:
+        """Whether the token ``prev`` samples for ``seq`` is its last by length."""
+        return seq.seq_id in prev.seq_ids and len(seq.output_ids) + 1 >= seq.request.max_new_tokens
 
     def _admit(self, mb: int, num_running: int) -> list[Sequence]:
         cap = min(self.cfg.max_batch_size, math.ceil(self.num_active() / self.num_microbatches))
@@ -99,10 +120,16 @@ class Scheduler:
         self.max_running = max(self.max_running, sum(len(r) for r in self.running.values()))
         return admitted
 
-    def _build(self, mb: int, seqs: list[Sequence], admitted: list[Sequence]) -> StepPlan:
+    def _build(self, mb: int, seqs: list[Sequence], admitted: list[Sequence], prev: StepPlan | None) -> StepPlan:
         plan = StepPlan(mb=mb, step=self.steps.next(), seq_ids=[], start_pos=[], num_tokens=[], input_ids=[], wants_token=[])
+        rows = {} if prev is None else {sid: (i, n) for i, (sid, n) in enumerate(zip(prev.seq_ids, prev.num_tokens))}
         for seq in seqs:
-            start, new = seq.next_input()
+            if seq.seq_id in rows:  # goes on from the step in flight: its input is that step's token
+                row, n = rows[seq.seq_id]
+                start, new = seq.num_cached + n, [-(row + 1)]
+                plan.follows = prev.step
+            else:
+                start, new = seq.next_input()
             plan.seq_ids.append(seq.seq_id)
             plan.start_pos.append(start)
             plan.num_tokens.append(len(new))
@@ -118,17 +145,23 @@ class Scheduler:
     def on_result(self, result: StepResult) -> list[Sequence]:
         """Apply a step's sampled tokens; returns the sequences that finished with it. A result of a
         plan dropped by a recovery is ignored."""
-        plan = self.inflight.get(result.mb)
-        if plan is None or plan.step != result.step:
+        queue = self.inflight.get(result.mb)
+        if not queue or queue[0].step != result.step:
             return []
-        del self.inflight[result.mb]
+        plan = queue.pop(0)
+        if not queue:
+            del self.inflight[result.mb]
+        elif queue[0].follows == plan.step:
+            _fill_placeholders(queue[0], result.token_ids)
         plan.routing = result.routing
         self.history[result.mb].append(plan)
+        finished = []
         for sid, n in zip(plan.seq_ids, plan.num_tokens):
             self.seqs[sid].num_cached += n
-        finished = []
         for sid, token in zip(result.seq_ids, result.token_ids):
             seq = self.seqs[sid]
+            if seq.status is Status.FINISHED:  # stopped the step before: this token comes from the step ahead
+                continue
             if seq.append(token, self.stop_ids):
                 finished.append(seq)
         for seq in finished:
@@ -138,7 +171,7 @@ class Scheduler:
     def drop_inflight(self) -> int:
         """After a failure whose KV can be restored: forget the plans in flight (their sequences'
         positions did not advance, so the next plans recompute those steps on every stage)."""
-        dropped = len(self.inflight)
+        dropped = sum(len(q) for q in self.inflight.values())
         self.inflight.clear()
         self._announce = {s.seq_id for r in self.running.values() for s in r}
         return dropped
@@ -147,7 +180,7 @@ class Scheduler:
         """After a stage lost its KV: drop the plans in flight (they will be re-planned) and make every
         running or admitted sequence recompute its KV from its tokens (prompt and output so far).
         Returns (plans dropped, sequences to recompute)."""
-        dropped = len(self.inflight)
+        dropped = sum(len(q) for q in self.inflight.values())
         self.inflight.clear()
         redo = [s for r in self.running.values() for s in r] + [s for s in self.waiting if s.num_cached]
         for seq in redo:
@@ -166,3 +199,9 @@ class Scheduler:
         self.blocks.free(seq.block_table)
         self._release.append(seq.seq_id)
         seq.block_table = []
+
+
+def _fill_placeholders(plan: StepPlan, tokens: list[int]) -> None:
+    """The tokens of the step ``plan`` follows, in place of its placeholders (``-(row + 1)``)."""
+    plan.input_ids = [tokens[-t - 1] if t < 0 else t for t in plan.input_ids]
+    plan.follows = None

@@ -11,6 +11,7 @@ process, weights and KV cache.
 """
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
@@ -29,7 +30,7 @@ from ..engine.kv_cache import CacheSpec, KVCache
 from ..engine.kv_stream import KVReceiver, KVStreamer
 from ..engine.progress import LoopTimes
 from ..engine.plan import EdgeBroken, KVAck, KVChunk, StepPlan, StepResult, Stop
-from ..engine.runner import StageRunner
+from ..engine.runner import Launched, StageRunner
 from ..engine.swap import Swapper
 from ..errors import PipelineError, UserError
 from ..ft.heartbeat import start_beating
@@ -67,6 +68,39 @@ class WorkerSpec:
     local_rank: int
     generation: int = 0
     """Incremented each time the member is replaced; keys its edges."""
+
+
+@dataclass
+class StepDone:
+    """Put in the inbox when the device has finished a launched step."""
+
+    step: int
+
+
+class StepWaiter:
+    """A thread that waits, with the GIL released, for launched steps' events and reports each done."""
+
+    def __init__(self, inbox: queue.Queue) -> None:
+        self.inbox = inbox
+        self.todo: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name="step-waiter", daemon=True).start()
+
+    def watch(self, launched: Launched) -> None:
+        self.todo.put((launched.plan.step, launched.event))
+
+    def _run(self) -> None:
+        while True:
+            step, event = self.todo.get()
+            if event is not None:  # on CPU the step is done when launched
+                event.synchronize()
+            self.inbox.put((COORD, StepDone(step), None))
+
+
+def runs_ahead(spec: WorkerSpec, device: torch.device) -> bool:
+    """Asynchronous scheduling applies: a stage that both embeds and samples (the coordinator plans its
+    steps two deep, see engine.scheduler). On CPU a step is done when launched; the loop is the same."""
+    st = spec.member.stage
+    return spec.cfg.pipeline.async_scheduling and st.has_embed and st.has_head
 
 
 def member_key(name: str) -> str:
@@ -173,7 +207,11 @@ class Worker:
             self.receiver = KVReceiver(runner.kv, spec.cfg.cache.block_size, runner.swapper)
         self.ft = StageFT(self)
         self.times = LoopTimes()
-        """Per step: idle (waiting for input), step (the runner, device_wait of it included), send."""
+        """Per step: idle (waiting for input), launch, finish (device_wait of it included), send."""
+        self.pending: collections.deque[Launched] = collections.deque()
+        """Steps launched and not finished, oldest first (at most two, with asynchronous scheduling)."""
+        self.waiter = StepWaiter(self.inbox) if runs_ahead(spec, device) else None
+        """A stage that embeds and samples on a GPU launches a step before finishing the one before it."""
 
     # -- edges ---------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -224,6 +262,11 @@ class Worker:
             self.times.mark("busy")  # whatever the last message cost, if not a step
             peer, msg, x = self.inbox.get()
             self.times.mark("idle")
+            if isinstance(msg, StepDone):
+                self._finish_through(msg.step)
+                continue
+            if not isinstance(msg, StepPlan):
+                self._finish_through(None)  # control messages see every launched step finished
             if not self.restored and isinstance(msg, (StepPlan, KVChunk)):
                 self._stash.append((peer, msg, x))
                 continue
@@ -260,18 +303,32 @@ class Worker:
         if self.receiver is not None and plan.release:
             self.receiver.forget(plan.release)
         self.ft.before_step(plan)
-        waited = self.runner.wait.seconds
-        out = self.runner.step(plan, x)
-        self.times.mark("step")
-        self.times.seconds["device_wait"] = self.times.seconds.get("device_wait", 0.0) + self.runner.wait.seconds - waited
+        ahead = self.waiter is not None and plan.replay_until is None
+        self.pending.append(self.runner.launch(plan, x, ahead))
+        self.times.mark("launch")
         self.times.steps += 1
-        if self.ft.after_step(plan, out):
-            return  # a replayed step ends here: its output was already delivered before the failure
-        if isinstance(out, StepResult):
-            self.send_to(self.me.next, out)
-        else:
-            self.send_to(self.me.next, plan, out)
-        self.times.mark("send")
+        if ahead:  # finished when the next plan is launched behind it, or when the device is done with it
+            self.waiter.watch(self.pending[-1])
+        if not ahead:
+            self._finish_through(None)
+        elif len(self.pending) > 1:
+            self._finish_through(self.pending[-2].plan.step)
+
+    def _finish_through(self, step: int | None) -> None:
+        """Finish the launched steps up to ``step`` (None: all), oldest first: checkpoint, replicate, send."""
+        while self.pending and (step is None or self.pending[0].plan.step <= step):
+            done = self.pending.popleft()
+            waited = self.runner.wait.seconds
+            out = self.runner.finish(done)
+            self.times.mark("finish")
+            self.times.seconds["device_wait"] = self.times.seconds.get("device_wait", 0.0) + self.runner.wait.seconds - waited
+            if self.ft.after_step(done.plan, out):
+                continue  # a replayed step ends here: its output was already delivered before the failure
+            if isinstance(out, StepResult):
+                self.send_to(self.me.next, out)
+            else:
+                self.send_to(self.me.next, done.plan, out)
+            self.times.mark("send")
 
     def send_coord(self, msg: object) -> None:
         self.send_to(COORD, msg)

@@ -1,0 +1,121 @@
+"""The scheduler on its own (no processes): asynchronous scheduling (two plans in flight per microbatch)
+gives every sequence exactly the tokens of one plan at a time, whatever stops it.
+
+A stand-in stage answers plans in order the way a stage does: it resolves a plan's placeholders from
+the tokens it sampled for the step the plan follows (as a GPU stage reads them on its device), and its
+"model" is a pure function of a sequence's tokens so far, so the outputs do not depend on how steps
+were batched. Requests stop by length, on a model stop id, on their own stop ids, or on the first token.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dejavu_py.config import SchedulerConfig
+from dejavu_py.engine.block_manager import BlockManager
+from dejavu_py.engine.plan import StepPlan, StepResult
+from dejavu_py.engine.request import Request, SamplingParams
+from dejavu_py.engine.scheduler import Scheduler
+from dejavu_py.engine.sequence import Sequence
+
+STOP = 2  # the model's stop id
+VOCAB = 50
+
+
+def _next_token(tokens: list[int]) -> int:
+    return (sum(t * (i + 7) for i, t in enumerate(tokens)) * 2654435761) % VOCAB
+
+
+class _Stage:
+    """Answers plans in order; keeps each sequence's tokens as the KV cache would hold them."""
+
+    def __init__(self) -> None:
+        self.sampled: dict[int, list[int]] = {}
+        self.context: dict[int, list[int]] = {}
+        self.rows = 0
+
+    def run(self, plan: StepPlan) -> StepResult:
+        ids = list(plan.input_ids)
+        if plan.follows is not None:
+            prev = self.sampled[plan.follows]
+            ids = [prev[-t - 1] if t < 0 else t for t in ids]
+        assert all(t >= 0 for t in ids), f"plan {plan.step}: unresolved placeholder {ids}"
+        out, at = [], 0
+        for sid, start, n in zip(plan.seq_ids, plan.start_pos, plan.num_tokens):
+            ctx = self.context.setdefault(sid, [])
+            assert len(ctx) == start, f"sequence {sid}: plan {plan.step} starts at {start}, cache holds {len(ctx)}"
+            ctx.extend(ids[at:at + n])
+            at += n
+            out.append(_next_token(ctx))
+        self.rows += len(plan.seq_ids)
+        self.sampled[plan.step] = out
+        return StepResult(plan.mb, plan.step, list(plan.seq_ids), out)
+
+
+def _requests(n: int, seed: int) -> list[Request]:
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(n):
+        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 12))]
+        stop = (_next_token(prompt),) if i % 5 == 0 else tuple(rng.sample(range(3, VOCAB), 2))
+        reqs.append(Request(line=i + 1, id=f"r{i}", input_ids=prompt, max_new_tokens=rng.randint(1, 20),
+                            sampling=SamplingParams(), stop_token_ids=stop))
+    return reqs
+
+
+def _serve(depth: int, microbatches: int, reqs: list[Request]) -> tuple[dict, Scheduler, _Stage]:
+    sched = Scheduler(SchedulerConfig(max_batch_size=4, max_batch_tokens=64), BlockManager(400, 4),
+                      microbatches, frozenset({STOP}), depth=depth)
+    seqs = [Sequence(i, r) for i, r in enumerate(reqs)]
+    for s in seqs:
+        sched.add(s)
+    stage, queue, steps = _Stage(), [], 0
+    while sched.has_work():
+        for mb in sched.idle_slots():
+            plan = sched.schedule(mb)
+            if plan is not None:
+                queue.append(plan)
+                assert len(sched.inflight[mb]) <= depth
+        assert queue, "work left but nothing in flight"
+        plan = queue.pop(0)
+        sched.on_result(stage.run(plan))
+        steps += 1
+        assert steps < 10_000
+    return {s.request.id: (s.output_ids, s.finish_reason) for s in seqs}, sched, stage
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_two_plans_in_flight_give_the_same_tokens(microbatches):
+    reqs = _requests(23, seed=microbatches)
+    sync, _, _ = _serve(1, microbatches, reqs)
+    async_, sched, stage = _serve(2, microbatches, reqs)
+    assert async_ == sync
+    for r in reqs:  # each ends as the reference loop says: its length, or right after a stop id
+        out, reason = sync[r.id]
+        want = [STOP] + list(r.stop_token_ids)
+        assert (reason == "stop" and out[-1] in want) or (reason == "length" and len(out) == r.max_new_tokens)
+    assert any(len(out) == 1 and reason == "stop" for out, reason in sync.values())  # stopped on its first token
+    for hist in sched.history.values():  # completed plans hold real tokens: what a replay re-runs
+        assert all(p.follows is None and min(p.input_ids) >= 0 for p in hist)
+    # A sequence that stops on a stop id ran one step more than it needed, and no other did.
+    extra = sum(1 for out, reason in sync.values() if reason == "stop")
+    needed = sum(len(out) for out, _ in sync.values())
+    assert stage.rows <= needed + extra
+
+
+def test_plans_follow_the_one_in_flight():
+    reqs = [Request(line=1, id="a", input_ids=[5, 6, 7], max_new_tokens=3, sampling=SamplingParams())]
+    sched = Scheduler(SchedulerConfig(max_batch_size=4, max_batch_tokens=64), BlockManager(40, 4), 1,
+                      frozenset(), depth=2)
+    sched.add(Sequence(0, reqs[0]))
+    first, second = sched.schedule(0), sched.schedule(0)
+    assert first.input_ids == [5, 6, 7] and first.follows is None
+    assert second.follows == first.step and second.input_ids == [-1] and second.start_pos == [3]
+    assert sched.idle_slots() == []
+    sched.on_result(StepResult(0, first.step, [0], [11]))
+    assert second.input_ids == [11] and second.follows is None  # filled in for the history
+    third = sched.schedule(0)
+    assert third.follows == second.step and third.start_pos == [4]
+    sched.on_result(StepResult(0, second.step, [0], [12]))
+    assert sched.schedule(0) is None  # the token of the step in flight is its last (length 3)
