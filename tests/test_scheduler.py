@@ -72,12 +72,10 @@ def _serve(depth: int, microbatches: int, reqs: list[Request]) -> tuple[dict, Sc
         sched.add(s)
     stage, queue, steps = _Stage(), [], 0
     while sched.has_work():
-        for mb in sched.idle_slots():
-            plan = sched.schedule(mb)
-            if plan is not None:
-                queue.append(plan)
-                assert len(sched.inflight[mb]) <= depth
+        queue += sched.schedule_all()
         assert queue, "work left but nothing in flight"
+        assert all(len(q) <= depth for q in sched.inflight.values())
+        sched.deepest = max(getattr(sched, "deepest", 0), *map(len, sched.inflight.values()))
         plan = queue.pop(0)
         sched.on_result(stage.run(plan))
         steps += 1
@@ -91,6 +89,7 @@ def test_two_plans_in_flight_give_the_same_tokens(microbatches):
     sync, _, _ = _serve(1, microbatches, reqs)
     async_, sched, stage = _serve(2, microbatches, reqs)
     assert async_ == sync
+    assert sched.deepest == 2  # the next plans were made while the last were in flight
     for r in reqs:  # each ends as the reference loop says: its length, or right after a stop id
         out, reason = sync[r.id]
         want = [STOP] + list(r.stop_token_ids)

@@ -29,10 +29,8 @@ class ColocatedDriver:
         self.sched.add(seq)
 
     def fill(self) -> None:
-        for mb in self.sched.idle_slots():
-            plan = self.sched.schedule(mb)
-            if plan is not None:
-                self.send(self.pipeline[0].name, plan)
+        for plan in self.sched.schedule_all():
+            self.send(self.pipeline[0].name, plan)
 
     def busy(self) -> bool:
         return self.sched.has_work()

@@ -257,7 +257,7 @@ class Coordinator:
                 continue
             finished = driver.on_message(source, msg)
             if isinstance(msg, StepResult):
-                times.steps += 1
+                times.end_step()
                 tokens += len(msg.token_ids)
                 self.recovery.on_tokens(msg.seq_ids)
             for s in finished:

@@ -47,10 +47,8 @@ class DisaggDriver:
                 for sid in plan.seq_ids:
                     self.acks[sid] = set()
                 self.send(self.prompt[0].name, plan)
-        for mb in self.decode.idle_slots():
-            plan = self.decode.schedule(mb)
-            if plan is not None:
-                self.send(self.token[0].name, plan)
+        for plan in self.decode.schedule_all():
+            self.send(self.token[0].name, plan)
 
     def busy(self) -> bool:
         return bool(self.prefill.waiting or self.prefill.inflight or self.prefilled) or self.decode.has_work()

@@ -1,6 +1,7 @@
 """Progress on long runs: a one-line bar on a terminal, and the end-of-run summary."""
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -65,20 +66,33 @@ class RunSummary:
 
 
 class LoopTimes:
-    """Where a serving loop's time goes, per step: blocked waiting for its next message (``idle``), in
-    named phases of its own work. What shows whether the device or the host paces a run."""
+    """Where a serving loop's time goes, per step: blocked waiting for its next message (``idle``), and
+    named phases of its own work. Medians over steps, so that one-time costs (the first prefill, the
+    replica's first mapping, the stop) do not hide what every step pays. Shows whether the device or the
+    host paces a run."""
 
     def __init__(self) -> None:
         self.steps = 0
-        self.seconds: dict[str, float] = {}
+        self._now: dict[str, float] = {}
+        self._per_step: list[dict[str, float]] = []
         self._t = time.perf_counter()
 
     def mark(self, phase: str) -> None:
-        """Charge the time since the last mark to ``phase``."""
+        """Charge the time since the last mark to ``phase`` (of the step under way)."""
         now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
+        self.add(phase, now - self._t)
         self._t = now
 
+    def add(self, phase: str, seconds: float) -> None:
+        self._now[phase] = self._now.get(phase, 0.0) + seconds
+
+    def end_step(self) -> None:
+        """The step under way is complete: what was charged since the last one is its cost."""
+        self.steps += 1
+        self._per_step.append(self._now)
+        self._now = {}
+
     def per_step_ms(self) -> dict:
-        n = max(self.steps, 1)
-        return {"steps": self.steps, **{f"{k}_ms": round(1e3 * v / n, 4) for k, v in sorted(self.seconds.items())}}
+        phases = sorted({k for d in self._per_step for k in d})
+        return {"steps": self.steps, **{f"{k}_ms": round(1e3 * statistics.median(d.get(k, 0.0) for d in self._per_step), 4)
+                                         for k in phases}}

@@ -89,6 +89,15 @@ class Scheduler:
         queue.append(plan)
         return plan
 
+    def schedule_all(self) -> list[StepPlan]:
+        """Plans for every slot with room, as deep as ``depth`` allows (two rounds when asynchronous)."""
+        plans: list[StepPlan] = []
+        while True:
+            new = [p for p in (self.schedule(mb) for mb in self.idle_slots()) if p is not None]
+            if not new:
+                return plans
+            plans += new
+
     @staticmethod
     def _ends_with(seq: Sequence, prev: StepPlan) -> bool:
         """Whether the token ``prev`` samples for ``seq`` is its last by length."""

@@ -207,7 +207,8 @@ class Worker:
             self.receiver = KVReceiver(runner.kv, spec.cfg.cache.block_size, runner.swapper)
         self.ft = StageFT(self)
         self.times = LoopTimes()
-        """Per step: idle (waiting for input), launch, finish (device_wait of it included), send."""
+        """Per step: idle (waiting for input), replica_wait, launch, finish (device_wait of it included),
+        checkpoint (token state and replica chunk), send; busy: other messages (replica chunks held)."""
         self.pending: collections.deque[Launched] = collections.deque()
         """Steps launched and not finished, oldest first (at most two, with asynchronous scheduling)."""
         self.waiter = StepWaiter(self.inbox) if runs_ahead(spec, device) else None
@@ -303,10 +304,10 @@ class Worker:
         if self.receiver is not None and plan.release:
             self.receiver.forget(plan.release)
         self.ft.before_step(plan)
+        self.times.mark("replica_wait")  # back-pressure: the replica holder's acknowledgements
         ahead = self.waiter is not None and plan.replay_until is None
         self.pending.append(self.runner.launch(plan, x, ahead))
         self.times.mark("launch")
-        self.times.steps += 1
         if ahead:  # finished when the next plan is launched behind it, or when the device is done with it
             self.waiter.watch(self.pending[-1])
         if not ahead:
@@ -321,14 +322,17 @@ class Worker:
             waited = self.runner.wait.seconds
             out = self.runner.finish(done)
             self.times.mark("finish")
-            self.times.seconds["device_wait"] = self.times.seconds.get("device_wait", 0.0) + self.runner.wait.seconds - waited
+            self.times.add("device_wait", self.runner.wait.seconds - waited)
             if self.ft.after_step(done.plan, out):
+                self.times.end_step()
                 continue  # a replayed step ends here: its output was already delivered before the failure
+            self.times.mark("checkpoint")
             if isinstance(out, StepResult):
                 self.send_to(self.me.next, out)
             else:
                 self.send_to(self.me.next, done.plan, out)
             self.times.mark("send")
+            self.times.end_step()
 
     def send_coord(self, msg: object) -> None:
         self.send_to(COORD, msg)
