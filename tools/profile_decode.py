@@ -93,7 +93,7 @@ def kernel_families(runner: StageRunner, batch: int, ctx: int, bs: int) -> dict:
         fams[family(ev.key)] += t / 1000
         counts[family(ev.key)] += ev.count
     top = sorted(((ev.key, (getattr(ev, "device_time_total", 0.0) or 0) / 1000, ev.count) for ev in prof.key_averages()
-                  if not ev.key.startswith("aten::")), key=lambda r: -r[1])[:15]
+                  if not ev.key.startswith("aten::")), key=lambda r: -r[1])[:40]
     return {"ms": {k: round(v, 4) for k, v in fams.items()}, "launches": dict(counts),
             "top": [{"kernel": k[:120], "ms": round(ms, 4), "count": n} for k, ms, n in top]}
 
