@@ -304,3 +304,35 @@ def test_legacy_rope_fields_match_transformers(case, ckpt, tmp_path):
     logits = run_pipeline(stages, new_caches(cfg, stages, 4, torch.float32), torch.tensor(ids), meta)
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     torch.testing.assert_close(logits, hf_logits(ref, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "qwen3", "llama"])  # bias + shared expert, norms
+def test_fused_projections_match(tmp_path, family):
+    """q/k/v (and gate/up) stacked into one GEMM after loading (what a CUDA stage does): the same logits."""
+    from make_checkpoint import make_checkpoint
+
+    from dejavu_py.engine.attn_meta import SeqSlice, build_attn_meta
+    from dejavu_py.engine.kv_cache import CacheSpec, KVCache
+    from dejavu_py.engine.split import split_stages
+    from dejavu_py.models.config import load_model_config
+    from dejavu_py.models.fuse import fuse_projections
+    from dejavu_py.models.loader import load_stage
+
+    path = make_checkpoint(tmp_path / family, family=family, seed=3, tokenizer=False)
+    cfg = load_model_config(path)
+    spec = split_stages(cfg.num_layers, 1)[0]
+    ids = torch.randint(3, cfg.vocab_size, (7,), generator=torch.Generator().manual_seed(0))
+
+    def logits(model) -> torch.Tensor:
+        kv = KVCache(CacheSpec(4, 4, cfg.num_kv_heads, cfg.head_dim), spec.layers, torch.float32, "cpu")
+        out = []
+        with torch.no_grad():
+            for start, n in ((0, 5), (5, 1), (6, 1)):  # a prefill, then two decode steps
+                out.append(model(ids[start:start + n], build_attn_meta([SeqSlice(start, n, [2, 0])], 4), kv))
+        return torch.cat(out)
+
+    plain = load_stage(path, spec, torch.float32, "cpu")
+    fused = load_stage(path, spec, torch.float32, "cpu")
+    assert fuse_projections(fused) >= cfg.num_layers
+    assert not any(n.endswith(("q_proj.weight", "gate_proj.weight")) for n, _ in fused.named_parameters())
+    torch.testing.assert_close(logits(fused), logits(plain), atol=1e-5, rtol=1e-5)

@@ -111,9 +111,10 @@ def test_split_context_merges(interpret, monkeypatch, dtype):
 
 def test_splits_for():
     assert triton_attention.splits_for(64, 16, 4096, 132) == 1  # enough rows to fill the processors
-    assert triton_attention.splits_for(1, 16, 256, 132) == 1  # short contexts are not split
-    assert triton_attention.splits_for(1, 16, 4096, 132) == 16  # 2 x 132 programs, at most width / 256
-    assert triton_attention.splits_for(1, 4, 1024, 132) == 4
+    assert triton_attention.splits_for(1, 16, 64, 132) == 1  # short contexts are not split
+    assert triton_attention.splits_for(1, 16, 256, 132) == 4  # at most width / 64
+    assert triton_attention.splits_for(1, 16, 4096, 132) == 17  # 2 x 132 programs
+    assert triton_attention.splits_for(2, 4, 1024, 132) == 16
 
 
 def test_disabled_on_cpu_without_interpreter(monkeypatch):

@@ -39,7 +39,10 @@ class Attention(nn.Module):
     def _qkv(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projections as [T, H|K, Dh], normalised and clipped as the family does, before RoPE."""
         T = x_TD.shape[0]
-        q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
+        if hasattr(self, "qkv_proj"):  # fused after loading (models/fuse.py)
+            q, k, v = self.qkv_proj(x_TD).split(self.qkv_split, dim=-1)
+        else:
+            q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
         if self.qk_norm == "proj":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

@@ -46,6 +46,9 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(width, hidden, bias=bias)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "gate_up_proj"):  # fused after loading (models/fuse.py)
+            gate, up = self.gate_up_proj(x_TD).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
 
 

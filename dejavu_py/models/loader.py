@@ -8,6 +8,7 @@ Every failure is a one-line :class:`CheckpointError` naming the file and the ten
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .. import log
 from ..engine.split import StageSpec
 from ..errors import CheckpointError
 from .config import ModelConfig, load_model_config
+from .fuse import fuse_projections
 from .model import StageModel
 
 _log = log.get(__name__)
@@ -240,6 +242,8 @@ def load_stage(ckpt_dir: Path, spec: StageSpec, dtype: torch.dtype, device: torc
     if tie:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.requires_grad_(False).eval()
+    if torch.device(device).type == "cuda" and os.environ.get("DEJAVU_FUSE_PROJECTIONS", "1") != "0":
+        fuse_projections(model)  # one GEMM per layer for q/k/v (and gate/up): fewer, larger launches
     size = sum(t.numel() * t.element_size() for t in state.values())
     _log.info(
         "stage %d: loaded %d tensors (%.1f MB, %s) for layers %d..%d from %d file(s) in %.2f s",

@@ -39,7 +39,7 @@ if triton is not None:
 
 BLOCK_N = 32
 """Context positions per tile."""
-MIN_SPLIT = 256
+MIN_SPLIT = 64
 """Fewest positions a split covers: below that the merge costs more than the parallelism gains."""
 
 __all__ = ["available", "decode_attention", "enabled", "splits_for"]

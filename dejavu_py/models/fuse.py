@@ -1,0 +1,56 @@
+"""Projections that read the same input, merged into one weight after loading: one GEMM instead of several.
+
+Legend: T = tokens, D = hidden size, F = MLP width; Q, Kv = query and key/value projection widths.
+
+At decode a layer's q, k and v projections (and a SwiGLU MLP's gate and up) are three (two) small
+GEMMs of one row each, each a launch plus a pass over its weight; one GEMM over the stacked weight
+reads the same bytes in one launch. The checkpoint keeps its own layout (the loader fills the
+modules as transformers names them); ``fuse_projections`` then stacks, and the modules take the
+fused path when they have it. Each output column is the same dot product as before, so results
+change only where the GEMM library sums in another order (float32 on CUDA: last bits; the CPU path,
+where the token-exactness tests run, is left unfused).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _stack(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the given ones' outputs side by side."""
+    w = torch.cat([lin.weight for lin in linears])
+    out = nn.Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, device="meta")
+    out.weight = nn.Parameter(w, requires_grad=False)
+    if out.bias is not None:
+        out.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
+    return out
+
+
+def fuse_attention(attn: nn.Module) -> None:
+    """q_proj, k_proj, v_proj -> qkv_proj [Q + 2 Kv, D]."""
+    attn.qkv_proj = _stack([attn.q_proj, attn.k_proj, attn.v_proj])
+    attn.qkv_split = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+    del attn.q_proj, attn.k_proj, attn.v_proj
+
+
+def fuse_mlp(mlp: nn.Module) -> None:
+    """gate_proj, up_proj -> gate_up_proj [2F, D]."""
+    mlp.gate_up_proj = _stack([mlp.gate_proj, mlp.up_proj])
+    del mlp.gate_proj, mlp.up_proj
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse every attention's q/k/v and every dense SwiGLU MLP's gate/up (the shared expert's too);
+    returns how many modules were fused."""
+    from .attention import Attention
+    from .layers import DenseMLP
+
+    n = 0
+    for module in list(model.modules()):
+        if isinstance(module, Attention) and hasattr(module, "q_proj"):
+            fuse_attention(module)
+            n += 1
+        elif isinstance(module, DenseMLP) and hasattr(module, "gate_proj"):
+            fuse_mlp(module)
+            n += 1
+    return n
