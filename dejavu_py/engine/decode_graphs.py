@@ -78,11 +78,6 @@ class StepRecord:
     kv_2LBKD: torch.Tensor
     """The new K and V of every layer of the stage (in cache order), as written to the cache."""
 
-    def clone(self) -> StepRecord:
-        """A copy of the tensors (the graph's buffers are overwritten by its next replay)."""
-        cp = (lambda t: None if t is None else t.clone())  # noqa: E731
-        return StepRecord(self.layers, cp(self.ids_RBK), cp(self.weights_RBK), self.kv_2LBKD.clone())
-
     def rows(self, batch: int) -> StepRecord:
         cut = (lambda t: None if t is None else t[:, :batch])  # noqa: E731
         return StepRecord(self.layers, cut(self.ids_RBK), cut(self.weights_RBK), self.kv_2LBKD[:, :, :batch])

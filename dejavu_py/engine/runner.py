@@ -8,7 +8,7 @@ import torch
 
 from .. import log
 from .attn_meta import SeqSlice, build_attn_meta
-from .decode_graphs import DecodeGraphs, StepRecord
+from .decode_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .plan import SeqState, StepPlan, StepResult
 from .sampler import sample
@@ -20,41 +20,32 @@ _log = log.get(__name__)
 
 
 class DeviceWait:
-    """Waits for the device with the GIL released, and counts the time spent waiting: reading a result
-    back (``tolist``, ``cpu``) would hold the GIL through the whole step's kernels, while the stage's
-    receiver and replica threads need it."""
+    """Waits for a launched step's event with the GIL released, counting the time: reading a result back
+    (``tolist``, ``cpu``) would hold the GIL through the step's kernels (the stage's receiver and replica
+    threads need it), and would wait for the whole stream, the step launched behind it included."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` once the device has computed it."""
-        if t.is_cuda:
+    def __call__(self, event: torch.cuda.Event | None) -> None:
+        if event is not None:
             t0 = time.perf_counter()
-            torch.cuda.current_stream(t.device).synchronize()
+            event.synchronize()
             self.seconds += time.perf_counter() - t0
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy on the host queued behind the kernels that compute ``t`` (pinned: valid once they are done)."""
+    if not t.is_cuda:
         return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
-    def host_list(self, t: torch.Tensor) -> list:
-        return self(t).tolist()
 
-    def stacked_to_host(self, layers: list[int], ids_RTK: torch.Tensor, w_RTK: torch.Tensor) -> list:
-        """Every MoE layer's (ids, weights), stacked over layers, to the host in one copy each."""
-        ids, w = self(ids_RTK).cpu(), w_RTK.cpu()
-        return [(layer, ids[j], w[j]) for j, layer in enumerate(layers)]
-
-    def routing_to_host(self, routing: list) -> list:
-        """An eager step's routing, as the MoE layers reported it one by one."""
-        if not routing:
-            return []
-        return self.stacked_to_host([layer for layer, _, _ in routing], torch.stack([i for _, i, _ in routing]),
-                                    torch.stack([x for _, _, x in routing]))
-
-    def record_to_host(self, record) -> list:
-        """A graph step's routing, stacked in the graph."""
-        if record.ids_RBK is None:
-            return []
-        return self.stacked_to_host(record.layers, record.ids_RBK, record.weights_RBK)
+def _routing_to_host(layers: list[int], ids_RTK: torch.Tensor | None, w_RTK: torch.Tensor | None) -> tuple:
+    """Every MoE layer's (ids, weights), stacked over layers: one queued copy each."""
+    if ids_RTK is None:
+        return layers, None, None
+    return layers, _to_host(ids_RTK), _to_host(w_RTK)
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -71,13 +62,15 @@ class Launched:
     """The stage's output rows (activations, or logits of the last stage)."""
     sids: list[int] = field(default_factory=list)
     ids: torch.Tensor | None = None
-    """Last stage: the sampled token of each of ``sids`` (device)."""
-    record: StepRecord | None = None
-    routing_dev: list = field(default_factory=list)
+    """Last stage: the sampled token of each of ``sids`` (host, filled when ``event`` is done)."""
+    routing: tuple = ([], None, None)
+    """FT: (MoE layers, ids [R, T, K], weights [R, T, K]) on the host, filled when ``event`` is done."""
+    step_kv: torch.Tensor | None = None
+    """FT, a graph step: its new K/V [2, L, B, K, D] on the device (see StageRunner.step_kv)."""
     slots: list[int] = field(default_factory=list)
     phys_slots: list[int] = field(default_factory=list)
     event: torch.cuda.Event | None = None
-    """Recorded after the step's kernels (CUDA): its completion can be waited for off this thread."""
+    """Recorded after the step's kernels and copies to the host (CUDA): waited for, not the stream."""
 
 
 class StageRunner:
@@ -157,10 +150,14 @@ class StageRunner:
             self.model.routing_override = None
         done = Launched(plan, out)
         if self.record_routing:
-            done.record = self.graphs.last_record(len(plan.seq_ids)) if static else None
-            if done.record is not None and ahead:
-                done.record = done.record.clone()
-            done.routing_dev = self._routing_dev
+            rec = self.graphs.last_record(len(plan.seq_ids)) if static else None
+            if rec is not None:
+                done.step_kv = rec.kv_2LBKD.clone() if ahead else rec.kv_2LBKD  # the next replay overwrites it
+                done.routing = _routing_to_host(rec.layers, rec.ids_RBK, rec.weights_RBK)
+            elif self._routing_dev:  # an eager step: as the MoE layers reported it one by one
+                r = self._routing_dev
+                done.routing = _routing_to_host([layer for layer, _, _ in r], torch.stack([i for _, i, _ in r]),
+                                                torch.stack([w for _, _, w in r]))
             tables = [self._table(s) if s in self._scratch else self.seqs[s].block_table  # virtual ids
                       for s in plan.seq_ids]
             done.slots = step_slots(tables, plan.start_pos, plan.num_tokens, self.block_size)
@@ -169,8 +166,9 @@ class StageRunner:
         if self.swapper is not None:
             self.swapper.prefetch((plan.mb + 1) % self.swapper.P)  # overlaps the next microbatch's turn
         if self.spec.has_head and plan.replay_until is None:  # a replayed step samples nothing
-            done.sids, done.ids = self._sample(plan, out)
-            self.sampled[plan.step] = done.ids
+            done.sids, ids = self._sample(plan, out)
+            self.sampled[plan.step] = ids
+            done.ids = _to_host(ids)
             while len(self.sampled) > 4:
                 del self.sampled[next(iter(self.sampled))]
         if self.device.type == "cuda":
@@ -181,15 +179,15 @@ class StageRunner:
     def finish(self, done: Launched) -> torch.Tensor | StepResult:
         """Wait for a launched step; what ``step`` returns. Sets the FT record of the step (``routing``,
         ``slots``, ``phys_slots``, ``step_kv``) for the checkpoint and the replica."""
+        self.wait(done.event)
         if self.record_routing:
-            rec = done.record
-            self.step_kv = None if rec is None else rec.kv_2LBKD
-            self.routing = self.wait.routing_to_host(done.routing_dev) if rec is None else self.wait.record_to_host(rec)
-            self.slots, self.phys_slots = done.slots, done.phys_slots
+            layers, ids, w = done.routing
+            self.routing = [] if ids is None else [(layer, ids[j], w[j]) for j, layer in enumerate(layers)]
+            self.step_kv, self.slots, self.phys_slots = done.step_kv, done.slots, done.phys_slots
         if done.ids is None:
             return done.out
         plan = done.plan
-        return StepResult(plan.mb, plan.step, done.sids, self.wait.host_list(done.ids))
+        return StepResult(plan.mb, plan.step, done.sids, done.ids.tolist())
 
     def _input_ids(self, plan: StepPlan) -> torch.Tensor:
         """The plan's tokens on the device; placeholders (``plan.follows``) from that step's sampled ids,
