@@ -194,3 +194,18 @@ def test_stage_forward_matches_eager(interpret, monkeypatch, tmp_path, family, d
     eager = logits()
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(fused, eager, atol=tol, rtol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(interpret, dtype):
+    """silu(gate) * up from a fused gate/up output with extra columns after them (qwen2_moe's shared gate)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(4)
+    width = 1100  # two column blocks, a masked tail
+    gu = (2 * torch.randn(3, 2 * width + 8, generator=gen)).to(dtype)
+    want = F.silu(gu[:, :width]) * gu[:, width:2 * width]
+    got = triton_ops.silu_mul(gu, width)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=0)
+    torch.testing.assert_close(got, want, **tol)

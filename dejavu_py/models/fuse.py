@@ -1,4 +1,5 @@
-"""Projections that read the same input, merged into one weight after loading: one GEMM instead of several.
+"""Projections that read the same input, merged into one weight after loading: one GEMM instead of several
+(q/k/v; a SwiGLU MLP's gate/up; qwen2_moe's shared expert gate/up and its sigmoid gate).
 
 Legend: T = tokens, D = hidden size, F = MLP width; Q, Kv = query and key/value projection widths.
 
@@ -39,11 +40,32 @@ def fuse_mlp(mlp: nn.Module) -> None:
     del mlp.gate_proj, mlp.up_proj
 
 
+def fuse_shared_gate(moe: nn.Module) -> None:
+    """qwen2_moe: the shared expert's sigmoid gate [1, D] joins its gate/up projection as row 2F (then
+    zero rows up to a multiple of 8, keeping the output rows aligned): its GEMV was two launches."""
+    gate_up, sgate = moe.shared_expert.gate_up_proj, moe.shared_expert_gate
+    rows = gate_up.out_features + 1
+    pad = -rows % 8
+    w = torch.cat([gate_up.weight, sgate.weight, sgate.weight.new_zeros(pad, sgate.in_features)])
+    moe.shared_expert.gate_up_proj = _stack([_Weights(w)])
+    moe.shared_gate_col = gate_up.out_features
+    del moe.shared_expert_gate
+
+
+class _Weights(nn.Module):
+    """A bias-free weight in Linear's place, for ``_stack``."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, None
+
+
 def fuse_projections(model: nn.Module) -> int:
     """Fuse every attention's q/k/v and every dense SwiGLU MLP's gate/up (the shared expert's too);
     returns how many modules were fused."""
     from .attention import Attention
     from .layers import DenseMLP
+    from .moe import SparseMoE
 
     n = 0
     for module in list(model.modules()):
@@ -53,4 +75,7 @@ def fuse_projections(model: nn.Module) -> int:
         elif isinstance(module, DenseMLP) and hasattr(module, "gate_proj"):
             fuse_mlp(module)
             n += 1
+    for module in list(model.modules()):
+        if isinstance(module, SparseMoE) and hasattr(module, "shared_expert_gate"):
+            fuse_shared_gate(module)
     return n

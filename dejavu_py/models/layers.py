@@ -47,9 +47,15 @@ class DenseMLP(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):  # fused after loading (models/fuse.py)
-            gate, up = self.gate_up_proj(x_TD).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            return self.down_fused(self.gate_up_proj(x_TD))
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
+
+    def down_fused(self, gu_TX: torch.Tensor) -> torch.Tensor:
+        """The MLP's output from its fused gate/up projection [T, >= 2F] (columns past 2F are not its own)."""
+        width = self.down_proj.in_features
+        if triton_ops.enabled(gu_TX) and gu_TX.dim() == 2:
+            return self.down_proj(triton_ops.silu_mul(gu_TX, width))
+        return self.down_proj(F.silu(gu_TX[..., :width]) * gu_TX[..., width:2 * width])
 
 
 def _base_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:

@@ -177,6 +177,10 @@ class SparseMoE(nn.Module):
         if not self.weights_fp32:  # qwen and olmoe cast the routing weights to the model dtype; mixtral does not
             weights_TK = weights_TK.to(x_TD.dtype)
         y_TD = self.experts(x_TD, ids_TK, weights_TK)
-        if hasattr(self, "shared_expert"):
+        if hasattr(self, "shared_gate_col"):  # its gate is a column of the fused projection (models/fuse.py)
+            gu = self.shared_expert.gate_up_proj(x_TD)
+            col = self.shared_gate_col
+            y_TD = y_TD + torch.sigmoid(gu[..., col:col + 1]) * self.shared_expert.down_fused(gu)
+        elif hasattr(self, "shared_expert"):
             y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
         return y_TD

@@ -1,5 +1,7 @@
 """Triton kernels for the small per-layer ops of a step: RMSNorm, residual add + RMSNorm, RoPE of q and k.
 
+Also SwiGLU's silu(gate) * up on a fused gate/up projection's output (``silu_mul``).
+
 Legend (shape suffixes):
   T = tokens of the step            D = the normalised (last) dim: hidden size, a projection or a head
   R = rows normalised: numel / D    H = query heads, K = KV heads, Dh = head dim (Dh / 2 = its half)
@@ -107,11 +109,26 @@ def _rotary_kernel(
     tl.store(ko_ptr + offs + HALF, out_hi.to(io), mask=ok)
 
 
+def _silu_mul_kernel(
+    gu_ptr, out_ptr,  # gu [T, >= 2F] (gate columns, then up columns), row stride STRIDE; out [T, F]
+    F, STRIDE, BLOCK: tl.constexpr,
+):
+    """out = silu(gate) * up, each rounded to the dtype as eager (F.silu, then the product)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < F
+    g = tl.load(gu_ptr + t * STRIDE + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + t * STRIDE + F + offs, mask=ok, other=0.0).to(tl.float32)
+    io = out_ptr.dtype.element_ty
+    act = (g / (1.0 + tl.exp(-g))).to(io).to(tl.float32)
+    tl.store(out_ptr + t * F + offs, (act * u).to(io), mask=ok)
+
+
 @functools.lru_cache(maxsize=2)
-def _kernels(interpret: bool) -> tuple[Any, Any]:
-    """(rms_norm, rotary) jitted; triton.jit picks the interpreter from TRITON_INTERPRET as it decorates."""
+def _kernels(interpret: bool) -> tuple[Any, Any, Any]:
+    """(rms_norm, rotary, silu_mul) jitted; triton.jit picks the interpreter from TRITON_INTERPRET as it decorates."""
     assert triton is not None and interpret == interpreting()
-    return triton.jit(_rms_norm_kernel), triton.jit(_rotary_kernel)
+    return triton.jit(_rms_norm_kernel), triton.jit(_rotary_kernel), triton.jit(_silu_mul_kernel)
 
 
 # ---------------------------------------------------------------- wrappers
@@ -195,3 +212,17 @@ def rotary(
         num_warps=_warps(np2(H) * np2(Dh)), enable_fp_fusion=False,
     )
     return q_out, k_out
+
+
+def silu_mul(gu_TX: torch.Tensor, width: int) -> torch.Tensor:
+    """``F.silu(gu[:, :width]) * gu[:, width:2 * width]`` in one launch (a fused gate/up projection's output,
+    which may hold more columns after those)."""
+    _check(gu_TX)
+    assert gu_TX.dim() == 2 and gu_TX.stride(1) == 1 and gu_TX.shape[1] >= 2 * width, (tuple(gu_TX.shape), width)
+    T = gu_TX.shape[0]
+    out = torch.empty((T, width), dtype=gu_TX.dtype, device=gu_TX.device)
+    if T:
+        block = 1024
+        _kernels(interpreting())[2][(T, triton.cdiv(width, block))](
+            gu_TX, out, width, gu_TX.stride(0), BLOCK=block, num_warps=4, enable_fp_fusion=False)
+    return out
