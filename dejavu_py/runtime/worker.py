@@ -28,8 +28,8 @@ from ..config import RunConfig
 from ..engine.decode_graphs import DecodeGraphs, capturable
 from ..engine.kv_cache import CacheSpec, KVCache
 from ..engine.kv_stream import KVReceiver, KVStreamer
-from ..engine.progress import LoopTimes
 from ..engine.plan import EdgeBroken, KVAck, KVChunk, StepPlan, StepResult, Stop
+from ..engine.progress import LoopTimes
 from ..engine.runner import Launched, StageRunner
 from ..engine.swap import Swapper
 from ..errors import PipelineError, UserError
@@ -48,6 +48,7 @@ from ..ft.replica import ReplicaChunk
 from ..ft.stage_ft import StageFT, replica_store_for
 from .devices import data_backend, placement, resolve_device, resolve_dtype
 from .layout import COORD, Layout, Member
+from .step_waiter import StepDone, StepWaiter, runs_ahead
 
 _log = log.get(__name__)
 
@@ -68,39 +69,6 @@ class WorkerSpec:
     local_rank: int
     generation: int = 0
     """Incremented each time the member is replaced; keys its edges."""
-
-
-@dataclass
-class StepDone:
-    """Put in the inbox when the device has finished a launched step."""
-
-    step: int
-
-
-class StepWaiter:
-    """A thread that waits, with the GIL released, for launched steps' events and reports each done."""
-
-    def __init__(self, inbox: queue.Queue) -> None:
-        self.inbox = inbox
-        self.todo: queue.Queue = queue.Queue()
-        threading.Thread(target=self._run, name="step-waiter", daemon=True).start()
-
-    def watch(self, launched: Launched) -> None:
-        self.todo.put((launched.plan.step, launched.event))
-
-    def _run(self) -> None:
-        while True:
-            step, event = self.todo.get()
-            if event is not None:  # on CPU the step is done when launched
-                event.synchronize()
-            self.inbox.put((COORD, StepDone(step), None))
-
-
-def runs_ahead(spec: WorkerSpec, device: torch.device) -> bool:
-    """Asynchronous scheduling applies: a stage that both embeds and samples (the coordinator plans its
-    steps two deep, see engine.scheduler). On CPU a step is done when launched; the loop is the same."""
-    st = spec.member.stage
-    return spec.cfg.pipeline.async_scheduling and st.has_embed and st.has_head
 
 
 def member_key(name: str) -> str:
@@ -211,7 +179,7 @@ class Worker:
         checkpoint (token state and replica chunk), send; busy: other messages (replica chunks held)."""
         self.pending: collections.deque[Launched] = collections.deque()
         """Steps launched and not finished, oldest first (at most two, with asynchronous scheduling)."""
-        self.waiter = StepWaiter(self.inbox) if runs_ahead(spec, device) else None
+        self.waiter = StepWaiter(self.inbox) if runs_ahead(spec) else None
         """A stage that embeds and samples on a GPU launches a step before finishing the one before it."""
 
     # -- edges ---------------------------------------------------------------------------------
