@@ -72,6 +72,7 @@ class StageFT:
         self.replay_left = -1
         self.replayed = 0
         self.mismatches = 0
+        self._record: list = []  # the last finished step's compact routing, until keep_step
         self.bulk_from: str | None = None
         self.bulk_done = False
         if self.active:
@@ -153,26 +154,35 @@ class StageFT:
                              len(self.sender.unacked.get(plan.mb, [])), plan.mb)
 
     def after_step(self, plan: StepPlan, out) -> bool:
-        """Checkpoint and replicate the step; True when this stage ends a replay (nothing to forward)."""
+        """The step's routing into its plan (it travels downstream with it, and back with the result);
+        True when this stage ends a replay (nothing to forward). Checkpointing and replicating wait for
+        ``keep_step``, after the output is on its way: off the pipeline's critical chain."""
         if not self.active:
             return False
-        r = self.w.runner
-        record = compact(r.routing)
+        self._record = compact(self.w.runner.routing)
         if plan.replay_until != self.w.me.name:
-            plan.routing[self.w.me.name] = record
-        self.ring.record(plan.mb, plan.step, plan.seq_ids, out if isinstance(out, torch.Tensor) else None, record)
-        if self.sender is not None:
-            self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, r.slots, r.phys_slots,
-                              r.step_kv)
+            plan.routing[self.w.me.name] = self._record
         if isinstance(out, StepResult):
             out.routing = plan.routing
         if plan.replay_until != self.w.me.name:
             return False
+        self.keep_step(plan, out)
         if plan.forced is not None:
-            self.mismatches += routing_mismatches(plan, record)
+            self.mismatches += routing_mismatches(plan, self._record)
         self.replayed += 1
         self._maybe_done()
         return True
+
+    def keep_step(self, plan: StepPlan, out) -> None:
+        """Checkpoint the step's token state and send its K/V to the replica (the runner still holds the
+        step's slots and K/V: before the next step is finished)."""
+        if not self.active:
+            return
+        r = self.w.runner
+        self.ring.record(plan.mb, plan.step, plan.seq_ids, out if isinstance(out, torch.Tensor) else None, self._record)
+        if self.sender is not None:
+            self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, r.slots, r.phys_slots,
+                              r.step_kv)
 
     def on_prompt_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor) -> None:
         """Token stage: the prompt KV that just arrived goes on to the replica as it is."""

@@ -176,7 +176,8 @@ class Worker:
         self.ft = StageFT(self)
         self.times = LoopTimes()
         """Per step: idle (waiting for input), replica_wait, launch, finish (device_wait of it included),
-        checkpoint (token state and replica chunk), send; busy: other messages (replica chunks held)."""
+        record (routing into the plan), send, checkpoint (token state and replica chunk, after the send);
+        busy: other messages (replica chunks held)."""
         self.pending: collections.deque[Launched] = collections.deque()
         """Steps launched and not finished, oldest first (at most two, with asynchronous scheduling)."""
         self.waiter = StepWaiter(self.inbox) if runs_ahead(spec) else None
@@ -294,12 +295,14 @@ class Worker:
             if self.ft.after_step(done.plan, out):
                 self.times.end_step()
                 continue  # a replayed step ends here: its output was already delivered before the failure
-            self.times.mark("checkpoint")
+            self.times.mark("record")
             if isinstance(out, StepResult):
                 self.send_to(self.me.next, out)
             else:
                 self.send_to(self.me.next, done.plan, out)
             self.times.mark("send")
+            self.ft.keep_step(done.plan, out)
+            self.times.mark("checkpoint")
             self.times.end_step()
 
     def send_coord(self, msg: object) -> None:
