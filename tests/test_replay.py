@@ -15,7 +15,7 @@ from dejavu_py.engine.split import split_stages
 from dejavu_py.ft.checkpoints import compact, routing_mismatches
 from dejavu_py.ft.replay import for_replay, replay_steps
 from dejavu_py.ft import replica_shm
-from dejavu_py.ft.replica import ReplicaSender, ReplicaStore
+from dejavu_py.ft.replica import ReplicaSender, ReplicaStore, covered_slots
 from dejavu_py.models.config import load_model_config
 from dejavu_py.models.loader import load_stage
 from make_checkpoint import make_checkpoint
@@ -111,7 +111,8 @@ def test_restore_and_replay_give_back_the_exact_kv(ckpt, tmp_path, shared):
 
     b = runner_for(ckpt, static=shared)  # the replacement: an empty cache
     b.seqs.update({s: state(tables[s]) for s in live})
-    slots, kv = store.export({s: tables[s] for s in live}, covered, BS)
+    slots = covered_slots({s: tables[s] for s in live}, covered, BS)
+    kv = store.read(slots)
     if shared:  # what a replacement on the holder's host does: map the file, copy the slots out of it
         replica_shm.copy_spans(replica_shm.attach(store.describe("holder")), store.layers, slots, b.kv.k_NKD, b.kv.v_NKD)
     else:

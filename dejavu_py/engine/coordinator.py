@@ -233,7 +233,6 @@ class Coordinator:
         done = tokens = 0
         self.loop_times = times = LoopTimes()
         while arrivals or driver.busy():
-            times.mark("plan")
             now = time.monotonic()
             while arrivals and arrivals[0][0] <= now:
                 driver.add(seqs[heapq.heappop(arrivals)[1]])

@@ -79,13 +79,14 @@ class Scheduler:
         queue = self.inflight.setdefault(mb, [])
         assert len(queue) < self.depth, f"microbatch {mb} has {len(queue)} plans in flight"
         prev = queue[-1] if queue else None
+        rows = {} if prev is None else {sid: (i, n) for i, (sid, n) in enumerate(zip(prev.seq_ids, prev.num_tokens))}
         admitted = self._admit(mb, len(self.running[mb]))
-        seqs = [s for s in self.running[mb] if prev is None or not self._ends_with(s, prev)]
+        seqs = [s for s in self.running[mb] if not (s.seq_id in rows and self._ends_by_length(s))]
         if not seqs:
             if not queue:
                 del self.inflight[mb]
             return None
-        plan = self._build(mb, seqs, admitted, prev)
+        plan = self._build(mb, seqs, admitted, prev, rows)
         queue.append(plan)
         return plan
 
@@ -99,9 +100,9 @@ class Scheduler:
             plans += new
 
     @staticmethod
-    def _ends_with(seq: Sequence, prev: StepPlan) -> bool:
-        """Whether the token ``prev`` samples for ``seq`` is its last by length."""
-        return seq.seq_id in prev.seq_ids and len(seq.output_ids) + 1 >= seq.request.max_new_tokens
+    def _ends_by_length(seq: Sequence) -> bool:
+        """Whether the token the step in flight samples for ``seq`` is its last by length."""
+        return len(seq.output_ids) + 1 >= seq.request.max_new_tokens
 
     def _admit(self, mb: int, num_running: int) -> list[Sequence]:
         cap = min(self.cfg.max_batch_size, math.ceil(self.num_active() / self.num_microbatches))
@@ -129,9 +130,10 @@ class Scheduler:
         self.max_running = max(self.max_running, sum(len(r) for r in self.running.values()))
         return admitted
 
-    def _build(self, mb: int, seqs: list[Sequence], admitted: list[Sequence], prev: StepPlan | None) -> StepPlan:
+    def _build(self, mb: int, seqs: list[Sequence], admitted: list[Sequence], prev: StepPlan | None,
+               rows: dict[int, tuple[int, int]]) -> StepPlan:
+        """``rows``: each sequence of ``prev`` (the plan in flight), its row there and its tokens."""
         plan = StepPlan(mb=mb, step=self.steps.next(), seq_ids=[], start_pos=[], num_tokens=[], input_ids=[], wants_token=[])
-        rows = {} if prev is None else {sid: (i, n) for i, (sid, n) in enumerate(zip(prev.seq_ids, prev.num_tokens))}
         for seq in seqs:
             if seq.seq_id in rows:  # goes on from the step in flight: its input is that step's token
                 row, n = rows[seq.seq_id]

@@ -263,11 +263,6 @@ class ReplicaStore:
             for s in seq_ids:
                 self.covered.pop(s, None)
 
-    def export(self, tables: dict[int, list[int]], covered: dict[int, int], block_size: int):
-        """(slots, tensor [2, L, T, K, D]) of the covered positions of these sequences."""
-        slots = covered_slots(tables, covered, block_size)
-        return slots, self.read(slots)
-
     def read(self, slots: list[int]) -> torch.Tensor:
         """[2, L, T, K, D]: the replica at these slots (a copy)."""
         idx = torch.tensor(slots, dtype=torch.long)

@@ -17,14 +17,19 @@ import torch
 from torch import nn
 
 
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """A Linear over these tensors (no copy)."""
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias, requires_grad=False)
+    return out
+
+
 def _stack(linears: list[nn.Linear]) -> nn.Linear:
     """One Linear whose output is the given ones' outputs side by side."""
-    w = torch.cat([lin.weight for lin in linears])
-    out = nn.Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, device="meta")
-    out.weight = nn.Parameter(w, requires_grad=False)
-    if out.bias is not None:
-        out.bias = nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False)
-    return out
+    bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    return _linear(torch.cat([lin.weight for lin in linears]), bias)
 
 
 def fuse_attention(attn: nn.Module) -> None:
@@ -47,17 +52,9 @@ def fuse_shared_gate(moe: nn.Module) -> None:
     rows = gate_up.out_features + 1
     pad = -rows % 8
     w = torch.cat([gate_up.weight, sgate.weight, sgate.weight.new_zeros(pad, sgate.in_features)])
-    moe.shared_expert.gate_up_proj = _stack([_Weights(w)])
+    moe.shared_expert.gate_up_proj = _linear(w)
     moe.shared_gate_col = gate_up.out_features
     del moe.shared_expert_gate
-
-
-class _Weights(nn.Module):
-    """A bias-free weight in Linear's place, for ``_stack``."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.weight, self.bias = weight, None
 
 
 def fuse_projections(model: nn.Module) -> int:

@@ -30,6 +30,7 @@ from .fused_moe import DTYPES, available, interpreting, tl, triton
 if triton is not None:
     from .fused_moe import _add_combine  # tl.sum's combine, which the interpreter runs with numpy
 
+
 def enabled(x: torch.Tensor) -> bool:
     """Whether the Triton ops serve ``x``: triton, CUDA (or the interpreter), a supported dtype, not disabled."""
     return (
