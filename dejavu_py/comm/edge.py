@@ -7,8 +7,9 @@ touch it are rebuilt, at a new generation, and everyone else keeps their groups 
 design-notes: a single global group would force everyone to tear down).
 
 A message is a small picklable object plus an optional tensor. Control bytes always travel over gloo
-(CPU); the tensor travels over the data group: the same gloo group on CPU or between processes
-sharing a GPU, an NCCL group when the two ends own different GPUs.
+(CPU); the tensor travels over the data group: the same gloo group on CPU, an NCCL group when the two
+ends own different GPUs. Between two processes sharing a GPU, a tensor sent ``fast`` goes through a
+ring in shared host memory, ordered on the devices' streams (comm/host_ring.py): neither host waits.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .. import log
+from .host_ring import HostRing, RingRead
 
 _log = log.get(__name__)
 _TAG = 0
@@ -46,7 +48,10 @@ class Edge:
         device: torch.device | None = None,
         max_pending: int = 64,
         channel: str = "main",
+        inbound_bytes: int = 0,
     ) -> None:
+        """``data_backend``: 'gloo', 'nccl', or 'ring' (same GPU: gloo, and tensors sent ``fast`` through
+        host rings; this end receives up to ``inbound_bytes`` per tensor that way)."""
         self.me, self.peer, self.generation, self.channel = me, peer, generation, channel
         self.name = edge_name(me, peer, generation, channel)
         self.rank = sorted((me, peer)).index(me)
@@ -54,9 +59,15 @@ class Edge:
         self.timeout = timedelta(seconds=timeout_s)
         self.device = device if device is not None else torch.device("cpu")
         prefixed = dist.PrefixStore(self.name + "/", store)
+        self.inbound = self.outbound = None
+        if data_backend == "ring" and inbound_bytes > 0:  # before the group forms: the peer opens it after
+            self.inbound = HostRing.create(self.name.replace("/", "_").replace("~", "-"), inbound_bytes)
+            prefixed.set(f"ring/{self.rank}", self.inbound.path)
         self.ctl = dist.ProcessGroupGloo(dist.PrefixStore("ctl/", prefixed), self.rank, 2, self.timeout)
         self.data_backend = data_backend
-        self.data = self.ctl if data_backend == "gloo" else self._nccl(prefixed)
+        self.data = self._nccl(prefixed) if data_backend == "nccl" else self.ctl
+        if data_backend == "ring":
+            self._open_rings(prefixed)
         self._pending: collections.deque = collections.deque()
         self._max_pending = max_pending
         self._send_lock = threading.Lock()  # a message is 2-3 sends that must not interleave
@@ -70,11 +81,25 @@ class Edge:
         opts._timeout = self.timeout
         return dist.ProcessGroupNCCL(dist.PrefixStore("nccl/", prefixed), self.rank, 2, opts)
 
+    def _open_rings(self, prefixed: dist.Store) -> None:
+        """Map the peer's ring (it made it before joining the group), then, both ends mapped, unlink ours."""
+        key = f"ring/{self.peer_rank}"
+        if prefixed.check([key]):
+            self.outbound = HostRing.open(prefixed.get(key).decode())
+        self.ctl.barrier().wait(self.timeout)
+        if self.inbound is not None:
+            self.inbound.unlink()
+
     # -- sending -------------------------------------------------------------------------------
-    def send(self, msg: Any, tensor: torch.Tensor | None = None) -> None:
-        """Queue ``msg`` (and ``tensor``) for the peer; returns without waiting for delivery."""
+    def send(self, msg: Any, tensor: torch.Tensor | None = None, fast: bool = False) -> None:
+        """Queue ``msg`` (and ``tensor``) for the peer; returns without waiting for delivery. ``fast``:
+        the tensor may go through the peer's ring, read on its device in the order sent; the receiver
+        must then take or skip it (``RingRead``) in that order."""
         info = None
-        if tensor is not None:
+        seq = self.outbound.put(tensor) if fast and self.outbound is not None and tensor is not None and tensor.is_cuda else None
+        if seq is not None:
+            info, tensor = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), seq), None
+        elif tensor is not None:
             tensor = self._for_wire(tensor)
             info = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
         payload = torch.frombuffer(bytearray(pickle.dumps((msg, info), protocol=5)), dtype=torch.uint8)
@@ -89,7 +114,7 @@ class Edge:
             self._reap()
 
     def _for_wire(self, t: torch.Tensor) -> torch.Tensor:
-        if self.data_backend == "gloo" and t.device.type != "cpu":
+        if self.data_backend != "nccl" and t.device.type != "cpu":
             torch.cuda.current_stream(t.device).synchronize()  # waits without the GIL; the copy then does not wait
             return t.to("cpu", non_blocking=False)
         return t.contiguous()
@@ -110,8 +135,9 @@ class Edge:
                 work.wait(self.timeout)
 
     # -- receiving -----------------------------------------------------------------------------
-    def recv(self, timeout_s: float | None = None) -> tuple[Any, torch.Tensor | None]:
-        """The next message from the peer (blocks at most the edge timeout, or ``timeout_s``)."""
+    def recv(self, timeout_s: float | None = None) -> tuple[Any, torch.Tensor | RingRead | None]:
+        """The next message from the peer (blocks at most the edge timeout, or ``timeout_s``); a tensor
+        sent through the ring comes as a ``RingRead``."""
         timeout = self.timeout if timeout_s is None else timedelta(seconds=timeout_s)
         header = torch.empty(1, dtype=torch.int64)
         self.ctl.recv([header], self.peer_rank, _TAG).wait(timeout)
@@ -121,8 +147,11 @@ class Edge:
         self.bytes_received += payload.numel() + 8
         if info is None:
             return msg, None
+        if len(info) == 3:
+            assert self.inbound is not None, f"{self.name}: a ring tensor without a ring"
+            return msg, RingRead(self.inbound, info[2], info[0], getattr(torch, info[1]), self.device)
         shape, dtype = info
-        on = self.device if self.data_backend != "gloo" else torch.device("cpu")
+        on = self.device if self.data_backend == "nccl" else torch.device("cpu")
         t = torch.empty(shape, dtype=getattr(torch, dtype), device=on)
         self.data.recv([t], self.peer_rank, _TAG).wait(timeout)
         self.bytes_received += t.numel() * t.element_size()
@@ -130,8 +159,15 @@ class Edge:
             t = t.to(self.device, non_blocking=False)
         return msg, t
 
+    def release(self) -> None:
+        """The peer died: let this process's streams pass every wait on its rings."""
+        for ring in (self.inbound, self.outbound):
+            if ring is not None:
+                ring.release()
+
     def close(self) -> None:
         """Drop the groups (after a failure, without waiting for the dead peer)."""
+        self.release()
         self.closed = True
         self._pending.clear()
         for pg in {id(self.ctl): self.ctl, id(self.data): self.data}.values():

@@ -33,7 +33,7 @@ from .block_manager import BlockManager
 from .colocated import ColocatedDriver
 from .disagg import DisaggDriver
 from .output import Timings, error_record, request_error_record, success_record, write_outputs
-from .plan import EdgeBroken, StepCounter, StepResult, Stop
+from .plan import EdgeBroken, StepCounter, StepResult, StepRouting, Stop
 from .prefill_scheduler import PrefillScheduler
 from .progress import LoopTimes, ProgressBar, RunSummary
 from .request import Request, RequestLimits, load_requests
@@ -203,7 +203,7 @@ class Coordinator:
             blocks = BlockManager(mbs * cache.partition_blocks, cache.block_size, partitions=mbs)
         else:
             blocks = BlockManager(cache.num_blocks, cache.block_size)
-        depth = 2 if self.cfg.pipeline.async_scheduling and len(decode_pipe) == 1 and not cache.swap else 1
+        depth = 2 if self.cfg.pipeline.async_scheduling and not cache.swap else 1
         decode = Scheduler(sc, blocks, mbs, stop_ids, self.steps, history=self.cfg.ft.max_checkpoints, depth=depth)
         if not self.layout.disaggregated:
             return ColocatedDriver(decode, decode_pipe, self.send)
@@ -253,6 +253,9 @@ class Coordinator:
                 continue
             if isinstance(msg, LATE_RECOVERY_MESSAGES):  # answers to a recovery that already moved on
                 _log.debug("late %s from %s", type(msg).__name__, source)
+                continue
+            if isinstance(msg, StepRouting):
+                driver.decode_scheduler.on_routing(msg)
                 continue
             finished = driver.on_message(source, msg)
             if isinstance(msg, StepResult):

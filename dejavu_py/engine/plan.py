@@ -2,7 +2,8 @@
 
 nano-vllm shape: the scheduler only decides, the stage runners only compute, and only these small
 records travel. A plan goes coordinator -> stage 0 -> ... -> last stage together with the activations;
-the last stage answers the coordinator with the sampled token of every sequence that wanted one.
+the last stage answers the coordinator with the sampled token of every sequence that wanted one, and,
+with asynchronous scheduling, hands the sampled ids (on the device) straight to the first stage.
 """
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ class StepPlan:
     release: list[int] = field(default_factory=list)
     """Sequences that finished: stages forget their state."""
     routing: dict[str, list] = field(default_factory=dict)
-    """Fault tolerance: each stage's MoE routing of this step, [(layer, ids_TK int16, weights_TK
-    float32)] on the host; it travels downstream, so a completed step's record outlives its stages."""
+    """Fault tolerance, in the coordinator's history: each stage's MoE routing of this step, [(layer,
+    ids_TK int16, weights_TK float32)] on the host, so a completed step's record outlives its stages."""
     replay_until: str | None = None
     """Recovery: this stage recomputes the step for its KV and stops it there (no output)."""
     forced: list | None = None
@@ -88,7 +89,27 @@ class StepResult:
     token_ids: list[int]
     """The sampled next token of each."""
     routing: dict[str, list] = field(default_factory=dict)
-    """Each stage's MoE routing of the step (see StepPlan.routing)."""
+    """The last stage's MoE routing of the step (see StepPlan.routing; the others send ``StepRouting``)."""
+
+
+@dataclass
+class StepRouting:
+    """Fault tolerance: a stage's MoE routing of a step, to the coordinator (see StepPlan.routing)."""
+
+    mb: int
+    step: int
+    stage: str
+    routing: list
+
+
+@dataclass
+class Sampled:
+    """Asynchronous scheduling over several stages: the last stage tells the first that step ``step``'s
+    sampled ids are on their way (a tensor [S], read on the device), so that it can launch the plan
+    that follows that step without waiting for the coordinator."""
+
+    mb: int
+    step: int
 
 
 @dataclass

@@ -71,6 +71,8 @@ class Launched:
     phys_slots: list[int] = field(default_factory=list)
     event: torch.cuda.Event | None = None
     """Recorded after the step's kernels and copies to the host (CUDA): waited for, not the stream."""
+    forwarded: bool = False
+    """Its output (or sampled ids) already left at launch (asynchronous scheduling)."""
 
 
 class StageRunner:
@@ -107,7 +109,8 @@ class StageRunner:
         self._scratch: dict[int, int] = {}
         self._routing_dev: list = []
         self.sampled: dict[int, torch.Tensor] = {}
-        """The last few steps' sampled ids on the device, by step: the inputs of plans that follow them."""
+        """The last few steps' sampled ids on the device, by step: the inputs of plans that follow them
+        (sampled here, or, first of several stages, sent by the last)."""
         self.wait = DeviceWait()
         """Time this stage's thread spent waiting for its steps' kernels (the rest of a step is host work)."""
 
@@ -169,8 +172,7 @@ class StageRunner:
             done.sids, ids = self._sample(plan, out)
             self.sampled[plan.step] = ids
             done.ids = _to_host(ids)
-            while len(self.sampled) > 4:
-                del self.sampled[next(iter(self.sampled))]
+            self.trim_sampled()
         if self.device.type == "cuda":
             done.event = torch.cuda.Event()
             done.event.record()
@@ -188,6 +190,11 @@ class StageRunner:
             return done.out
         plan = done.plan
         return StepResult(plan.mb, plan.step, done.sids, done.ids.tolist())
+
+    def trim_sampled(self, keep: int = 16) -> None:
+        """Keep the last ``keep`` steps' ids (a plan follows a step at most two per microbatch back)."""
+        while len(self.sampled) > keep:
+            del self.sampled[next(iter(self.sampled))]
 
     def _input_ids(self, plan: StepPlan) -> torch.Tensor:
         """The plan's tokens on the device; placeholders (``plan.follows``) from that step's sampled ids,

@@ -21,7 +21,7 @@ import time
 
 from ..config import SchedulerConfig
 from .block_manager import BlockManager
-from .plan import SeqState, StepCounter, StepPlan, StepResult
+from .plan import SeqState, StepCounter, StepPlan, StepResult, StepRouting
 from .sequence import Sequence, Status
 
 
@@ -54,6 +54,8 @@ class Scheduler:
             m: collections.deque(maxlen=history) for m in range(num_microbatches)}
         """Completed plans per microbatch, with every stage's routing: the coordinator's token-state
         checkpoints, what a replay re-runs."""
+        self._routing: dict[int, dict[str, list]] = {}
+        """Routing records of steps whose result has not come back yet (stages send them on their own)."""
         self.max_running = 0
         """Most sequences ever running at once (all microbatches together)."""
 
@@ -164,7 +166,7 @@ class Scheduler:
             del self.inflight[result.mb]
         elif queue[0].follows == plan.step:
             _fill_placeholders(queue[0], result.token_ids)
-        plan.routing = result.routing
+        plan.routing = {**self._routing.pop(plan.step, {}), **result.routing}
         self.history[result.mb].append(plan)
         finished = []
         for sid, n in zip(plan.seq_ids, plan.num_tokens):
@@ -179,11 +181,22 @@ class Scheduler:
             self._retire(seq)
         return finished
 
+    def on_routing(self, rec: StepRouting) -> None:
+        """A stage's routing of a step: into the step's plan in the history, or kept until its result."""
+        if rec.mb in self.history:
+            for plan in reversed(self.history[rec.mb]):
+                if plan.step == rec.step:
+                    plan.routing[rec.stage] = rec.routing
+                    return
+        if any(p.step == rec.step for q in self.inflight.values() for p in q):
+            self._routing.setdefault(rec.step, {})[rec.stage] = rec.routing
+
     def drop_inflight(self) -> int:
         """After a failure whose KV can be restored: forget the plans in flight (their sequences'
         positions did not advance, so the next plans recompute those steps on every stage)."""
         dropped = sum(len(q) for q in self.inflight.values())
         self.inflight.clear()
+        self._routing.clear()
         self._announce = {s.seq_id for r in self.running.values() for s in r}
         return dropped
 
@@ -193,6 +206,7 @@ class Scheduler:
         Returns (plans dropped, sequences to recompute)."""
         dropped = sum(len(q) for q in self.inflight.values())
         self.inflight.clear()
+        self._routing.clear()
         redo = [s for r in self.running.values() for s in r] + [s for s in self.waiting if s.num_cached]
         for seq in redo:
             seq.num_cached = 0

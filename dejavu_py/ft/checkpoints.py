@@ -6,7 +6,8 @@ Policies: ``all`` keeps every step's activations; ``interval`` every N-th step o
 ``adaptive`` keeps every step whose routing is diverse (normalised entropy of expert use high) or
 skewed (a few experts take much of the load), and every N-th step otherwise. A step without kept
 activations is replayed by recomputing the stages before it instead. Routing is always recorded:
-it is small, travels downstream with the step, and a replay routes exactly as recorded.
+it is small, goes to the coordinator with the step (its history), and a replay routes exactly as
+recorded.
 
 Queries as the MoE token-state FT literature has them: ``has(step, mb)``, ``count(mb)``,
 ``in_recovery``.
@@ -30,8 +31,8 @@ Routing = list[tuple[int, torch.Tensor, torch.Tensor]]
 
 
 def compact(routing: Routing) -> list:
-    """The record a plan carries: numpy arrays (ids int16, weights float32), on the host; numpy, not
-    torch, because plans are pickled at every hop and small torch tensors pickle ~30x slower."""
+    """The record the coordinator keeps: numpy arrays (ids int16, weights float32), on the host; numpy,
+    not torch, because records are pickled and small torch tensors pickle ~30x slower."""
     return [(layer, ids.to(torch.int16).numpy(), w.to(torch.float32).numpy()) for layer, ids, w in routing]
 
 

@@ -18,7 +18,7 @@ import torch
 
 from .. import log
 from ..engine.attn_meta import slot_of
-from ..engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult
+from ..engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult, StepRouting
 from .checkpoints import TokenStateRing, compact, routing_mismatches
 from ..comm.store import get_json, has, put_json
 from . import replica_shm
@@ -154,17 +154,17 @@ class StageFT:
                              len(self.sender.unacked.get(plan.mb, [])), plan.mb)
 
     def after_step(self, plan: StepPlan, out) -> bool:
-        """The step's routing into its plan (it travels downstream with it, and back with the result);
-        True when this stage ends a replay (nothing to forward). Checkpointing and replicating wait for
-        ``keep_step``, after the output is on its way: off the pipeline's critical chain."""
+        """The step's routing to the coordinator (the last stage's with its result, the others' in a
+        ``StepRouting``); True when this stage ends a replay (nothing to forward). Checkpointing and
+        replicating wait for ``keep_step``, after the output is on its way: off the pipeline's chain."""
         if not self.active:
             return False
         self._record = compact(self.w.runner.routing)
         if plan.replay_until != self.w.me.name:
-            plan.routing[self.w.me.name] = self._record
-        if isinstance(out, StepResult):
-            out.routing = plan.routing
-        if plan.replay_until != self.w.me.name:
+            if isinstance(out, StepResult):
+                out.routing = {self.w.me.name: self._record}
+            else:
+                self.w.send_coord(StepRouting(plan.mb, plan.step, self.w.me.name, self._record))
             return False
         self.keep_step(plan, out)
         if plan.forced is not None:

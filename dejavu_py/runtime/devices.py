@@ -30,8 +30,12 @@ def placement(device: torch.device) -> dict:
 
 
 def data_backend(a: dict, b: dict) -> str:
-    """NCCL between two members on different GPUs; gloo on CPU or when they share a GPU
-    (two ranks on one GPU cannot be members of one NCCL communicator)."""
+    """NCCL between two members on different GPUs; gloo on CPU; between two that share a GPU (two ranks
+    on one GPU cannot be members of one NCCL communicator) gloo plus host rings (comm/host_ring.py)."""
+    from ..comm import stream_sync
+
     both_gpu = a["device"].startswith("cuda") and b["device"].startswith("cuda")
     same_gpu = a["host"] == b["host"] and a["device"] == b["device"]
-    return "nccl" if both_gpu and not same_gpu else "gloo"
+    if both_gpu and same_gpu:
+        return "ring" if stream_sync.available() else "gloo"
+    return "nccl" if both_gpu else "gloo"

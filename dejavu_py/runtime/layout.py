@@ -88,6 +88,9 @@ class Layout:
             pairs.add(_pair(COORD, m.name))  # control: acks, results, recovery
             for t in self.kv_targets(m):
                 pairs.add(_pair(m.name, t.name))
+        pipe = self.decode_pipeline
+        if len(pipe) > 2:  # the last stage hands its sampled ids to the first (asynchronous scheduling)
+            pairs.add(_pair(pipe[0].name, pipe[-1].name))
         order = {name: i for i, name in enumerate([COORD, *[m.name for m in self.members]])}
         return sorted(pairs, key=lambda p: (order[p[0]], order[p[1]]))
 

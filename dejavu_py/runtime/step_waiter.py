@@ -42,7 +42,8 @@ class StepWaiter:
 
 
 def runs_ahead(spec: WorkerSpec) -> bool:
-    """Asynchronous scheduling applies: a stage that both embeds and samples (the coordinator plans its
-    steps two deep, see engine.scheduler). On CPU a step is done when launched; the loop is the same."""
-    st = spec.member.stage
-    return spec.cfg.pipeline.async_scheduling and st.has_embed and st.has_head
+    """Asynchronous scheduling applies: a stage of the decode pipeline without KV swapping (the
+    coordinator plans its steps two deep, see engine.scheduler). On CPU a step is done when launched;
+    the loop is the same."""
+    cfg = spec.cfg
+    return cfg.pipeline.async_scheduling and not cfg.cache.swap and spec.member.role in ("stage", "token")

@@ -23,12 +23,13 @@ import torch
 
 from .. import log
 from ..comm.edge import Edge
+from ..comm.host_ring import RingRead
 from ..comm.store import StoreAddress, connect, get_json, put_json
 from ..config import RunConfig
 from ..engine.decode_graphs import DecodeGraphs, capturable
 from ..engine.kv_cache import CacheSpec, KVCache
 from ..engine.kv_stream import KVReceiver, KVStreamer
-from ..engine.plan import EdgeBroken, KVAck, KVChunk, StepPlan, StepResult, Stop
+from ..engine.plan import EdgeBroken, KVAck, KVChunk, Sampled, StepPlan, StepResult, Stop
 from ..engine.progress import LoopTimes
 from ..engine.runner import Launched, StageRunner
 from ..engine.swap import Swapper
@@ -179,9 +180,15 @@ class Worker:
         record (routing into the plan), send, checkpoint (token state and replica chunk, after the send);
         busy: other messages (replica chunks held)."""
         self.pending: collections.deque[Launched] = collections.deque()
-        """Steps launched and not finished, oldest first (at most two, with asynchronous scheduling)."""
+        """Steps launched and not finished, oldest first."""
         self.waiter = StepWaiter(self.inbox) if runs_ahead(spec) else None
-        """A stage that embeds and samples on a GPU launches a step before finishing the one before it."""
+        """Asynchronous scheduling: a stage launches a step before finishing the one before it, and sends
+        its output (or, the last stage, its sampled ids to the first) as soon as the step is queued."""
+        pipe = spec.layout.decode_pipeline
+        self.first = pipe[0].name if self.waiter is not None and len(pipe) > 1 and self.me.name == pipe[-1].name else None
+        """The last of several stages: where its sampled ids go (the first stage embeds them)."""
+        self.blocked: collections.deque[tuple[StepPlan, object]] = collections.deque()
+        """First stage: plans (in order) waiting for the sampled ids of the step they follow."""
 
     # -- edges ---------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -193,9 +200,25 @@ class Worker:
 
     def _inbound(self, peers) -> list[str]:
         """Of these peers, those this stage receives from: its predecessor, the coordinator (control),
-        and (token stages) the prompt stages that stream KV to it."""
+        and (token stages) the prompt stages that stream KV to it. Running ahead: every peer (the last
+        stage sends to the first; a dead successor must release this stage's rings, see ``listen``)."""
+        if self.waiter is not None:
+            return list(peers)
         wanted = {self.me.prev, COORD} | {p.name for p in self.spec.layout.kv_sources(self.me)}
         return [p for p in peers if p in wanted]
+
+    def _ring_bytes(self, peer: str) -> int:
+        """Largest tensor ``peer`` sends this stage through a ring on a shared GPU: activations from the
+        predecessor, sampled ids from the last stage to the first (running ahead only)."""
+        if self.waiter is None:
+            return 0
+        sc, model = self.spec.cfg.scheduler, self.runner.model
+        if peer == self.me.prev:
+            return sc.max_batch_tokens * model.cfg.hidden_size * model.dtype.itemsize
+        pipe = self.spec.layout.decode_pipeline
+        if self.me.name == pipe[0].name and peer == pipe[-1].name:
+            return sc.max_batch_size * 8
+        return 0
 
     def _make_edge(self, peer: str, generation: int) -> Edge:
         """Blocks until the peer joins, on a store client of its own (see comm.store.connect)."""
@@ -205,10 +228,12 @@ class Worker:
             return Edge(rendezvous, self.me.name, peer, generation, timeout)
         mine = get_json(rendezvous, member_key(self.me.name))
         other = get_json(rendezvous, member_key(peer), timeout_s=self.spec.cfg.ft.recovery_timeout_s)
-        return Edge(rendezvous, self.me.name, peer, generation, timeout, data_backend(mine, other), self.device)
+        return Edge(rendezvous, self.me.name, peer, generation, timeout, data_backend(mine, other), self.device,
+                    inbound_bytes=self._ring_bytes(peer))
 
     def listen(self, peer: str) -> None:
-        """A daemon thread moving everything ``peer`` sends into the inbox."""
+        """A daemon thread moving everything ``peer`` sends into the inbox. When the peer dies it first
+        releases the edge's rings: this stage's stream may be waiting on them, and its loop on that."""
         edge = self.edges[peer]
 
         def pump() -> None:
@@ -216,6 +241,7 @@ class Worker:
                 try:
                     msg, t = edge.recv(IDLE_TIMEOUT_S)
                 except Exception as e:  # the peer died or the link broke: the loop decides what that means
+                    edge.release()
                     if not (self._closing or edge.closed):
                         self.inbox.put((peer, EdgeBroken(peer, str(e).splitlines()[0][:300]), None))
                     return
@@ -235,15 +261,21 @@ class Worker:
             if isinstance(msg, StepDone):
                 self._finish_through(msg.step)
                 continue
-            if not isinstance(msg, StepPlan):
+            if isinstance(msg, Recover):
+                self._release(msg.failed)  # launched steps may wait on the failed members' rings
+            if not isinstance(msg, (StepPlan, Sampled)):
                 self._finish_through(None)  # control messages see every launched step finished
-            if not self.restored and isinstance(msg, (StepPlan, KVChunk)):
+            if not self.restored and isinstance(msg, (StepPlan, KVChunk, Sampled)):
                 self._stash.append((peer, msg, x))
                 continue
             if isinstance(msg, StepPlan):
                 if msg.step > self.drop_through or msg.replay_until is not None:
-                    self._step(msg, x)
-                    steps += 1
+                    steps += self._admit(msg, x)
+                elif isinstance(x, RingRead):
+                    x.skip()
+            elif isinstance(msg, Sampled):
+                self._sampled(msg, x)
+                steps += self._launch_blocked()
             elif isinstance(msg, KVChunk):
                 self._take_kv(msg, x)
             elif isinstance(msg, Stop):
@@ -266,7 +298,36 @@ class Worker:
             else:
                 raise PipelineError(f"{self.me.name}: unexpected {type(msg).__name__} from {peer}")
 
-    def _step(self, plan: StepPlan, x: torch.Tensor | None) -> None:
+    def _admit(self, plan: StepPlan, x) -> int:
+        """Launch the plan, or (first stage) hold it until the ids of the step it follows are here."""
+        if self.blocked or (plan.follows is not None and self.me.stage.has_embed and plan.follows not in self.runner.sampled):
+            self.blocked.append((plan, x))
+            return 0
+        self._step(plan, x)
+        return 1
+
+    def _launch_blocked(self) -> int:
+        n = 0
+        while self.blocked and (self.blocked[0][0].follows is None or self.blocked[0][0].follows in self.runner.sampled):
+            self._step(*self.blocked.popleft())
+            n += 1
+        return n
+
+    def _sampled(self, msg: Sampled, ids) -> None:
+        """First stage: the last stage's sampled ids of a step, for the plans that follow it (clamped: a
+        ring released after a failure holds stale bytes, and the embedding must not read out of range)."""
+        ids = ids.take() if isinstance(ids, RingRead) else ids.to(self.device)
+        self.runner.sampled[msg.step] = ids.clamp_(0, self.runner.model.cfg.vocab_size - 1)
+        self.runner.trim_sampled()
+
+    def _release(self, failed: list[str]) -> None:
+        for peer in failed:
+            if peer in self.edges:
+                self.edges[peer].release()
+
+    def _step(self, plan: StepPlan, x) -> None:
+        if isinstance(x, RingRead):
+            x = x.take()
         if self.streamer is not None:
             seqs = {**self.runner.seqs, **plan.new_seqs}
             self.streamer.begin(plan, seqs)
@@ -276,6 +337,8 @@ class Worker:
         self.times.mark("replica_wait")  # back-pressure: the replica holder's acknowledgements
         ahead = self.waiter is not None and plan.replay_until is None
         self.pending.append(self.runner.launch(plan, x, ahead))
+        if ahead:
+            self._forward(self.pending[-1])
         self.times.mark("launch")
         if ahead:  # finished when the next plan is launched behind it, or when the device is done with it
             self.waiter.watch(self.pending[-1])
@@ -283,6 +346,17 @@ class Worker:
             self._finish_through(None)
         elif len(self.pending) > 1:
             self._finish_through(self.pending[-2].plan.step)
+
+    def _forward(self, done: Launched) -> None:
+        """Running ahead: the step's output leaves as soon as it is queued, through the ring on a shared
+        GPU (read on the device behind the step), else as soon as it is computed. The last stage of
+        several sends its sampled ids to the first; the coordinator gets its result when it is finished."""
+        plan = done.plan
+        if not self.me.stage.has_head:
+            self.send_to(self.me.next, plan, done.out, fast=True)
+        elif self.first is not None:
+            self.send_to(self.first, Sampled(plan.mb, plan.step), self.runner.sampled[plan.step], fast=True)
+        done.forwarded = True
 
     def _finish_through(self, step: int | None) -> None:
         """Finish the launched steps up to ``step`` (None: all), oldest first: checkpoint, replicate, send."""
@@ -298,7 +372,7 @@ class Worker:
             self.times.mark("record")
             if isinstance(out, StepResult):
                 self.send_to(self.me.next, out)
-            else:
+            elif not done.forwarded:
                 self.send_to(self.me.next, done.plan, out)
             self.times.mark("send")
             self.ft.keep_step(done.plan, out)
@@ -308,14 +382,14 @@ class Worker:
     def send_coord(self, msg: object) -> None:
         self.send_to(COORD, msg)
 
-    def send_to(self, peer: str, msg: object, tensor: torch.Tensor | None = None) -> None:
+    def send_to(self, peer: str, msg: object, tensor: torch.Tensor | None = None, fast: bool = False) -> None:
         """Send, or report the edge broken (the peer died): the coordinator's recovery takes it from
-        there, and whatever this message carried is re-planned."""
+        there, and whatever this message carried is re-planned. ``fast``: see Edge.send."""
         edge = self.edges.get(peer)
         if edge is None:  # being rebuilt after a failure: the message belonged to a dropped step
             return
         try:
-            edge.send(msg, tensor)
+            edge.send(msg, tensor, fast)
         except Exception as e:
             if not edge.closed:
                 edge.closed = True
@@ -352,6 +426,10 @@ class Worker:
         """Abort the edges to the failed members, drop in-flight plans, rebuild those edges."""
         _log.warning("recovery (generation %d): %s failed", msg.generation, ", ".join(msg.failed))
         self.drop_through = max(self.drop_through, msg.drop_through)
+        for plan, x in self.blocked:  # in flight at the failure: re-issued
+            if isinstance(x, RingRead):
+                x.skip()
+        self.blocked.clear()
         for peer in msg.failed:
             edge = self.edges.pop(peer, None)
             if edge is not None:
