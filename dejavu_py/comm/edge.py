@@ -91,14 +91,28 @@ class Edge:
             self.inbound.unlink()
 
     # -- sending -------------------------------------------------------------------------------
-    def send(self, msg: Any, tensor: torch.Tensor | None = None, fast: bool = False) -> None:
+    def reserve(self, nbytes: int) -> int | None:
+        """A place in the peer's ring for a tensor sent later (``send(ring=...)`` now, ``put`` once it is
+        queued on the device); None without a ring or when it does not fit."""
+        return self.outbound.reserve(nbytes) if self.outbound is not None else None
+
+    def put(self, seq: int, tensor: torch.Tensor) -> None:
+        """Queue the reserved tensor ``seq`` into the peer's ring (reserved order)."""
+        self.outbound.put(seq, tensor)
+
+    def send(self, msg: Any, tensor: torch.Tensor | None = None, fast: bool = False,
+             ring: tuple[int, tuple[int, ...], torch.dtype] | None = None) -> None:
         """Queue ``msg`` (and ``tensor``) for the peer; returns without waiting for delivery. ``fast``:
-        the tensor may go through the peer's ring, read on its device in the order sent; the receiver
-        must then take or skip it (``RingRead``) in that order."""
+        the tensor may go through the peer's ring; ``ring``: (sequence number, shape, dtype) of a tensor
+        reserved there and put later. The receiver takes or skips ring tensors (``RingRead``) in order."""
         info = None
-        seq = self.outbound.put(tensor) if fast and self.outbound is not None and tensor is not None and tensor.is_cuda else None
-        if seq is not None:
-            info, tensor = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), seq), None
+        if fast and tensor is not None and tensor.is_cuda and ring is None:
+            seq = self.reserve(tensor.numel() * tensor.element_size())
+            if seq is not None:
+                self.put(seq, tensor)
+                ring, tensor = (seq, tuple(tensor.shape), tensor.dtype), None
+        if ring is not None:
+            info = (tuple(ring[1]), str(ring[2]).removeprefix("torch."), ring[0])
         elif tensor is not None:
             tensor = self._for_wire(tensor)
             info = (tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))

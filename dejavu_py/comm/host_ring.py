@@ -48,6 +48,8 @@ class HostRing:
         self.words = self.bytes[:8].view(torch.int32)
         self.count = 0
         """Sequence number of the last tensor put (sender) or taken or skipped (receiver)."""
+        self.reserved = 0
+        """Sender: the last sequence number handed out; each is put, in order."""
 
     @classmethod
     def create(cls, tag: str, slot_bytes: int, slots: int = SLOTS) -> HostRing:
@@ -80,19 +82,24 @@ class HostRing:
         return self.bytes[start:start + nbytes]
 
     # -- sender ------------------------------------------------------------------------------------
-    def put(self, t: torch.Tensor) -> int | None:
-        """Queue ``t``'s copy into the next slot and the ``sent`` write; its sequence number, or None
-        when it does not fit a slot (it goes the slow way)."""
-        flat = t.detach().contiguous().view(-1).view(torch.uint8)
-        if flat.numel() > self.slot_bytes:
+    def reserve(self, nbytes: int) -> int | None:
+        """The sequence number of a tensor of ``nbytes`` to be put later (its message may leave first:
+        the receiver's stream waits for it), or None when it does not fit a slot (it goes the slow way)."""
+        if nbytes > self.slot_bytes:
             return None
-        seq = self.count + 1
+        self.reserved += 1
+        return self.reserved
+
+    def put(self, seq: int, t: torch.Tensor) -> None:
+        """Queue ``t``'s copy into slot ``seq`` (reserved, put in order) and the ``sent`` write."""
+        flat = t.detach().contiguous().view(-1).view(torch.uint8)
+        if seq != self.count + 1 or flat.numel() > self.slot_bytes:
+            raise RuntimeError(f"ring {self.path}: tensor {seq} ({flat.numel()} bytes) put after {self.count}")
         if seq > self.slots:  # the slot's last tensor must have been copied out
             stream_sync.wait_geq(self.taken_addr, seq - self.slots)
         self._slot(seq, flat.numel()).copy_(flat, non_blocking=True)
         stream_sync.write(self.sent_addr, seq)
         self.count = seq
-        return seq
 
     # -- receiver ----------------------------------------------------------------------------------
     def take(self, seq: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

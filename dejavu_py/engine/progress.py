@@ -93,6 +93,9 @@ class LoopTimes:
         self._now = {}
 
     def per_step_ms(self) -> dict:
+        """Median ms per step of each phase (``<phase>_ms``), and the means (``mean``: a phase that is
+        cheap in most steps and long in a few shows there)."""
         phases = sorted({k for d in self._per_step for k in d})
-        return {"steps": self.steps, **{f"{k}_ms": round(1e3 * statistics.median(d.get(k, 0.0) for d in self._per_step), 4)
-                                         for k in phases}}
+        avg = lambda f, k: round(1e3 * f([d.get(k, 0.0) for d in self._per_step]), 4)  # noqa: E731
+        return {"steps": self.steps, **{f"{k}_ms": avg(statistics.median, k) for k in phases},
+                "mean": {f"{k}_ms": avg(statistics.fmean, k) for k in phases}}

@@ -12,6 +12,7 @@ process, weights and KV cache.
 from __future__ import annotations
 
 import collections
+import math
 import os
 import queue
 import threading
@@ -336,9 +337,10 @@ class Worker:
         self.ft.before_step(plan)
         self.times.mark("replica_wait")  # back-pressure: the replica holder's acknowledgements
         ahead = self.waiter is not None and plan.replay_until is None
+        early = self._announce(plan) if ahead else None
         self.pending.append(self.runner.launch(plan, x, ahead))
         if ahead:
-            self._forward(self.pending[-1])
+            self._forward(self.pending[-1], early)
         self.times.mark("launch")
         if ahead:  # finished when the next plan is launched behind it, or when the device is done with it
             self.waiter.watch(self.pending[-1])
@@ -347,15 +349,45 @@ class Worker:
         elif len(self.pending) > 1:
             self._finish_through(self.pending[-2].plan.step)
 
-    def _forward(self, done: Launched) -> None:
-        """Running ahead: the step's output leaves as soon as it is queued, through the ring on a shared
-        GPU (read on the device behind the step), else as soon as it is computed. The last stage of
-        several sends its sampled ids to the first; the coordinator gets its result when it is finished."""
-        plan = done.plan
+    def _output_for(self, plan: StepPlan) -> tuple[str, object, tuple[int, ...], torch.dtype] | None:
+        """Where a step's output goes when running ahead, with what message, and its shape and dtype:
+        activations to the next stage, or (last of several) the sampled ids to the first."""
         if not self.me.stage.has_head:
-            self.send_to(self.me.next, plan, done.out, fast=True)
-        elif self.first is not None:
-            self.send_to(self.first, Sampled(plan.mb, plan.step), self.runner.sampled[plan.step], fast=True)
+            model = self.runner.model
+            return self.me.next, plan, (plan.total_tokens, model.cfg.hidden_size), model.dtype
+        if self.first is not None:
+            return self.first, Sampled(plan.mb, plan.step), (sum(plan.wants_token),), torch.long
+        return None
+
+    def _announce(self, plan: StepPlan) -> tuple[str, int] | None:
+        """On a shared GPU the step's message leaves before the step is launched, its tensor reserved in
+        the receiver's ring (its stream waits for it): the next stage launches while this one does, and
+        no host launch stands on the pipeline's chain. Returns (peer, ring sequence number)."""
+        out = self._output_for(plan)
+        edge = self.edges.get(out[0]) if out is not None else None
+        if edge is None or edge.outbound is None:
+            return None
+        peer, msg, shape, dtype = out
+        seq = edge.reserve(math.prod(shape) * dtype.itemsize)
+        if seq is not None:
+            self.send_to(peer, msg, ring=(seq, shape, dtype))
+        return None if seq is None else (peer, seq)
+
+    def _forward(self, done: Launched, early: tuple[str, int] | None) -> None:
+        """Running ahead: the step's output leaves as soon as it is queued (into the ring announced
+        before the launch, or through the ring or the wire now). The coordinator gets the last stage's
+        result when the step is finished."""
+        out = self._output_for(done.plan)
+        if out is None:
+            return
+        peer, msg, _, _ = out
+        tensor = done.out if not self.me.stage.has_head else self.runner.sampled[done.plan.step]
+        if early is not None:
+            edge = self.edges.get(peer)
+            if edge is not None and not edge.closed:
+                edge.put(early[1], tensor)
+        else:
+            self.send_to(peer, msg, tensor, fast=True)
         done.forwarded = True
 
     def _finish_through(self, step: int | None) -> None:
@@ -382,14 +414,15 @@ class Worker:
     def send_coord(self, msg: object) -> None:
         self.send_to(COORD, msg)
 
-    def send_to(self, peer: str, msg: object, tensor: torch.Tensor | None = None, fast: bool = False) -> None:
+    def send_to(self, peer: str, msg: object, tensor: torch.Tensor | None = None, fast: bool = False,
+                ring: tuple | None = None) -> None:
         """Send, or report the edge broken (the peer died): the coordinator's recovery takes it from
-        there, and whatever this message carried is re-planned. ``fast``: see Edge.send."""
+        there, and whatever this message carried is re-planned. ``fast``, ``ring``: see Edge.send."""
         edge = self.edges.get(peer)
         if edge is None:  # being rebuilt after a failure: the message belonged to a dropped step
             return
         try:
-            edge.send(msg, tensor, fast)
+            edge.send(msg, tensor, fast, ring)
         except Exception as e:
             if not edge.closed:
                 edge.closed = True
