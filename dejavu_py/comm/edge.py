@@ -180,8 +180,10 @@ class Edge:
                 ring.release()
 
     def close(self) -> None:
-        """Drop the groups (after a failure, without waiting for the dead peer)."""
-        self.release()
+        """Drop the groups (after a failure, without waiting for the dead peer) and retire the rings."""
+        for ring in (self.inbound, self.outbound):
+            if ring is not None:
+                ring.retire()
         self.closed = True
         self._pending.clear()
         for pg in {id(self.ctl): self.ctl, id(self.data): self.data}.values():

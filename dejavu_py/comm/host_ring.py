@@ -27,6 +27,8 @@ HEADER = 4096
 SLOTS = 8
 RELEASED = 1 << 30
 """What ``release`` writes into both words: above any sequence number of a run, so every wait passes."""
+_retired: list[HostRing] = []
+"""Rings of closed edges, unregistered (once the device is done with them) before the next ring maps."""
 
 
 def shm_dir() -> str:
@@ -37,7 +39,9 @@ class HostRing:
     """A mapped ring; ``create`` (receiver) or ``open`` (sender)."""
 
     def __init__(self, path: str, mm: mmap.mmap) -> None:
+        _reap_retired()
         self.path = path
+        self.retired = False
         self._mm = mm
         self.bytes = torch.frombuffer(mm, dtype=torch.uint8)
         stream_sync.register(self.bytes)
@@ -103,9 +107,12 @@ class HostRing:
 
     # -- receiver ----------------------------------------------------------------------------------
     def take(self, seq: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Queue the wait for tensor ``seq``, its copy onto ``device`` and the ``taken`` write."""
-        self._in_order(seq)
+        """Queue the wait for tensor ``seq``, its copy onto ``device`` and the ``taken`` write (zeros from
+        a retired ring: its plan is dropped anyway)."""
         out = torch.empty(shape, dtype=dtype, device=device)
+        if self.retired:
+            return out.zero_()
+        self._in_order(seq)
         flat = out.view(-1).view(torch.uint8)
         stream_sync.wait_geq(self.sent_addr, seq)
         flat.copy_(self._slot(seq, flat.numel()), non_blocking=True)
@@ -114,6 +121,8 @@ class HostRing:
 
     def skip(self, seq: int) -> None:
         """Tensor ``seq`` is not wanted (its plan was dropped): free its slot all the same."""
+        if self.retired:
+            return
         self._in_order(seq)
         stream_sync.write(self.taken_addr, seq)
 
@@ -124,7 +133,23 @@ class HostRing:
 
     def release(self) -> None:
         """The other end died: let every wait on this ring pass (the host writes both words)."""
-        self.words.fill_(RELEASED)
+        if not self.retired:
+            self.words.fill_(RELEASED)
+
+    def retire(self) -> None:
+        """Its edge is closed: released, and unregistered before the next ring is mapped."""
+        self.release()
+        if not self.retired:
+            self.retired = True
+            _retired.append(self)
+
+
+def _reap_retired() -> None:
+    if not _retired:
+        return
+    torch.cuda.synchronize()  # queued copies and waits on retired rings (released) are done
+    while _retired:
+        stream_sync.unregister(_retired.pop().bytes)
 
 
 @dataclass

@@ -63,3 +63,9 @@ def register(t: torch.Tensor) -> None:
     and its words can be waited on)."""
     code = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 2))
     _check(code, "cudaHostRegister")
+
+
+def unregister(t: torch.Tensor) -> None:
+    """Undo ``register`` (before the memory is unmapped: a range left registered makes a later mapping
+    at the same address fail to register)."""
+    _check(int(torch.cuda.cudart().cudaHostUnregister(t.data_ptr())), "cudaHostUnregister")

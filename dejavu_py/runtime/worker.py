@@ -255,6 +255,7 @@ class Worker:
     # -- serving -------------------------------------------------------------------------------
     def serve(self) -> int:
         steps = 0
+        self.times = LoopTimes()  # from the first message on: connecting is no step's cost
         while True:
             self.times.mark("busy")  # whatever the last message cost, if not a step
             peer, msg, x = self.inbox.get()
