@@ -24,7 +24,8 @@ import torch
 from . import stream_sync
 
 HEADER = 4096
-SLOTS = 8
+SLOTS = 4
+"""Slots per ring: a shared GPU runs one microbatch two plans deep; a sender finding none free waits on its device."""
 RELEASED = 1 << 30
 """What ``release`` writes into both words: above any sequence number of a run, so every wait passes."""
 _retired: list[HostRing] = []

@@ -54,6 +54,9 @@ from .step_waiter import StepDone, StepWaiter, runs_ahead
 
 _log = log.get(__name__)
 
+RING_TOKENS = 1024
+"""Tokens of activations a ring slot between two stages on one GPU holds (at least a full decode batch):
+a ring is made (and its host memory pinned) when an edge is rebuilt after a failure; keep it small."""
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 """A receiver thread waits this long for its peer's next message; a dead peer is reported sooner by
 the transport, by the peer's supervisor or by its missing heartbeats."""
@@ -214,8 +217,9 @@ class Worker:
         if self.waiter is None:
             return 0
         sc, model = self.spec.cfg.scheduler, self.runner.model
-        if peer == self.me.prev:
-            return sc.max_batch_tokens * model.cfg.hidden_size * model.dtype.itemsize
+        if peer == self.me.prev:  # decode steps; a step with a long prefill goes the slow way
+            tokens = min(sc.max_batch_tokens, max(sc.max_batch_size, RING_TOKENS))
+            return tokens * model.cfg.hidden_size * model.dtype.itemsize
         pipe = self.spec.layout.decode_pipeline
         if self.me.name == pipe[0].name and peer == pipe[-1].name:
             return sc.max_batch_size * 8
