@@ -211,3 +211,17 @@ def test_front_end_runs_the_pipeline(ckpt, reqs, tmp_path):
     rec = json.loads(out.read_text())
     assert rec["id"] == "a" and len(rec["output_ids"]) == 2
     assert "done: 1/1 requests" in proc.stderr
+
+
+@pytest.mark.parametrize("flags,first,last", [(["--stages", "3"], "s0", "s2"),
+                                              (["--prompt-stages", "1", "--token-stages", "3"], "t0", "t2")])
+def test_last_stage_has_an_edge_to_the_first(flags, first, last):
+    """The last decode stage hands its sampled ids straight to the first (asynchronous scheduling), so
+    they have an edge; with two stages it is their pipeline edge, listed once."""
+    from dejavu_py.runtime.layout import build_layout
+
+    cfg, _ = cli.parse(["--model", "m", "--prompts", "p", *flags])
+    layout = build_layout(cfg, 6, 3 + ("--prompt-stages" in flags))
+    assert (first, last) in layout.edges() and last in layout.peers_of(first)
+    two, _ = cli.parse(["--model", "m", "--prompts", "p", "--stages", "2"])
+    assert build_layout(two, 6, 2).edges().count(("s0", "s1")) == 1

@@ -14,7 +14,7 @@ import pytest
 
 from dejavu_py.config import SchedulerConfig
 from dejavu_py.engine.block_manager import BlockManager
-from dejavu_py.engine.plan import StepPlan, StepResult
+from dejavu_py.engine.plan import StepPlan, StepResult, StepRouting
 from dejavu_py.engine.request import Request, SamplingParams
 from dejavu_py.engine.scheduler import Scheduler
 from dejavu_py.engine.sequence import Sequence
@@ -118,3 +118,25 @@ def test_plans_follow_the_one_in_flight():
     assert third.follows == second.step and third.start_pos == [4]
     sched.on_result(StepResult(0, second.step, [0], [12]))
     assert sched.schedule(0) is None  # the token of the step in flight is its last (length 3)
+
+
+def test_stage_routing_joins_its_step_in_either_order():
+    """Stages send their routing on their own (``StepRouting``): before the step's result comes back or
+    after it, it ends in that step's plan in the history, beside the last stage's; a record of a plan
+    that is no longer in flight (dropped at a failure) is not kept."""
+    reqs = [Request(line=1, id="a", input_ids=[5, 6], max_new_tokens=4, sampling=SamplingParams())]
+    sched = Scheduler(SchedulerConfig(max_batch_size=4, max_batch_tokens=64), BlockManager(40, 4), 1,
+                      frozenset(), depth=2)
+    sched.add(Sequence(0, reqs[0]))
+    first, second = sched.schedule(0), sched.schedule(0)
+    sched.on_routing(StepRouting(0, first.step, "s0", ["early"]))
+    sched.on_result(StepResult(0, first.step, [0], [11], routing={"s1": ["last"]}))
+    sched.on_result(StepResult(0, second.step, [0], [12], routing={"s1": ["last2"]}))
+    sched.on_routing(StepRouting(0, second.step, "s0", ["late"]))
+    done = {p.step: p.routing for p in sched.history[0]}
+    assert done[first.step] == {"s0": ["early"], "s1": ["last"]}
+    assert done[second.step] == {"s0": ["late"], "s1": ["last2"]}
+    third = sched.schedule(0)
+    sched.drop_inflight()
+    sched.on_routing(StepRouting(0, third.step, "s0", ["stale"]))
+    assert not sched._routing and all(p.step != third.step for p in sched.history[0])

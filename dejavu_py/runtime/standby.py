@@ -43,7 +43,8 @@ class StandbySpec:
 
 
 def main(spec: StandbySpec) -> int:
-    from .worker import WorkerSpec, load_runner, run_member
+    from .stage_load import load_runner
+    from .worker import WorkerSpec, run_member
 
     cfg = spec.cfg
     log.setup(cfg.runtime.log_level, cfg.logs_dir / f"rank{spec.rank}-standby{spec.standby_id}.log", console_level="WARNING")

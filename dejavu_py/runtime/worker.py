@@ -12,12 +12,10 @@ process, weights and KV cache.
 from __future__ import annotations
 
 import collections
-import math
 import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +25,10 @@ from ..comm.edge import Edge
 from ..comm.host_ring import RingRead
 from ..comm.store import StoreAddress, connect, get_json, put_json
 from ..config import RunConfig
-from ..engine.decode_graphs import DecodeGraphs, capturable
-from ..engine.kv_cache import CacheSpec, KVCache
 from ..engine.kv_stream import KVReceiver, KVStreamer
 from ..engine.plan import EdgeBroken, KVAck, KVChunk, Sampled, StepPlan, StepResult, Stop
 from ..engine.progress import LoopTimes
 from ..engine.runner import Launched, StageRunner
-from ..engine.swap import Swapper
 from ..errors import PipelineError, UserError
 from ..ft.heartbeat import start_beating
 from ..ft.messages import (
@@ -47,16 +42,14 @@ from ..ft.messages import (
     Restore,
 )
 from ..ft.replica import ReplicaChunk
-from ..ft.stage_ft import StageFT, replica_store_for
-from .devices import data_backend, placement, resolve_device, resolve_dtype
+from ..ft.stage_ft import StageFT
+from .ahead import RunAhead, StepDone, runs_ahead
+from .devices import data_backend, placement, resolve_device
 from .layout import COORD, Layout, Member
-from .step_waiter import StepDone, StepWaiter, runs_ahead
+from .stage_load import load_runner
 
 _log = log.get(__name__)
 
-RING_TOKENS = 1024
-"""Tokens of activations a ring slot between two stages on one GPU holds (at least a full decode batch):
-a ring is made (and its host memory pinned) when an edge is rebuilt after a failure; keep it small."""
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 """A receiver thread waits this long for its peer's next message; a dead peer is reported sooner by
 the transport, by the peer's supervisor or by its missing heartbeats."""
@@ -124,40 +117,6 @@ def run_member(spec: WorkerSpec, store, runner: StageRunner | None, takeover: bo
     return 0
 
 
-def load_runner(spec: WorkerSpec, device: torch.device) -> tuple[StageRunner, float]:
-    from ..models.config import load_model_config
-    from ..models.loader import load_stage
-
-    t0 = time.monotonic()
-    cfg, stage = spec.cfg, spec.member.stage
-    mcfg = load_model_config(cfg.model)
-    dtype = resolve_dtype(cfg.pipeline, device)
-    swap = cfg.cache.swap and spec.member.role != "prompt"
-    blocks = cfg.cache.swap_resident * cfg.cache.partition_blocks if swap else cfg.cache.num_blocks
-    cache = CacheSpec(blocks, cfg.cache.block_size, mcfg.num_kv_heads, mcfg.head_dim)
-    with ThreadPoolExecutor(1) as pool:  # pinning GBs of host memory for the replica overlaps the weights' load
-        replica = pool.submit(replica_store_for, cfg, spec.layout, spec.member, cache, device, dtype)
-        model = load_stage(cfg.model, stage, dtype, device)
-        kv = KVCache(cache, stage.layers, dtype, device)
-        replica_store = replica.result()
-    swapper = Swapper(kv, cfg.swap_partitions, cfg.cache.swap_resident, cfg.cache.partition_blocks) if swap else None
-    load_s = time.monotonic() - t0
-    _log.info("loaded %d layers (%s) and a %d-token KV cache in %.2fs", stage.num_layers, dtype, cache.capacity_tokens, load_s)
-    runner = StageRunner(model, kv, stage, cfg.cache.block_size, device, None, swapper)
-    runner.replica_store = replica_store
-    if device.type == "cuda":  # compile the fused MoE kernels for every block-size regime now
-        runner.warmup(sorted({1, 16, min(256, cfg.scheduler.max_batch_tokens), cfg.scheduler.max_batch_tokens}))
-    graphs = None
-    decodes = spec.member.role != "prompt"
-    if decodes and (cfg.pipeline.cuda_graphs == "on" or (cfg.pipeline.cuda_graphs == "auto" and device.type == "cuda")):
-        max_len = min(cfg.cache.max_model_len or mcfg.max_position_embeddings, cache.capacity_tokens)
-        graphs = DecodeGraphs(model, kv, cfg.cache.block_size, cfg.scheduler.max_batch_size, max_len,
-                              capture=device.type == "cuda" and capturable(mcfg, dtype), record=cfg.ft.enabled)
-        graphs.capture_all()
-    runner.graphs = graphs
-    return runner, load_s
-
-
 class Worker:
     """One stage's serving loop."""
 
@@ -185,14 +144,8 @@ class Worker:
         busy: other messages (replica chunks held)."""
         self.pending: collections.deque[Launched] = collections.deque()
         """Steps launched and not finished, oldest first."""
-        self.waiter = StepWaiter(self.inbox) if runs_ahead(spec) else None
-        """Asynchronous scheduling: a stage launches a step before finishing the one before it, and sends
-        its output (or, the last stage, its sampled ids to the first) as soon as the step is queued."""
-        pipe = spec.layout.decode_pipeline
-        self.first = pipe[0].name if self.waiter is not None and len(pipe) > 1 and self.me.name == pipe[-1].name else None
-        """The last of several stages: where its sampled ids go (the first stage embeds them)."""
-        self.blocked: collections.deque[tuple[StepPlan, object]] = collections.deque()
-        """First stage: plans (in order) waiting for the sampled ids of the step they follow."""
+        self.ahead = RunAhead(self) if runs_ahead(spec) else None
+        """Asynchronous scheduling (runtime/ahead.py)."""
 
     # -- edges ---------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -206,24 +159,10 @@ class Worker:
         """Of these peers, those this stage receives from: its predecessor, the coordinator (control),
         and (token stages) the prompt stages that stream KV to it. Running ahead: every peer (the last
         stage sends to the first; a dead successor must release this stage's rings, see ``listen``)."""
-        if self.waiter is not None:
+        if self.ahead is not None:
             return list(peers)
         wanted = {self.me.prev, COORD} | {p.name for p in self.spec.layout.kv_sources(self.me)}
         return [p for p in peers if p in wanted]
-
-    def _ring_bytes(self, peer: str) -> int:
-        """Largest tensor ``peer`` sends this stage through a ring on a shared GPU: activations from the
-        predecessor, sampled ids from the last stage to the first (running ahead only)."""
-        if self.waiter is None:
-            return 0
-        sc, model = self.spec.cfg.scheduler, self.runner.model
-        if peer == self.me.prev:  # decode steps; a step with a long prefill goes the slow way
-            tokens = min(sc.max_batch_tokens, max(sc.max_batch_size, RING_TOKENS))
-            return tokens * model.cfg.hidden_size * model.dtype.itemsize
-        pipe = self.spec.layout.decode_pipeline
-        if self.me.name == pipe[0].name and peer == pipe[-1].name:
-            return sc.max_batch_size * 8
-        return 0
 
     def _make_edge(self, peer: str, generation: int) -> Edge:
         """Blocks until the peer joins, on a store client of its own (see comm.store.connect)."""
@@ -234,7 +173,7 @@ class Worker:
         mine = get_json(rendezvous, member_key(self.me.name))
         other = get_json(rendezvous, member_key(peer), timeout_s=self.spec.cfg.ft.recovery_timeout_s)
         return Edge(rendezvous, self.me.name, peer, generation, timeout, data_backend(mine, other), self.device,
-                    inbound_bytes=self._ring_bytes(peer))
+                    inbound_bytes=self.ahead.ring_bytes(peer) if self.ahead is not None else 0)
 
     def listen(self, peer: str) -> None:
         """A daemon thread moving everything ``peer`` sends into the inbox. When the peer dies it first
@@ -276,12 +215,11 @@ class Worker:
                 continue
             if isinstance(msg, StepPlan):
                 if msg.step > self.drop_through or msg.replay_until is not None:
-                    steps += self._admit(msg, x)
+                    steps += self.ahead.admit(msg, x) if self.ahead is not None else self.step(msg, x)
                 elif isinstance(x, RingRead):
                     x.skip()
-            elif isinstance(msg, Sampled):
-                self._sampled(msg, x)
-                steps += self._launch_blocked()
+            elif isinstance(msg, Sampled) and self.ahead is not None:
+                steps += self.ahead.on_sampled(msg, x)
             elif isinstance(msg, KVChunk):
                 self._take_kv(msg, x)
             elif isinstance(msg, Stop):
@@ -304,34 +242,14 @@ class Worker:
             else:
                 raise PipelineError(f"{self.me.name}: unexpected {type(msg).__name__} from {peer}")
 
-    def _admit(self, plan: StepPlan, x) -> int:
-        """Launch the plan, or (first stage) hold it until the ids of the step it follows are here."""
-        if self.blocked or (plan.follows is not None and self.me.stage.has_embed and plan.follows not in self.runner.sampled):
-            self.blocked.append((plan, x))
-            return 0
-        self._step(plan, x)
-        return 1
-
-    def _launch_blocked(self) -> int:
-        n = 0
-        while self.blocked and (self.blocked[0][0].follows is None or self.blocked[0][0].follows in self.runner.sampled):
-            self._step(*self.blocked.popleft())
-            n += 1
-        return n
-
-    def _sampled(self, msg: Sampled, ids) -> None:
-        """First stage: the last stage's sampled ids of a step, for the plans that follow it (clamped: a
-        ring released after a failure holds stale bytes, and the embedding must not read out of range)."""
-        ids = ids.take() if isinstance(ids, RingRead) else ids.to(self.device)
-        self.runner.sampled[msg.step] = ids.clamp_(0, self.runner.model.cfg.vocab_size - 1)
-        self.runner.trim_sampled()
-
     def _release(self, failed: list[str]) -> None:
         for peer in failed:
             if peer in self.edges:
                 self.edges[peer].release()
 
-    def _step(self, plan: StepPlan, x) -> None:
+    def step(self, plan: StepPlan, x) -> int:
+        """Launch a plan (``x``: its activations, or a ring read of them); finish it now unless running
+        ahead. Returns 1 (a step)."""
         if isinstance(x, RingRead):
             x = x.take()
         if self.streamer is not None:
@@ -341,59 +259,17 @@ class Worker:
             self.receiver.forget(plan.release)
         self.ft.before_step(plan)
         self.times.mark("replica_wait")  # back-pressure: the replica holder's acknowledgements
-        ahead = self.waiter is not None and plan.replay_until is None
-        early = self._announce(plan) if ahead else None
+        ahead = self.ahead is not None and plan.replay_until is None
+        early = self.ahead.announce(plan) if ahead else None
         self.pending.append(self.runner.launch(plan, x, ahead))
-        if ahead:
-            self._forward(self.pending[-1], early)
-        self.times.mark("launch")
         if ahead:  # finished when the next plan is launched behind it, or when the device is done with it
-            self.waiter.watch(self.pending[-1])
+            self.ahead.forward(self.pending[-1], early)
+        self.times.mark("launch")
         if not ahead:
             self._finish_through(None)
         elif len(self.pending) > 1:
             self._finish_through(self.pending[-2].plan.step)
-
-    def _output_for(self, plan: StepPlan) -> tuple[str, object, tuple[int, ...], torch.dtype] | None:
-        """Where a step's output goes when running ahead, with what message, and its shape and dtype:
-        activations to the next stage, or (last of several) the sampled ids to the first."""
-        if not self.me.stage.has_head:
-            model = self.runner.model
-            return self.me.next, plan, (plan.total_tokens, model.cfg.hidden_size), model.dtype
-        if self.first is not None:
-            return self.first, Sampled(plan.mb, plan.step), (sum(plan.wants_token),), torch.long
-        return None
-
-    def _announce(self, plan: StepPlan) -> tuple[str, int] | None:
-        """On a shared GPU the step's message leaves before the step is launched, its tensor reserved in
-        the receiver's ring (its stream waits for it): the next stage launches while this one does, and
-        no host launch stands on the pipeline's chain. Returns (peer, ring sequence number)."""
-        out = self._output_for(plan)
-        edge = self.edges.get(out[0]) if out is not None else None
-        if edge is None or edge.outbound is None:
-            return None
-        peer, msg, shape, dtype = out
-        seq = edge.reserve(math.prod(shape) * dtype.itemsize)
-        if seq is not None:
-            self.send_to(peer, msg, ring=(seq, shape, dtype))
-        return None if seq is None else (peer, seq)
-
-    def _forward(self, done: Launched, early: tuple[str, int] | None) -> None:
-        """Running ahead: the step's output leaves as soon as it is queued (into the ring announced
-        before the launch, or through the ring or the wire now). The coordinator gets the last stage's
-        result when the step is finished."""
-        out = self._output_for(done.plan)
-        if out is None:
-            return
-        peer, msg, _, _ = out
-        tensor = done.out if not self.me.stage.has_head else self.runner.sampled[done.plan.step]
-        if early is not None:
-            edge = self.edges.get(peer)
-            if edge is not None and not edge.closed:
-                edge.put(early[1], tensor)
-        else:
-            self.send_to(peer, msg, tensor, fast=True)
-        done.forwarded = True
+        return 1
 
     def _finish_through(self, step: int | None) -> None:
         """Finish the launched steps up to ``step`` (None: all), oldest first: checkpoint, replicate, send."""
@@ -464,10 +340,8 @@ class Worker:
         """Abort the edges to the failed members, drop in-flight plans, rebuild those edges."""
         _log.warning("recovery (generation %d): %s failed", msg.generation, ", ".join(msg.failed))
         self.drop_through = max(self.drop_through, msg.drop_through)
-        for plan, x in self.blocked:  # in flight at the failure: re-issued
-            if isinstance(x, RingRead):
-                x.skip()
-        self.blocked.clear()
+        if self.ahead is not None:
+            self.ahead.drop_blocked()
         for peer in msg.failed:
             edge = self.edges.pop(peer, None)
             if edge is not None:

@@ -1,0 +1,162 @@
+"""Asynchronous scheduling on the stage side (see engine.scheduler for the coordinator's side).
+
+A stage of the decode pipeline launches a step before finishing the one before it; a waiter thread
+tells the loop when the device is done with a step. Its output leaves as soon as the step is queued:
+activations to the next stage, or, from the last of several stages, the sampled ids straight to the
+first, which launches the plan that follows that step with its placeholders read on the device. On a
+shared GPU the message even leaves before the launch, its tensor reserved in the receiver's ring
+(comm/host_ring.py): the receiver's stream waits for it, so the stages launch side by side and the
+pipeline's chain has no host launch on it.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import queue
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..comm.host_ring import RingRead
+from ..engine.plan import Sampled, StepPlan
+from .layout import COORD
+
+if TYPE_CHECKING:
+    from ..engine.runner import Launched
+    from .worker import Worker, WorkerSpec
+
+RING_TOKENS = 1024
+"""Tokens of activations a ring slot between two stages on one GPU holds (at least a full decode batch;
+a step with a long prefill goes the slow way): a ring is made, and its host memory pinned, whenever an
+edge is rebuilt after a failure, so it stays small."""
+
+
+@dataclass
+class StepDone:
+    """Put in the inbox when the device has finished a launched step."""
+
+    step: int
+
+
+class StepWaiter:
+    """A thread that waits, with the GIL released, for launched steps' events and reports each done."""
+
+    def __init__(self, inbox: queue.Queue) -> None:
+        self.inbox = inbox
+        self.todo: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name="step-waiter", daemon=True).start()
+
+    def watch(self, launched: Launched) -> None:
+        self.todo.put((launched.plan.step, launched.event))
+
+    def _run(self) -> None:
+        while True:
+            step, event = self.todo.get()
+            if event is not None:  # on CPU the step is done when launched
+                event.synchronize()
+            self.inbox.put((COORD, StepDone(step), None))
+
+
+def runs_ahead(spec: WorkerSpec) -> bool:
+    """Asynchronous scheduling applies: a stage of the decode pipeline without KV swapping (the
+    coordinator plans its steps two deep). On CPU a step is done when launched; the loop is the same."""
+    cfg = spec.cfg
+    return cfg.pipeline.async_scheduling and not cfg.cache.swap and spec.member.role in ("stage", "token")
+
+
+class RunAhead:
+    """A worker's running-ahead side: held plans, outputs sent at launch, the last-to-first ids."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.waiter = StepWaiter(worker.inbox)
+        me, pipe = worker.me, worker.spec.layout.decode_pipeline
+        self.first = pipe[0].name if len(pipe) > 1 and me.name == pipe[-1].name else None
+        """The last of several stages: where its sampled ids go (the first stage embeds them)."""
+        self.last = pipe[-1].name if len(pipe) > 1 and me.name == pipe[0].name else None
+        self.blocked: collections.deque[tuple[StepPlan, object]] = collections.deque()
+        """First stage: plans (in order) waiting for the sampled ids of the step they follow."""
+
+    def ring_bytes(self, peer: str) -> int:
+        """Largest tensor ``peer`` sends this stage through a ring on a shared GPU: activations from the
+        predecessor, sampled ids from the last stage to the first."""
+        sc, model = self.w.spec.cfg.scheduler, self.w.runner.model
+        if peer == self.w.me.prev:
+            tokens = min(sc.max_batch_tokens, max(sc.max_batch_size, RING_TOKENS))
+            return tokens * model.cfg.hidden_size * model.dtype.itemsize
+        return sc.max_batch_size * 8 if peer == self.last else 0
+
+    # -- plans in --------------------------------------------------------------------------------
+    def admit(self, plan: StepPlan, x) -> int:
+        """Launch the plan (returns 1), or (first stage) hold it until the ids of the step it follows
+        are here (0)."""
+        if self.blocked or not self._ready(plan):
+            self.blocked.append((plan, x))
+            return 0
+        self.w.step(plan, x)
+        return 1
+
+    def _ready(self, plan: StepPlan) -> bool:
+        return plan.follows is None or not self.w.me.stage.has_embed or plan.follows in self.w.runner.sampled
+
+    def on_sampled(self, msg: Sampled, ids) -> int:
+        """First stage: the last stage's ids of a step (clamped: a ring released after a failure holds
+        stale bytes, and the embedding must not read out of range); launches the plans they free."""
+        runner = self.w.runner
+        ids = ids.take() if isinstance(ids, RingRead) else ids.to(runner.device)
+        runner.sampled[msg.step] = ids.clamp_(0, runner.model.cfg.vocab_size - 1)
+        runner.trim_sampled()
+        n = 0
+        while self.blocked and self._ready(self.blocked[0][0]):
+            self.w.step(*self.blocked.popleft())
+            n += 1
+        return n
+
+    def drop_blocked(self) -> None:
+        """A failure: the held plans were in flight, the coordinator re-issues them."""
+        for _, x in self.blocked:
+            if isinstance(x, RingRead):
+                x.skip()
+        self.blocked.clear()
+
+    # -- output out ------------------------------------------------------------------------------
+    def _output_for(self, plan: StepPlan) -> tuple[str, object, tuple[int, ...], torch.dtype] | None:
+        """Where a step's output goes, with what message, and its shape and dtype."""
+        if not self.w.me.stage.has_head:
+            model = self.w.runner.model
+            return self.w.me.next, plan, (plan.total_tokens, model.cfg.hidden_size), model.dtype
+        if self.first is not None:
+            return self.first, Sampled(plan.mb, plan.step), (sum(plan.wants_token),), torch.long
+        return None
+
+    def announce(self, plan: StepPlan) -> tuple[str, int] | None:
+        """Before the launch, on a shared GPU: send the step's message with its tensor reserved in the
+        receiver's ring. Returns (peer, ring sequence number), or None (``forward`` sends it all)."""
+        out = self._output_for(plan)
+        edge = self.w.edges.get(out[0]) if out is not None else None
+        if edge is None or edge.outbound is None:
+            return None
+        peer, msg, shape, dtype = out
+        seq = edge.reserve(math.prod(shape) * dtype.itemsize)
+        if seq is None:
+            return None
+        self.w.send_to(peer, msg, ring=(seq, shape, dtype))
+        return peer, seq
+
+    def forward(self, done: Launched, early: tuple[str, int] | None) -> None:
+        """Once the step is queued: its tensor into the ring announced, or message and tensor now."""
+        out = self._output_for(done.plan)
+        if out is None:
+            return
+        peer, msg, _, _ = out
+        tensor = self.w.runner.sampled[done.plan.step] if self.w.me.stage.has_head else done.out
+        if early is not None:
+            edge = self.w.edges.get(peer)
+            if edge is not None and not edge.closed:
+                edge.put(early[1], tensor)
+        else:
+            self.w.send_to(peer, msg, tensor, fast=True)
+        done.forwarded = True
+        self.waiter.watch(done)
