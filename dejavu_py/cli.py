@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--nproc-per-node {ns.nproc_per_node}: the launcher started {info.world_size} processes")
         from .runtime.rank import run_rank
 
-        code = run_rank(cfg, info)
+        code = run_rank(cfg, info, lambda e: print(f"error: {e}", file=sys.stderr, flush=True))
         # A rank process ends here, without running C++ static destructors: threads of the
         # communication libraries may still be parked in their calls, and tearing those objects
         # down under them aborts the process ("terminate called without an active exception").

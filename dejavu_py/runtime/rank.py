@@ -3,6 +3,7 @@ runs the coordinator. Returns the exit code."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from .. import log
 from ..comm.store import RankInfo, connect, put_json, resolve_address
@@ -15,7 +16,9 @@ from .zygote import Zygote
 _log = log.get(__name__)
 
 
-def run_rank(cfg: RunConfig, info: RankInfo) -> int:
+def run_rank(cfg: RunConfig, info: RankInfo, report: Callable[[UserError], None]) -> int:
+    """``report``: says a user's mistake found once workers started (rank 0), before the other ranks
+    learn that the run is over (they exit then, and the launcher stops rank 0 when one does)."""
     model_cfg, layout = prepare(cfg, info.world_size)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     level = cfg.runtime.log_level
@@ -39,7 +42,7 @@ def run_rank(cfg: RunConfig, info: RankInfo) -> int:
             code = sup.wait_done()
         else:
             coordinator.store, coordinator.addr = store, addr
-            code = _coordinate(coordinator, requests, store, sup)
+            code = _coordinate(coordinator, requests, store, sup, report)
         if host_server:  # the other ranks still need the store to learn that the run is over
             sup.wait_ranks_left(info.world_size - 1, cfg.runtime.comm_timeout_s)
         return code
@@ -47,14 +50,15 @@ def run_rank(cfg: RunConfig, info: RankInfo) -> int:
         sup.shutdown()
 
 
-def _coordinate(coordinator, requests, store, sup: Supervisor) -> int:
+def _coordinate(coordinator, requests, store, sup: Supervisor, report: Callable[[UserError], None]) -> int:
     code = 1
     try:
         code = coordinator.run(requests)
         return code
     except UserError as e:
+        report(e)
         code = e.exit_code
-        raise
+        return code
     except PipelineError as e:
         _log.error("%s", e)
         return 1
