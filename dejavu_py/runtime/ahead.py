@@ -146,7 +146,9 @@ class RunAhead:
         return peer, seq
 
     def forward(self, done: Launched, early: tuple[str, int] | None) -> None:
-        """Once the step is queued: its tensor into the ring announced, or message and tensor now."""
+        """Once the step is queued: its tensor into the ring announced, or message and tensor now; the
+        waiter reports when the device is done with it."""
+        self.waiter.watch(done)
         out = self._output_for(done.plan)
         if out is None:
             return
@@ -159,4 +161,3 @@ class RunAhead:
         else:
             self.w.send_to(peer, msg, tensor, fast=True)
         done.forwarded = True
-        self.waiter.watch(done)
