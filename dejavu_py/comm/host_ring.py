@@ -45,7 +45,10 @@ class HostRing:
         self.retired = False
         self._mm = mm
         self.bytes = torch.frombuffer(mm, dtype=torch.uint8)
+        torch.cuda.init()  # torch sees registered memory as pinned (copies to and from it queue) once it is
         stream_sync.register(self.bytes)
+        if not self.bytes[HEADER:HEADER + 1].is_pinned():  # a blocking copy would wait on a stream that waits on us
+            raise RuntimeError(f"ring {path}: its registered memory is not seen as pinned")
         words = self.bytes[:16].view(torch.int32)
         self.slots, self.slot_bytes = int(words[2]), int(self.bytes[16:24].view(torch.int64)[0])
         base = self.bytes.data_ptr()
