@@ -1,29 +1,33 @@
-"""Host rings between stages on one GPU (comm/host_ring.py), on two streams of one process standing for
-the two stages' streams: a receiver that queues its read before the sender queues the tensor still gets
-it, slots are reused only once read, and a release lets a wait for a tensor that never comes pass (what
-a survivor does when its peer dies). CUDA only; the two-process path runs in the GPU pipeline checks."""
+"""Host rings between stages on one GPU (comm/host_ring.py), between two processes as the stages use
+them: a receiver that queues its reads before the sender queues the tensors still gets them, in order,
+through more tensors than the ring has slots (the sender waits for slots to be read), and a release
+lets a wait for a tensor that never comes pass (what a survivor does when its peer dies). CUDA only."""
 from __future__ import annotations
 
 import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from dejavu_py.comm import host_ring, stream_sync
-from dejavu_py.comm.host_ring import HostRing, RingRead
+from dejavu_py.comm.host_ring import HostRing
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and stream_sync.available()),
                                 reason="host rings need a CUDA device")
 
 
-def _pair(slot_bytes: int) -> tuple[HostRing, HostRing]:
-    inbound = HostRing.create("test", slot_bytes)
-    outbound = HostRing.open(inbound.path)
-    inbound.unlink()
-    return inbound, outbound
+def _sender(path: str, n: int, go) -> None:
+    """The other stage: puts tensors i = 1..n (each full of i) once told to."""
+    ring = HostRing.open(path)
+    go.wait()
+    for i in range(1, n + 1):
+        torch.cuda._sleep(50_000)  # the sender is late
+        ring.put(ring.reserve(64), torch.full((8,), i, device="cuda", dtype=torch.long))
+    torch.cuda.synchronize()
 
 
-def _done(event: torch.cuda.Event, timeout_s: float = 5.0) -> bool:
+def _done(event: torch.cuda.Event, timeout_s: float = 10.0) -> bool:
     t0 = time.monotonic()
     while not event.query():
         if time.monotonic() - t0 > timeout_s:
@@ -32,51 +36,36 @@ def _done(event: torch.cuda.Event, timeout_s: float = 5.0) -> bool:
     return True
 
 
-def test_read_queued_before_the_tensor_still_gets_it():
-    inbound, outbound = _pair(1 << 16)
-    send, recv = torch.cuda.Stream(), torch.cuda.Stream()
-    dev = torch.device("cuda")
-    xs = [torch.randn(17, 33, device=dev, dtype=torch.bfloat16) for _ in range(3 * host_ring.SLOTS)]
-    got = []
-    for x in xs:  # the receiver's read is queued first: its stream waits for the sender's copy
-        seq = outbound.reserve(x.numel() * x.element_size())
-        with torch.cuda.stream(recv):
-            got.append(RingRead(inbound, seq, tuple(x.shape), x.dtype, dev).take())
-        with torch.cuda.stream(send):
-            torch.cuda._sleep(100_000)  # the sender is late
-            outbound.put(seq, x)
-    recv.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(got, xs))
-
-
-def test_sender_waits_for_a_slot_to_be_read():
-    inbound, outbound = _pair(4096)
-    send, recv = torch.cuda.Stream(), torch.cuda.Stream()
-    dev = torch.device("cuda")
-    xs = [torch.full((8,), i, device=dev, dtype=torch.long) for i in range(host_ring.SLOTS + 2)]
-    with torch.cuda.stream(send):
-        for x in xs:  # more than the ring holds: the last two wait for the first reads
-            outbound.put(outbound.reserve(64), x)
-        sent = torch.cuda.Event()
-        sent.record()
+def test_reads_queued_before_the_tensors_get_them_in_order():
+    torch.cuda.init()
+    ring = HostRing.create("test", 4096)
+    n = 3 * host_ring.SLOTS
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    child = ctx.Process(target=_sender, args=(ring.path, n, go))
+    child.start()
+    got = [ring.take(i, (8,), torch.long, torch.device("cuda")) for i in range(1, n + 1)]  # queued first
+    after = torch.cuda.Event()
+    after.record()
     time.sleep(0.2)
-    assert not sent.query()
-    with torch.cuda.stream(recv):
-        got = [inbound.take(i + 1, (8,), torch.long, dev) for i in range(len(xs))]
-    assert _done(sent)
-    recv.synchronize()
-    assert [int(g[0]) for g in got] == list(range(len(xs)))
+    assert not after.query()  # nothing sent yet: the stream waits
+    go.set()
+    assert _done(after)
+    child.join(30)
+    ring.unlink()
+    assert child.exitcode == 0
+    assert [int(g[0]) for g in got] == list(range(1, n + 1))
 
 
 def test_release_lets_a_wait_for_a_dead_sender_pass():
-    inbound, outbound = _pair(4096)
-    recv = torch.cuda.Stream()
-    with torch.cuda.stream(recv):
-        inbound.take(1, (4,), torch.long, torch.device("cuda"))  # its sender will never put it
-        after = torch.cuda.Event()
-        after.record()
+    torch.cuda.init()
+    ring = HostRing.create("test", 4096)
+    ring.unlink()
+    ring.take(1, (4,), torch.long, torch.device("cuda"))  # its sender will never put it
+    after = torch.cuda.Event()
+    after.record()
     time.sleep(0.2)
     assert not after.query()
-    inbound.release()
+    ring.release()
     assert _done(after)
-    assert outbound.reserve(4097) is None  # larger than a slot: it goes the slow way
+    assert ring.reserve(4097) is None  # larger than a slot: it goes the slow way
