@@ -74,7 +74,7 @@ def build_parser() -> _Parser:
     pl.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights and compute (default auto: float32 on CPU, bfloat16 on GPU)")
     pl.add_argument("--threads", type=int, help="CPU threads per stage worker (default 1)")
     pl.add_argument("--cuda-graphs", choices=["auto", "on", "off"], help="decode steps replayed from CUDA graphs (default auto: on GPU; 'on' on CPU runs the same static-buffer path uncaptured)")
-    pl.add_argument("--async-scheduling", type=_bool, help="plan a one-stage pipeline's next step while the last one runs, the stage launching it before the last step's tokens reach the host (default true)")
+    pl.add_argument("--async-scheduling", type=_bool, help="plan each microbatch's next step while the last one runs; stages send their output as soon as a step is queued and the last stage hands its sampled ids to the first, so the next step is launched before the last one's tokens reach the host (default true; not with --swap)")
     bc = p.add_argument_group("batching and KV cache")
     bc.add_argument("--max-batch-size", type=int, help="sequences per microbatch (default 32)")
     bc.add_argument("--max-batch-tokens", type=int, help="new tokens per step, prompts included (default 2048)")

@@ -46,9 +46,11 @@ class PipelineConfig:
     """Decode steps from captured CUDA graphs: 'auto' (on GPU), 'on', 'off'. 'on' on CPU runs the same
     static-buffer path without capture."""
     async_scheduling: bool = True
-    """A one-stage (decode) pipeline gets each step's plan while the step before is still running, and a
-    GPU stage launches it before that step's tokens reach the host: the host work of a step (planning,
-    messages, reading tokens back) overlaps the device's. Off: one plan in flight per microbatch."""
+    """The decode pipeline gets each microbatch's next plan while the step before is still running; its
+    stages send their output as soon as a step is queued and the last hands its sampled ids to the first,
+    which launches the next step before that step's tokens reach the host: the host work of a step
+    (planning, messages, reading tokens back) overlaps the device's. Not with KV swapping. Off: one plan
+    in flight per microbatch, each stage sends its output once it is computed."""
 
     def __post_init__(self) -> None:
         if self.cuda_graphs not in ("auto", "on", "off"):
