@@ -151,7 +151,7 @@ class HostRing:
 def _reap_retired() -> None:
     if not _retired:
         return
-    torch.cuda.synchronize()  # queued copies and waits on retired rings (released) are done
+    torch.cuda.synchronize()  # queued copies and waits on retired rings (released, on this thread's device) are done
     while _retired:
         stream_sync.unregister(_retired.pop().bytes)
 

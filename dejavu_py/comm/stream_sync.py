@@ -59,9 +59,9 @@ def write(addr: int, value: int, stream: torch.cuda.Stream | None = None) -> Non
 
 
 def register(t: torch.Tensor) -> None:
-    """Page-lock a host tensor's memory and map it for the device (copies from it are asynchronous,
-    and its words can be waited on)."""
-    code = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 2))
+    """Page-lock a host tensor's memory and map it for the devices (copies from it are asynchronous,
+    and its words can be waited on); portable: whichever device this thread has current."""
+    code = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 3))
     _check(code, "cudaHostRegister")
 
 

@@ -350,6 +350,8 @@ class Worker:
         peers = [p for p in self.spec.layout.peers_of(self.me.name) if p in msg.failed]  # may be none: a replica peer
 
         def rebuild() -> None:
+            if self.device.type == "cuda":  # a new thread starts on device 0: the edges' rings belong to ours
+                torch.cuda.set_device(self.device)
             try:
                 edges = {p: self._make_edge(p, msg.generation) for p in peers}
                 rep = self.ft.connect(msg.generation, msg.failed)  # after the main edges: the global order
