@@ -182,14 +182,15 @@ class Scheduler:
         return finished
 
     def on_routing(self, rec: StepRouting) -> None:
-        """A stage's routing of a step: into the step's plan in the history, or kept until its result."""
-        if rec.mb in self.history:
-            for plan in reversed(self.history[rec.mb]):
-                if plan.step == rec.step:
-                    plan.routing[rec.stage] = rec.routing
-                    return
-        if any(p.step == rec.step for q in self.inflight.values() for p in q):
+        """A stage's routing of a step: kept until the step's result (the usual order: a few plans in
+        flight to look through), or into its plan in the history."""
+        if any(p.step == rec.step for p in self.inflight.get(rec.mb, ())):
             self._routing.setdefault(rec.step, {})[rec.stage] = rec.routing
+            return
+        for plan in reversed(self.history.get(rec.mb, ())):
+            if plan.step == rec.step:
+                plan.routing[rec.stage] = rec.routing
+                return
 
     def drop_inflight(self) -> int:
         """After a failure whose KV can be restored: forget the plans in flight (their sequences'

@@ -131,33 +131,32 @@ class RunAhead:
             return self.first, Sampled(plan.mb, plan.step), (sum(plan.wants_token),), torch.long
         return None
 
-    def announce(self, plan: StepPlan) -> tuple[str, int] | None:
-        """Before the launch, on a shared GPU: send the step's message with its tensor reserved in the
-        receiver's ring. Returns (peer, ring sequence number), or None (``forward`` sends it all)."""
+    def announce(self, plan: StepPlan) -> tuple[str, object, int | None] | None:
+        """Before the launch: where the step's output goes and with what message (None: nowhere). On a
+        shared GPU the message leaves now, its tensor reserved in the receiver's ring (the sequence
+        number returned); otherwise ``forward`` sends message and tensor."""
         out = self._output_for(plan)
-        edge = self.w.edges.get(out[0]) if out is not None else None
-        if edge is None or edge.outbound is None:
+        if out is None:
             return None
         peer, msg, shape, dtype = out
-        seq = edge.reserve(math.prod(shape) * dtype.itemsize)
-        if seq is None:
-            return None
-        self.w.send_to(peer, msg, ring=(seq, shape, dtype))
-        return peer, seq
+        edge = self.w.edges.get(peer)
+        seq = edge.reserve(math.prod(shape) * dtype.itemsize) if edge is not None else None
+        if seq is not None:
+            self.w.send_to(peer, msg, ring=(seq, shape, dtype))
+        return peer, msg, seq
 
-    def forward(self, done: Launched, early: tuple[str, int] | None) -> None:
-        """Once the step is queued: its tensor into the ring announced, or message and tensor now; the
-        waiter reports when the device is done with it."""
+    def forward(self, done: Launched, out: tuple[str, object, int | None] | None) -> None:
+        """Once the step is queued (``out``: what ``announce`` returned): its tensor into the ring
+        announced, or message and tensor now; the waiter reports when the device is done with it."""
         self.waiter.watch(done)
-        out = self._output_for(done.plan)
         if out is None:
             return
-        peer, msg, _, _ = out
+        peer, msg, seq = out
         tensor = self.w.runner.sampled[done.plan.step] if self.w.me.stage.has_head else done.out
-        if early is not None:
+        if seq is not None:
             edge = self.w.edges.get(peer)
             if edge is not None and not edge.closed:
-                edge.put(early[1], tensor)
+                edge.put(seq, tensor)
         else:
             self.w.send_to(peer, msg, tensor, fast=True)
         done.forwarded = True

@@ -5,6 +5,7 @@ import socket
 
 import torch
 
+from ..comm import stream_sync
 from ..config import PipelineConfig
 from ..errors import UserError
 
@@ -32,8 +33,6 @@ def placement(device: torch.device) -> dict:
 def data_backend(a: dict, b: dict) -> str:
     """NCCL between two members on different GPUs; gloo on CPU; between two that share a GPU (two ranks
     on one GPU cannot be members of one NCCL communicator) gloo plus host rings (comm/host_ring.py)."""
-    from ..comm import stream_sync
-
     both_gpu = a["device"].startswith("cuda") and b["device"].startswith("cuda")
     same_gpu = a["host"] == b["host"] and a["device"] == b["device"]
     if both_gpu and same_gpu:

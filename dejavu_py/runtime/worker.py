@@ -140,7 +140,7 @@ class Worker:
         self.ft = StageFT(self)
         self.times = LoopTimes()
         """Per step: idle (waiting for input), replica_wait, launch, finish (device_wait of it included),
-        record (routing into the plan), send, checkpoint (token state and replica chunk, after the send);
+        record (routing to the coordinator), send, checkpoint (token state and replica chunk, after the send);
         busy: other messages (replica chunks held)."""
         self.pending: collections.deque[Launched] = collections.deque()
         """Steps launched and not finished, oldest first."""
@@ -260,10 +260,10 @@ class Worker:
         self.ft.before_step(plan)
         self.times.mark("replica_wait")  # back-pressure: the replica holder's acknowledgements
         ahead = self.ahead is not None and plan.replay_until is None
-        early = self.ahead.announce(plan) if ahead else None
+        out = self.ahead.announce(plan) if ahead else None
         self.pending.append(self.runner.launch(plan, x, ahead))
         if ahead:  # finished when the next plan is launched behind it, or when the device is done with it
-            self.ahead.forward(self.pending[-1], early)
+            self.ahead.forward(self.pending[-1], out)
         self.times.mark("launch")
         if not ahead:
             self._finish_through(None)
