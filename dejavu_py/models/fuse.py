@@ -9,9 +9,13 @@ reads the same bytes in one launch. The checkpoint keeps its own layout (the loa
 modules as transformers names them); ``fuse_projections`` then stacks, and the modules take the
 fused path when they have it. Each output column is the same dot product as before, so results
 change only where the GEMM library sums in another order (float32 on CUDA: last bits; the CPU path,
-where the token-exactness tests run, is left unfused).
+where the token-exactness tests run, is left unfused). MoE blocks on the fused-kernel path are
+folded (``fold_moe``): the router and the shared expert's gate are one kernel, the shared expert
+runs as more experts of the fused MoE kernels.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -57,9 +61,53 @@ def fuse_shared_gate(moe: nn.Module) -> None:
     del moe.shared_expert_gate
 
 
+def foldable(moe: nn.Module) -> bool:
+    """Whether an MoE block takes the folded path (``fold_moe``): its experts on CUDA (or the Triton
+    interpreter), the fused kernels installed and chosen, a shared expert (if any) a whole number of
+    experts wide; env DEJAVU_FOLD_MOE=0 keeps the unfolded modules."""
+    from . import fused_moe
+
+    w = moe.experts.gate_up_proj
+    if os.environ.get("DEJAVU_FOLD_MOE", "1").strip() == "0" or not fused_moe.available():
+        return False
+    if (not w.is_cuda and not fused_moe.interpreting()) or w.dtype not in fused_moe.DTYPES:
+        return False
+    if os.environ.get("DEJAVU_MOE_KERNEL", "").strip().lower() not in ("", "auto", "fused"):
+        return False  # another expert kernel asked for
+    shared = getattr(moe, "shared_expert", None)
+    return shared is None or shared.down_proj.in_features % moe.experts.down_proj.shape[2] == 0
+
+
+def fold_moe(moe: nn.Module) -> None:
+    """The MoE block routes with one kernel and runs its shared expert as S more experts of the fused
+    kernels (models/moe_router.py, fused_moe.py): the router's weight gains the shared gate's row
+    [E + 1, D]; the expert stacks gain the shared expert's S = width / F chunks [E + S, 2F, D], [E + S, D, F]."""
+    E, Fw = moe.experts.gate_up_proj.shape[0], moe.experts.down_proj.shape[2]
+    router = moe.gate.weight
+    moe.num_shared = 0
+    if hasattr(moe, "shared_expert"):
+        mlp = moe.shared_expert
+        if not hasattr(mlp, "gate_up_proj"):
+            fuse_mlp(mlp)
+        gu, down = mlp.gate_up_proj.weight, mlp.down_proj.weight  # [2 S F, D], [D, S F]
+        S = down.shape[1] // Fw
+        gate, up = gu[: S * Fw].view(S, Fw, -1), gu[S * Fw:].view(S, Fw, -1)
+        chunks_gu = torch.cat((gate, up), dim=1)  # [S, 2F, D]
+        chunks_down = down.view(down.shape[0], S, Fw).transpose(0, 1)  # [S, D, F]
+        ex = moe.experts
+        ex.gate_up_proj = nn.Parameter(torch.cat((ex.gate_up_proj, chunks_gu)), requires_grad=False)
+        ex.down_proj = nn.Parameter(torch.cat((ex.down_proj, chunks_down)), requires_grad=False)
+        router = torch.cat((router, moe.shared_expert_gate.weight))
+        moe.num_shared = S
+        del moe.shared_expert, moe.shared_expert_gate
+    moe.router_w_XD = router.contiguous()
+    moe.gate.weight = nn.Parameter(moe.router_w_XD[:E], requires_grad=False)
+    moe.folded = True
+
+
 def fuse_projections(model: nn.Module) -> int:
-    """Fuse every attention's q/k/v and every dense SwiGLU MLP's gate/up (the shared expert's too);
-    returns how many modules were fused."""
+    """Fuse every attention's q/k/v and every dense SwiGLU MLP's gate/up (the shared expert's too), and
+    fold the MoE blocks that can be (``fold_moe``); returns how many modules were fused."""
     from .attention import Attention
     from .layers import DenseMLP
     from .moe import SparseMoE
@@ -73,6 +121,8 @@ def fuse_projections(model: nn.Module) -> int:
             fuse_mlp(module)
             n += 1
     for module in list(model.modules()):
-        if isinstance(module, SparseMoE) and hasattr(module, "shared_expert_gate"):
+        if isinstance(module, SparseMoE) and foldable(module):
+            fold_moe(module)
+        elif isinstance(module, SparseMoE) and hasattr(module, "shared_expert_gate"):
             fuse_shared_gate(module)
     return n

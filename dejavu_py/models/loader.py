@@ -242,9 +242,10 @@ def load_stage(ckpt_dir: Path, spec: StageSpec, dtype: torch.dtype, device: torc
     if tie:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.requires_grad_(False).eval()
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    del state  # fusing replaces tensors: the loaded ones must not outlive their modules' reference
     if torch.device(device).type == "cuda" and os.environ.get("DEJAVU_FUSE_PROJECTIONS", "1") != "0":
         fuse_projections(model)  # one GEMM per layer for q/k/v (and gate/up): fewer, larger launches
-    size = sum(t.numel() * t.element_size() for t in state.values())
     _log.info(
         "stage %d: loaded %d tensors (%.1f MB, %s) for layers %d..%d from %d file(s) in %.2f s",
         spec.index, len(pieces), size / 1e6, str(dtype).removeprefix("torch."), spec.first_layer,

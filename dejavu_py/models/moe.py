@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused_moe
+from . import fused_moe, moe_router
 from .config import ModelConfig
 from .layers import DenseMLP
 
@@ -169,6 +169,8 @@ class SparseMoE(nn.Module):
                 forced: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``forced`` (recorded top-k ids [T, K] and float32 weights [T, K]) replaces the router's choice:
         a replayed step routes exactly as it did the first time. The sink still sees the router's own."""
+        if getattr(self, "folded", False):
+            return self._forward_folded(x_TD, sink, forced)
         ids_TK, weights_TK = self.gate(x_TD)
         if sink is not None:
             sink(self.layer, ids_TK, weights_TK)
@@ -184,3 +186,18 @@ class SparseMoE(nn.Module):
         elif hasattr(self, "shared_expert"):
             y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
         return y_TD
+
+    def _forward_folded(self, x_TD: torch.Tensor, sink: RoutingSink | None,
+                        forced: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """After ``fuse.fold_moe``: one routing kernel, then the fused experts with the shared expert's
+        S chunks as every token's last S assignments (J = K + S)."""
+        K, S = self.gate.top_k, self.num_shared
+        x_TD = x_TD.contiguous()
+        ids_TJ, w_TJ = moe_router.route(x_TD, self.router_w_XD, self.gate.weight.shape[0], K, S, self.gate.norm_topk_prob)
+        if sink is not None:
+            sink(self.layer, ids_TJ[:, :K], w_TJ[:, :K])
+        if forced is not None:
+            ids_TJ = torch.cat((forced[0].to(ids_TJ.device, ids_TJ.dtype), ids_TJ[:, K:]), dim=1)
+            w_TJ = torch.cat((forced[1].to(w_TJ.device, w_TJ.dtype), w_TJ[:, K:]), dim=1)
+        return fused_moe.fused_expert_ffn(x_TD, ids_TJ, w_TJ, self.experts.gate_up_proj, self.experts.down_proj,
+                                          num_shared=S, round_weights=not self.weights_fp32)

@@ -24,18 +24,11 @@ from typing import Any
 
 import torch
 
-from .fused_moe import DTYPES, available, interpreting, tl, triton
+from .triton_base import DTYPES, available, interpreting, tl, triton
 from .triton_ops import enabled
 
 if triton is not None:
-    from .fused_moe import _add_combine
-
-    _max_combine = getattr(tl.standard, "_elementwise_max", None)
-    if _max_combine is None:
-
-        @triton.jit
-        def _max_combine(a, b):
-            return tl.maximum(a, b)
+    from .triton_base import _add_combine, _max_combine
 
 BLOCK_N = 32
 """Context positions per tile."""

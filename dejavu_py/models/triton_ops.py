@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from .fused_moe import DTYPES, available, interpreting, tl, triton
+from .triton_base import DTYPES, available, interpreting, tl, triton
 
 if triton is not None:
-    from .fused_moe import _add_combine  # tl.sum's combine, which the interpreter runs with numpy
+    from .triton_base import _add_combine  # tl.sum's combine, which the interpreter runs with numpy
 
 
 def enabled(x: torch.Tensor) -> bool:
