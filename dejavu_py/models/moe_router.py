@@ -1,4 +1,5 @@
-"""The MoE router in one Triton launch: logits, softmax, top-k (and qwen2_moe's shared-expert gate).
+"""The MoE router in two launches: the logits' GEMV, then softmax, top-k (and qwen2_moe's shared-expert
+gate) in one Triton kernel.
 
 Legend (shape suffixes):
   T = tokens of the step            D = hidden size
@@ -7,8 +8,9 @@ Legend (shape suffixes):
   X = router rows: E, plus the shared expert's gate row when there is one
 
 Eager torch routes in ~6 launches (a GEMV, its reduction, softmax, a radix select, a sort, a cast);
-at decode those cost more than the expert GEMMs they choose for. ``route`` is one program per token
-with the same rounding steps: logits rounded to x's dtype (a linear's output), softmax in float32
+at decode those cost more than the expert GEMMs they choose for. ``route`` computes the logits (with the
+shared gate's) as one linear, in x's dtype as the eager router, then one program per token does the
+rest with the same rounding steps: softmax in float32
 over the E experts, top-k, optional renormalisation. The experts are chosen by logit, the largest
 first: the set ``torch.topk`` picks from the softmax (equal logits, equal probabilities), except that
 ties at the boundary go to the lower index here, where torch leaves them unspecified (its CPU and CUDA
@@ -24,6 +26,7 @@ import functools
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .triton_base import interpreting, tl, triton
 
@@ -31,29 +34,18 @@ if triton is not None:
     from .triton_base import _add_combine, _max_combine, _min_combine
 
 
-def _router_kernel(
-    x_ptr, w_ptr, ids_ptr, weights_ptr,  # x [T, D], w [X, D], ids [T, J] int64, weights [T, J] float32
-    stride_xt,
-    D: tl.constexpr, E: tl.constexpr, ROWS: tl.constexpr, X_PAD: tl.constexpr, K: tl.constexpr, S: tl.constexpr, S_PAD: tl.constexpr,
-    NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _select_kernel(
+    logits_ptr, ids_ptr, weights_ptr,  # logits [T, X] in x's dtype, ids [T, J] int64, weights [T, J] float32
+    E: tl.constexpr, X: tl.constexpr, X_PAD: tl.constexpr, K: tl.constexpr, S: tl.constexpr,
+    S_PAD: tl.constexpr, NORM: tl.constexpr,
 ):
     """One token: its K experts (largest logit first) and weights, then S shared chunks at its gate."""
     t = tl.program_id(0).to(tl.int64)
     J: tl.constexpr = K + S
-    io = x_ptr.dtype.element_ty
     offs_X = tl.arange(0, X_PAD)
-    row_ok_X = offs_X < ROWS
-    acc_X = tl.full((X_PAD,), 0.0, tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_D = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_D < D
-        x_D = tl.load(x_ptr + t * stride_xt + offs_D, mask=d_ok, other=0.0).to(tl.float32)
-        w_XD = tl.load(w_ptr + offs_X[:, None] * D + offs_D[None, :], mask=row_ok_X[:, None] & d_ok[None, :],
-                       other=0.0).to(tl.float32)
-        acc_X += tl.reduce(w_XD * x_D[None, :], 1, _add_combine)
-    logits_X = acc_X.to(io).to(tl.float32)  # a linear's output, in x's dtype
     expert_X = offs_X < E
-    logits_X = tl.where(expert_X, logits_X, float("-inf"))
+    raw_X = tl.load(logits_ptr + t * X + offs_X, mask=offs_X < X, other=0.0)
+    logits_X = tl.where(expert_X, raw_X.to(tl.float32), float("-inf"))
     p_X = tl.where(expert_X, tl.exp(logits_X - tl.reduce(logits_X, 0, _max_combine)), 0.0)
     probs_X = p_X / tl.reduce(p_X, 0, _add_combine)
     rank_X = tl.full((X_PAD,), -1, tl.int32)  # k of a chosen expert, -1 if not chosen
@@ -69,8 +61,8 @@ def _router_kernel(
     tl.store(ids_ptr + t * J + rank_X, offs_X.to(tl.int64), mask=chosen_X)
     tl.store(weights_ptr + t * J + rank_X, probs_X, mask=chosen_X)
     if S > 0:
-        g = tl.reduce(tl.where(offs_X == E, acc_X, 0.0), 0, _add_combine).to(io).to(tl.float32)
-        gate = (1.0 / (1.0 + tl.exp(-g))).to(io).to(tl.float32)  # sigmoid, in x's dtype
+        g = tl.load(logits_ptr + t * X + E).to(tl.float32)
+        gate = (1.0 / (1.0 + tl.exp(-g))).to(logits_ptr.dtype.element_ty).to(tl.float32)  # sigmoid, in x's dtype
         offs_S = tl.arange(0, S_PAD)
         s_ok = offs_S < S
         tl.store(ids_ptr + t * J + K + offs_S, (E + offs_S).to(tl.int64), mask=s_ok)
@@ -80,7 +72,7 @@ def _router_kernel(
 @functools.lru_cache(maxsize=2)
 def _jit(interpret: bool) -> Any:
     assert triton is not None and interpret == interpreting()
-    return triton.jit(_router_kernel)
+    return triton.jit(_select_kernel)
 
 
 def route(x_TD: torch.Tensor, w_XD: torch.Tensor, num_experts: int, top_k: int, num_shared: int = 0,
@@ -95,12 +87,10 @@ def route(x_TD: torch.Tensor, w_XD: torch.Tensor, num_experts: int, top_k: int, 
     ids_TJ = torch.empty((T, K + S), dtype=torch.int64, device=x_TD.device)
     weights_TJ = torch.empty((T, K + S), dtype=torch.float32, device=x_TD.device)
     if T:
-        x_pad = max(16, triton.next_power_of_2(E + gate))
-        block_d = max(16, min(triton.next_power_of_2(D), 8192 // x_pad))  # a [X, BLOCK_D] tile of ~8K values
+        logits_TX = F.linear(x_TD, w_XD)  # the GEMV on the GEMM library: spread over the SMs
         _jit(interpreting())[(T,)](
-            x_TD, w_XD, ids_TJ, weights_TJ, x_TD.stride(0), D=D,
-            E=E, ROWS=E + gate, X_PAD=x_pad, K=K, S=S, S_PAD=max(2, triton.next_power_of_2(S)), NORM=norm_topk_prob,
-            BLOCK_D=block_d,
-            num_warps=4, enable_fp_fusion=False,
+            logits_TX, ids_TJ, weights_TJ, E=E, X=E + gate, X_PAD=max(16, triton.next_power_of_2(E + gate)),
+            K=K, S=S, S_PAD=max(2, triton.next_power_of_2(S)), NORM=norm_topk_prob, num_warps=1,
+            enable_fp_fusion=False,
         )
     return ids_TJ, weights_TJ
