@@ -125,6 +125,25 @@ def test_rotary_bitwise(interpret, T, H, K, Dh, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_writes_the_cache(interpret, dtype):
+    """With ``cache`` the launch also does ``KVCache.update``: rotated k and v (a strided view, as the fused
+    q/k/v projection's split gives) at the slots, the other slots untouched."""
+    T, H, K, Dh, N = 3, 4, 2, 16, 10
+    q, k, cos, sin = _qk_cos_sin(T, H, K, Dh, dtype, seed=11)
+    qkv = torch.randn(T, (H + 2 * K) * Dh, generator=torch.Generator().manual_seed(3)).to(dtype)
+    v = qkv[:, (H + K) * Dh:].view(T, K, Dh)
+    slots = torch.tensor([7, 2, 9])
+    k_pool, v_pool = torch.full((N, K, Dh), -1.0, dtype=dtype), torch.full((N, K, Dh), -1.0, dtype=dtype)
+    q_rot, k_rot = triton_ops.rotary(q, k, cos, sin, (k_pool, v_pool, slots, v))
+    want_k, want_v = torch.full_like(k_pool, -1.0), torch.full_like(v_pool, -1.0)
+    want_k[slots], want_v[slots] = apply_rotary(k, cos, sin), v
+    torch.testing.assert_close(k_rot, apply_rotary(k, cos, sin), atol=0, rtol=0)
+    torch.testing.assert_close(k_pool, want_k, atol=0, rtol=0)
+    torch.testing.assert_close(v_pool, want_v, atol=0, rtol=0)
+
+
+@needs_triton
 def test_dispatch(interpret, monkeypatch):
     """The modules take the Triton path under the interpreter and give what the eager path gives."""
     q, k, cos, sin = _qk_cos_sin(5, 4, 2, 32, torch.bfloat16, seed=1)

@@ -67,6 +67,14 @@ class KVCache:
             self.on_update(layer, slots_T, k_TKD, v_TKD)
         return k_NKD, v_NKD
 
+    def written(
+        self, layer: int, slots_T: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``update`` for K/V a kernel already wrote into the pools: the hook, and the layer's pools."""
+        if self.on_update is not None:
+            self.on_update(layer, slots_T, k_TKD, v_TKD)
+        return self.k_NKD[layer], self.v_NKD[layer]
+
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of ``layer`` at the given slots (copies), for replication and swapping."""
         return self.k_NKD[layer][slots], self.v_NKD[layer][slots]

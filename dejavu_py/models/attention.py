@@ -11,6 +11,7 @@ from torch import nn
 
 from ..engine.attn_meta import AttnMeta, paged_attention
 from ..engine.kv_cache import KVCache
+from . import triton_ops
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rotary_qk
 
@@ -58,7 +59,13 @@ class Attention(nn.Module):
         self, x_TD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, meta: AttnMeta, kv: KVCache
     ) -> torch.Tensor:
         q_THD, k_TKD, v_TKD = self._qkv(x_TD)
-        q_THD, k_TKD = apply_rotary_qk(q_THD, k_TKD, cos_TD, sin_TD)
-        k_NKD, v_NKD = kv.update(self.layer, meta.slots_T, k_TKD, v_TKD)
+        k_NKD, v_NKD = kv.k_NKD[self.layer], kv.v_NKD[self.layer]
+        if triton_ops.enabled(q_THD) and k_NKD.dtype == k_TKD.dtype and v_TKD.stride(1) == self.head_dim:
+            cache = (k_NKD, v_NKD, meta.slots_T, v_TKD)  # RoPE writes the cache: no copy kernels of its own
+            q_THD, k_TKD = triton_ops.rotary(q_THD, k_TKD, cos_TD, sin_TD, cache)
+            k_NKD, v_NKD = kv.written(self.layer, meta.slots_T, k_TKD, v_TKD)
+        else:
+            q_THD, k_TKD = apply_rotary_qk(q_THD, k_TKD, cos_TD, sin_TD)
+            k_NKD, v_NKD = kv.update(self.layer, meta.slots_T, k_TKD, v_TKD)
         o_THD = paged_attention(q_THD, k_NKD, v_NKD, meta, self.scale, k_TKD, v_TKD)
         return self.o_proj(o_THD.reshape(x_TD.shape[0], -1))

@@ -1,4 +1,5 @@
-"""Triton kernels for the small per-layer ops of a step: RMSNorm, residual add + RMSNorm, RoPE of q and k.
+"""Triton kernels for the small per-layer ops of a step: RMSNorm, residual add + RMSNorm, RoPE of q and k
+(with the KV cache write).
 
 Also SwiGLU's silu(gate) * up on a fused gate/up projection's output (``silu_mul``).
 
@@ -69,10 +70,12 @@ def _rms_norm_kernel(
 
 def _rotary_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,  # q, qo [T, H, Dh]; k, ko [T, K, Dh]; cos, sin [T, Dh]
+    v_ptr, slots_ptr, kc_ptr, vc_ptr, stride_vt,  # CACHE: v [T, K, Dh] (rows stride_vt), slots [T], pools [N, K, Dh]
     H: tl.constexpr, K: tl.constexpr, HALF: tl.constexpr,
-    H_PAD: tl.constexpr, K_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+    H_PAD: tl.constexpr, K_PAD: tl.constexpr, HALF_PAD: tl.constexpr, CACHE: tl.constexpr,
 ):
     """One token, all its q and k heads: out = x * cos + rotate_half(x) * sin, each op rounded as eager.
+    With CACHE the rotated k and the token's v also go into the KV pools at its slot (``KVCache.update``).
 
     With x = [lo, hi]: rotate_half(x) = [-hi, lo], so out_lo = lo * cos_lo - hi * sin_lo and
     out_hi = hi * cos_hi + lo * sin_hi; every product and the sum round to the output dtype.
@@ -108,6 +111,15 @@ def _rotary_kernel(
     out_hi = (hi * c_hi).to(io).to(tl.float32) + (lo * s_hi).to(io).to(tl.float32)
     tl.store(ko_ptr + offs, out_lo.to(io), mask=ok)
     tl.store(ko_ptr + offs + HALF, out_hi.to(io), mask=ok)
+    if CACHE:
+        slot = tl.load(slots_ptr + t).to(tl.int64)
+        cache = slot * K * 2 * HALF + hk[:, None] * 2 * HALF + j[None, :]
+        cdt = kc_ptr.dtype.element_ty
+        tl.store(kc_ptr + cache, out_lo.to(io).to(cdt), mask=ok)
+        tl.store(kc_ptr + cache + HALF, out_hi.to(io).to(cdt), mask=ok)
+        v_offs = t * stride_vt + hk[:, None] * 2 * HALF + j[None, :]
+        tl.store(vc_ptr + cache, tl.load(v_ptr + v_offs, mask=ok, other=0.0).to(cdt), mask=ok)
+        tl.store(vc_ptr + cache + HALF, tl.load(v_ptr + v_offs + HALF, mask=ok, other=0.0).to(cdt), mask=ok)
 
 
 def _silu_mul_kernel(
@@ -193,9 +205,12 @@ def add_rms_norm(
 
 
 def rotary(
-    q_THD: torch.Tensor, k_TKD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor
+    q_THD: torch.Tensor, k_TKD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``apply_rotary(q)``, ``apply_rotary(k)``) in one launch, one program per token."""
+    """(``apply_rotary(q)``, ``apply_rotary(k)``) in one launch, one program per token. ``cache`` =
+    (k_NKD, v_NKD, slots_T, v_TKD): the launch also writes the rotated k and v at the slots, as
+    ``KVCache.update`` does (v's rows may be strided, its heads not)."""
     _check(q_THD, k_TKD, cos_TD, sin_TD)
     (T, H, Dh), K = q_THD.shape, k_TKD.shape[1]
     assert k_TKD.shape == (T, K, Dh) and cos_TD.shape == sin_TD.shape == (T, Dh) and Dh % 2 == 0, (
@@ -206,10 +221,17 @@ def rotary(
     k_out = torch.empty(k_TKD.shape, dtype=torch.promote_types(k_TKD.dtype, cs_dtype), device=k_TKD.device)
     if T == 0:
         return q_out, k_out
+    if cache is not None:
+        k_NKD, v_NKD, slots_T, v_TKD = cache
+        assert k_NKD.is_contiguous() and v_NKD.is_contiguous() and k_NKD.shape[1:] == (K, Dh)
+        assert v_TKD.shape == (T, K, Dh) and v_TKD.stride(2) == 1 and v_TKD.stride(1) == Dh, tuple(v_TKD.stride())
+        extra = (v_TKD, slots_T, k_NKD, v_NKD, v_TKD.stride(0))
+    else:
+        extra = (k_TKD, k_TKD, k_TKD, k_TKD, 0)  # unused
     np2 = triton.next_power_of_2
     _kernels(interpreting())[1][(T,)](
-        q_THD.contiguous(), k_TKD.contiguous(), cos_TD.contiguous(), sin_TD.contiguous(), q_out, k_out,
-        H=H, K=K, HALF=Dh // 2, H_PAD=np2(H), K_PAD=np2(K), HALF_PAD=np2(Dh // 2),
+        q_THD.contiguous(), k_TKD.contiguous(), cos_TD.contiguous(), sin_TD.contiguous(), q_out, k_out, *extra,
+        H=H, K=K, HALF=Dh // 2, H_PAD=np2(H), K_PAD=np2(K), HALF_PAD=np2(Dh // 2), CACHE=cache is not None,
         num_warps=_warps(np2(H) * np2(Dh)), enable_fp_fusion=False,
     )
     return q_out, k_out
