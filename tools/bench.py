@@ -74,7 +74,7 @@ def run_dejavu(ckpt: Path, work: Path, batch: int, stages: int, a) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # a run directory with a journal would be resumed, not rerun
     total = a.prompt_len + a.new_tokens
     cmd = [sys.executable, "-m", "dejavu_py", "--nproc-per-node", str(stages), "--model", str(ckpt), "--prompts",
-           str(req), "--run-dir", str(run_dir), "--device", "cuda", "--dtype", "bfloat16", "--ignore-eos",
+           str(req), "--run-dir", str(run_dir), "--device", a.device, "--dtype", a.dtype, "--ignore-eos",
            "--max-batch-size", str(batch), "--max-batch-tokens", str(batch * a.prompt_len),
            "--kv-capacity-tokens", str(max(4096, 2 * batch * total)), "--max-model-len", str(total + 16),
            "--block-size", "16", "--progress", "false", *a.dejavu_args]
@@ -154,7 +154,7 @@ def bench(a) -> dict:
     a.vocab = cfg["vocab_size"]
     ckpt = a.ckpt
     if not (ckpt / "config.json").exists():
-        make_checkpoint(ckpt, config_path=a.model_config, dtype="bfloat16", init_device="cuda", tokenizer=False)
+        make_checkpoint(ckpt, config_path=a.model_config, dtype=a.dtype, init_device=a.device, tokenizer=False)
     work = a.work or ckpt.parent / f"bench-{ckpt.name}"
     work.mkdir(parents=True, exist_ok=True)
     name = gpu_name()
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stages", default="1,2", help="pipeline stage counts on the GPU (default 1,2)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=128, help="generated tokens per request (default 128)")
+    p.add_argument("--device", default="cuda", help="where dejavu_py runs (default cuda; cpu measures host costs)")
+    p.add_argument("--dtype", default="bfloat16", help="weights and compute (default bfloat16; float32 on cpu)")
     p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     p.add_argument("--dejavu-arg", dest="dejavu_args", action="append", default=[], help="extra flag for dejavu_py")
     p.add_argument("--out", type=Path, help="JSON to write")

@@ -8,6 +8,7 @@ with asynchronous scheduling, hands the sampled ids (on the device) straight to 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class StepCounter:
@@ -59,12 +60,12 @@ class StepPlan:
     """State of sequences the stages have not seen yet (or must refresh)."""
     release: list[int] = field(default_factory=list)
     """Sequences that finished: stages forget their state."""
-    routing: dict[str, list] = field(default_factory=dict)
-    """Fault tolerance, in the coordinator's history: each stage's MoE routing of this step, [(layer,
-    ids_TK int16, weights_TK float32)] on the host, so a completed step's record outlives its stages."""
+    routing: dict[str, Any] = field(default_factory=dict)
+    """Fault tolerance, in the coordinator's history: each stage's MoE routing of this step (a
+    ft.checkpoints.RoutingRecord), so a completed step's record outlives its stages."""
     replay_until: str | None = None
     """Recovery: this stage recomputes the step for its KV and stops it there (no output)."""
-    forced: list | None = None
+    forced: Any = None
     """Recovery: the routing ``replay_until`` recorded for this step; the replay routes exactly so."""
     follows: int | None = None
     """Asynchronous scheduling: the step (of this microbatch, still in flight when this plan was made)
@@ -88,18 +89,19 @@ class StepResult:
     """Sequences that sampled, in plan order."""
     token_ids: list[int]
     """The sampled next token of each."""
-    routing: dict[str, list] = field(default_factory=dict)
+    routing: dict[str, Any] = field(default_factory=dict)
     """The last stage's MoE routing of the step (see StepPlan.routing; the others send ``StepRouting``)."""
 
 
 @dataclass
 class StepRouting:
-    """Fault tolerance: a stage's MoE routing of a step, to the coordinator (see StepPlan.routing)."""
+    """Fault tolerance: a stage's MoE routing of a step, to the coordinator as soon as the step is
+    finished: a replay of the step needs it, and the stage may die before its replica has the step."""
 
     mb: int
     step: int
     stage: str
-    routing: list
+    routing: Any
 
 
 @dataclass

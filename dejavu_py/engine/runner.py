@@ -41,11 +41,17 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
+def _copy_to_host(t: torch.Tensor) -> torch.Tensor:
+    """Like ``_to_host``, but a copy on the host too (``t`` is a buffer the next step overwrites)."""
+    return _to_host(t) if t.is_cuda else t.clone()
+
+
 def _routing_to_host(layers: list[int], ids_RTK: torch.Tensor | None, w_RTK: torch.Tensor | None) -> tuple:
-    """Every MoE layer's (ids, weights), stacked over layers: one queued copy each."""
+    """Every MoE layer's (ids, weights), stacked over layers: one queued copy each, in the dtypes of the
+    record (checkpoints.compact), so that the host converts nothing."""
     if ids_RTK is None:
         return layers, None, None
-    return layers, _to_host(ids_RTK), _to_host(w_RTK)
+    return layers, _copy_to_host(ids_RTK.to(torch.int16)), _copy_to_host(w_RTK.to(torch.float32))
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -64,9 +70,11 @@ class Launched:
     ids: torch.Tensor | None = None
     """Last stage: the sampled token of each of ``sids`` (host, filled when ``event`` is done)."""
     routing: tuple = ([], None, None)
-    """FT: (MoE layers, ids [R, T, K], weights [R, T, K]) on the host, filled when ``event`` is done."""
+    """FT: (MoE layers, ids [R, T, K] int16, weights [R, T, K] float32) on the host, filled when ``event``
+    is done."""
     step_kv: torch.Tensor | None = None
-    """FT, a graph step: its new K/V [2, L, B, K, D] on the device (see StageRunner.step_kv)."""
+    """FT, a graph step: its new K/V [2, L, B, K, D] on the host, filled when ``event`` is done (see
+    StageRunner.step_kv)."""
     slots: list[int] = field(default_factory=list)
     phys_slots: list[int] = field(default_factory=list)
     event: torch.cuda.Event | None = None
@@ -100,12 +108,14 @@ class StageRunner:
         self.seqs: dict[int, SeqState] = {}
         self.record_routing = False
         """Fault tolerance on: keep each step's MoE routing (``routing``) and written slots (``slots``)."""
-        self.routing: list = []
+        self.routing: tuple = ([], None, None)
+        """The last finished step's (MoE layers, ids [R, T, K], weights [R, T, K]) on the host."""
         self.slots: list[int] = []
         self.phys_slots: list[int] = []
         self.step_kv: torch.Tensor | None = None
-        """A decode step from the graphs: its new K/V of every layer [2, L, B, K, D] (device; the next
-        step overwrites it), what the replica needs without gathering it back from the cache."""
+        """A decode step from the graphs: its new K/V of every layer [2, L, B, K, D], copied to the host
+        behind the step (the graphs' buffer is overwritten by the next one): what the replica needs,
+        without gathering it back from the cache, and without a copy on the device first."""
         self._scratch: dict[int, int] = {}
         self._routing_dev: list = []
         self.sampled: dict[int, torch.Tensor] = {}
@@ -130,9 +140,9 @@ class StageRunner:
         return self.finish(self.launch(plan, x))
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan, x: torch.Tensor | None, ahead: bool = False) -> Launched:
-        """Queue the step's kernels (sampling included) without waiting for them. ``ahead``: another
-        step may be launched before this one is finished, so what the graphs record is copied out."""
+    def launch(self, plan: StepPlan, x: torch.Tensor | None) -> Launched:
+        """Queue the step's kernels (sampling included) without waiting for them (another step may be
+        launched before this one is finished: what it records for FT is copied out behind it)."""
         self._apply(plan)
         if self.spec.has_embed:
             x = self._input_ids(plan)
@@ -155,7 +165,7 @@ class StageRunner:
         if self.record_routing:
             rec = self.graphs.last_record(len(plan.seq_ids)) if static else None
             if rec is not None:
-                done.step_kv = rec.kv_2LBKD.clone() if ahead else rec.kv_2LBKD  # the next replay overwrites it
+                done.step_kv = _copy_to_host(rec.kv_2LBKD)
                 done.routing = _routing_to_host(rec.layers, rec.ids_RBK, rec.weights_RBK)
             elif self._routing_dev:  # an eager step: as the MoE layers reported it one by one
                 r = self._routing_dev
@@ -183,8 +193,7 @@ class StageRunner:
         ``slots``, ``phys_slots``, ``step_kv``) for the checkpoint and the replica."""
         self.wait(done.event)
         if self.record_routing:
-            layers, ids, w = done.routing
-            self.routing = [] if ids is None else [(layer, ids[j], w[j]) for j, layer in enumerate(layers)]
+            self.routing = done.routing
             self.step_kv, self.slots, self.phys_slots = done.step_kv, done.slots, done.phys_slots
         if done.ids is None:
             return done.out

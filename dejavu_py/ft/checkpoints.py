@@ -17,8 +17,10 @@ from __future__ import annotations
 import collections
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 ENTROPY_HIGH = 0.95
@@ -26,14 +28,51 @@ ENTROPY_HIGH = 0.95
 IMBALANCE_HIGH = 2.5
 """Max-over-mean expert load above which the adaptive policy keeps a step."""
 
-Routing = list[tuple[int, torch.Tensor, torch.Tensor]]
-"""(layer, ids_TK int64, weights_TK float32) of every MoE layer of a step, on the host."""
+Routing = Iterable[tuple[int, torch.Tensor, torch.Tensor]]
+"""(layer, ids_TK, weights_TK) of every MoE layer of a step, on the host (a ``RoutingRecord`` is one)."""
 
 
-def compact(routing: Routing) -> list:
-    """The record the coordinator keeps: numpy arrays (ids int16, weights float32), on the host; numpy,
-    not torch, because records are pickled and small torch tensors pickle ~30x slower."""
-    return [(layer, ids.to(torch.int16).numpy(), w.to(torch.float32).numpy()) for layer, ids, w in routing]
+class RoutingRecord:
+    """A stage's MoE routing of one step, stacked over its MoE layers: expert ids [R, T, K] (int16) and
+    weights [R, T, K] (float32), numpy on the host. Iterating gives (layer, ids_TK, weights_TK) per layer.
+    One array per kind, not per layer, and pickled as raw bytes: a record crosses a process boundary
+    every step, and pickling numpy arrays (let alone small torch tensors) costs several times more."""
+
+    __slots__ = ("layers", "ids", "weights")
+
+    def __init__(self, layers: tuple[int, ...], ids_RTK: np.ndarray, weights_RTK: np.ndarray) -> None:
+        self.layers, self.ids, self.weights = tuple(layers), ids_RTK, weights_RTK
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        return ((layer, self.ids[j], self.weights[j]) for j, layer in enumerate(self.layers))
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.nbytes + self.weights.nbytes
+
+    def __reduce__(self):
+        return _record_from_bytes, (self.layers, self.ids.shape, self.ids.tobytes(), self.weights.tobytes())
+
+
+def _record_from_bytes(layers: tuple[int, ...], shape: tuple[int, ...], ids: bytes, weights: bytes) -> RoutingRecord:
+    """Unpickling: writable arrays (torch warns on tensors over read-only memory)."""
+    return RoutingRecord(layers, np.frombuffer(bytearray(ids), dtype=np.int16).reshape(shape),
+                         np.frombuffer(bytearray(weights), dtype=np.float32).reshape(shape))
+
+
+EMPTY = RoutingRecord((), np.zeros((0, 0, 0), np.int16), np.zeros((0, 0, 0), np.float32))
+
+
+def compact(routing: tuple[list[int], torch.Tensor | None, torch.Tensor | None]) -> RoutingRecord:
+    """The record of a step's routing as the runner holds it (MoE layers, ids [R, T, K], weights [R, T, K]
+    on the host): two conversions, whatever the number of layers."""
+    layers, ids_RTK, w_RTK = routing
+    if ids_RTK is None:
+        return EMPTY
+    return RoutingRecord(tuple(layers), ids_RTK.to(torch.int16).numpy(), w_RTK.to(torch.float32).numpy())
 
 
 def routing_mismatches(plan, recomputed: Routing) -> int:
@@ -71,7 +110,7 @@ class Checkpoint:
     seq_ids: list[int]
     out: torch.Tensor | None
     """This stage's output activations for the step (device tier), if the policy kept them."""
-    routing: Routing = field(default_factory=list)
+    routing: RoutingRecord = EMPTY
     """Host tier."""
 
 
@@ -99,7 +138,7 @@ class TokenStateRing:
             return entropy > ENTROPY_HIGH or imbalance > IMBALANCE_HIGH
         return False
 
-    def record(self, mb: int, step: int, seq_ids: list[int], out: torch.Tensor | None, routing: Routing) -> bool:
+    def record(self, mb: int, step: int, seq_ids: list[int], out: torch.Tensor | None, routing: RoutingRecord) -> bool:
         """Add the step's checkpoint; returns whether its activations were kept."""
         t0 = time.perf_counter()
         keep = out is not None and self.keep_activation(mb, routing)
@@ -110,7 +149,7 @@ class TokenStateRing:
         self.kept_activations += keep
         if act is not None:
             self.bytes_device += act.numel() * act.element_size()
-        self.bytes_host += sum(i.nbytes + w.nbytes for _, i, w in routing)
+        self.bytes_host += routing.nbytes
         self.seconds += time.perf_counter() - t0
         return keep
 

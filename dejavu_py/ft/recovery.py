@@ -184,6 +184,8 @@ class Recovery:
             rec.notes.setdefault("replica_bytes", 0)
             rec.notes["replica_bytes"] += cov.bytes
             rec.notes["steps_recomputed"] = rec.notes.get("steps_recomputed", 0) + len(plans)
+            unrecorded = sum(x not in p.routing for p in plans)  # its last record had not left it yet
+            rec.notes["steps_replayed_unrecorded"] = rec.notes.get("steps_replayed_unrecorded", 0) + unrecorded
             rec.notes["sequences_recomputed_from_tokens"] = len(info.redo)
             source = c.layout.replica_source(x)
             if source is not None and source not in failed:  # the replica x held is gone: send it again

@@ -1,11 +1,11 @@
 """KV replication (DejaVu): each decode stage streams its new K/V to the host memory of the next stage
 of the ring, off the critical path, so a replacement can get its KV back from there.
 
-Source side (``ReplicaSender``): after every step it reads back from its cache the K/V the step wrote
-(all its layers, at the step's slots: this works whether the step ran eagerly or from a CUDA graph)
-and sends them asynchronously over the replica edge; the holder acknowledges per (microbatch, step),
-and a stage waits before running ahead of its replica by more than ``--replica-lag`` steps of a
-microbatch.
+Source side (``ReplicaSender``): after every step it takes the K/V the step wrote (all its layers, at
+the step's slots: recorded by a graph step, else read back from its cache) and sends them
+asynchronously over the replica edge, the chunks of a few consecutive steps as one (``coalesce``);
+the holder acknowledges the (microbatch, step) pairs a chunk covers, and a stage waits before
+running ahead of its replica by more than ``--replica-lag`` steps of a microbatch.
 
 Holder side (``ReplicaStore``): a host copy of the source's cache (same block layout) plus, per
 sequence, how many leading positions it holds in every layer. At recovery it ships the blocks of the
@@ -55,13 +55,32 @@ class ReplicaChunk:
     """The K/V travels with the message; False: the source already wrote it into the holder's file."""
     shm_path: str | None = None
     """Restore on the holder's host: the replacement reads its K/V from this replica file."""
+    steps: list[tuple[int, int]] = field(default_factory=list)
+    """Coalesced decode steps: the (microbatch, step) pairs this chunk covers (``mb``/``step``: the last)."""
+
+    def acks(self) -> list[tuple[int, int]]:
+        """The (microbatch, step) pairs the holder acknowledges once it holds this chunk."""
+        return self.steps or ([(self.mb, self.step)] if self.mb >= 0 else [])
+
+
+def coalesce(chunks: list[ReplicaChunk], kv: list[torch.Tensor] | None) -> tuple[ReplicaChunk, torch.Tensor | None]:
+    """One chunk for consecutive decode steps' chunks (same layers), in order: a sequence in several
+    of them covers its positions in turn. ``kv``: their K/V [2, L, T, K, D] to concatenate (None: in
+    the holder's file already)."""
+    last = chunks[-1]
+    merged = ReplicaChunk(last.source, last.mb, last.step, last.layers,
+                          [s for c in chunks for s in c.seq_ids], [p for c in chunks for p in c.start_pos],
+                          [n for c in chunks for n in c.num_tokens], [s for c in chunks for s in c.slots],
+                          inline=kv is not None, steps=[st for c in chunks for st in c.acks()])
+    return merged, (torch.cat(kv, dim=2) if kv is not None and len(kv) > 1 else kv[0] if kv else None)
 
 
 @dataclass
 class ReplicaAck:
+    """Holder -> source: these (microbatch, step) pairs are in the replica."""
+
     source: str
-    mb: int
-    step: int
+    steps: list[tuple[int, int]]
 
 
 @dataclass
@@ -90,8 +109,14 @@ class ReplicaSender:
     device (gather, copy into pinned host memory, an event); a sender thread waits for the event and
     sends, so no step waits for the copy or the wire."""
 
+    COALESCE_WINDOW_S = 0.05
+    """A step's chunk waits at most this long for the next ones to go with it."""
+
     def __init__(self, me: str, kv: KVCache, lag: int, send) -> None:
         self.me, self.kv, self.lag, self._send = me, kv, lag, send
+        self.batch = max(1, lag // 2)
+        """Steps' chunks sent as one: fewer messages, acknowledgements and holder updates per step, while
+        the other half of the lag keeps the steps after them from waiting for their acknowledgement."""
         self.unacked: dict[int, list[int]] = {}
         self.cv = threading.Condition()
         self.enabled = True
@@ -154,13 +179,26 @@ class ReplicaSender:
         done.wait()
 
     def _run(self) -> None:
+        held: list[tuple[ReplicaChunk, torch.Tensor]] = []  # decode steps' chunks waiting to go as one
+        deadline = 0.0
         while True:
-            msg, kv, ready = self._queue.get()
-            if msg is None:
-                ready.set()
-                continue
-            if ready is not None:
+            try:
+                msg, kv, ready = self._queue.get(timeout=max(deadline - time.monotonic(), 0) if held else None)
+            except queue.Empty:  # no more steps for now: what is held goes
+                msg = kv = ready = None
+            if ready is not None and not isinstance(ready, threading.Event):
                 ready.synchronize()
+            if msg is not None and msg.mb >= 0 and kv.device.type != "cuda":
+                held.append((msg, kv))
+                deadline = deadline if len(held) > 1 else time.monotonic() + self.COALESCE_WINDOW_S
+                if len(held) >= self.batch:
+                    self._deliver_held(held)
+                continue
+            self._deliver_held(held)  # in order: before a bulk chunk, a flush, a nudge or the window's end
+            if msg is None:
+                if ready is not None:
+                    ready.set()
+                continue
             if kv.device.type != "cuda":
                 self._deliver(msg, kv)
                 continue
@@ -176,6 +214,19 @@ class ReplicaSender:
             self._stream = torch.cuda.Stream(self.kv.device)
         return self._stream
 
+    def _deliver_held(self, held: list[tuple[ReplicaChunk, torch.Tensor]]) -> None:
+        """The held steps' chunks as one (each written into the holder's file, when it is on this host)."""
+        if not held:
+            return
+        shm = self.shm
+        if shm is not None:
+            for msg, kv in held:
+                replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
+            self.shm_chunks += len(held)
+        msg, kv = coalesce([m for m, _ in held], None if shm is not None else [k for _, k in held])
+        held.clear()
+        self._send_chunk(msg, kv)
+
     def _deliver(self, msg: ReplicaChunk, kv: torch.Tensor) -> None:
         """Into the holder's file when it is on this host (then only the bookkeeping travels), else over the edge."""
         shm = self.shm
@@ -183,6 +234,9 @@ class ReplicaSender:
             replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
             msg, kv = dataclasses.replace(msg, inline=False), None
             self.shm_chunks += 1
+        self._send_chunk(msg, kv)
+
+    def _send_chunk(self, msg: ReplicaChunk, kv: torch.Tensor | None) -> None:
         try:
             self._send(msg, kv)
         except Exception as e:  # the holder is gone: the coordinator's recovery re-replicates
@@ -190,16 +244,21 @@ class ReplicaSender:
 
     def acked(self, ack: ReplicaAck) -> None:
         with self.cv:
-            pending = self.unacked.get(ack.mb, [])
-            while pending and pending[0] <= ack.step:
-                pending.pop(0)
+            for mb, step in ack.steps:
+                pending = self.unacked.get(mb, [])
+                while pending and pending[0] <= step:
+                    pending.pop(0)
             self.cv.notify_all()
 
     def wait_for(self, mb: int, timeout_s: float) -> bool:
-        """Back-pressure: block while ``mb`` has ``lag`` or more unacknowledged steps."""
+        """Back-pressure: block while ``mb`` has ``lag`` or more unacknowledged steps (the chunks held
+        to go with the next ones leave now)."""
         t0 = time.monotonic()
         with self.cv:
-            ok = self.cv.wait_for(lambda: len(self.unacked.get(mb, [])) < self.lag or not self.enabled, timeout_s)
+            full = lambda: len(self.unacked.get(mb, [])) >= self.lag and self.enabled  # noqa: E731
+            if full():
+                self._queue.put((None, None, None))  # a nudge: send what is held
+            ok = self.cv.wait_for(lambda: not full(), timeout_s)
         self.wait_s += time.monotonic() - t0
         return ok
 
@@ -215,6 +274,38 @@ class ReplicaSender:
                 "replica_shm_chunks": self.shm_chunks}
 
 
+class Coverage:
+    """Leading positions of each sequence a replica holds, per layer: one number while every layer holds
+    the same (a decode step's chunk covers them all: O(1) per sequence), a list by layer index while
+    they differ (prompt KV arrives layer by layer)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.seqs: dict[int, int | list[int]] = {}
+
+    def add(self, sid: int, start: int, n: int, which: list[int] | None = None) -> None:
+        """Positions ``start .. start + n - 1`` arrived in the layers ``which`` (None: all); they extend
+        a layer's prefix only where it reaches ``start``."""
+        cur = self.seqs.get(sid, 0)
+        if isinstance(cur, int) and which is None:
+            if start <= cur:
+                self.seqs[sid] = max(cur, start + n)
+            return
+        per_layer = [cur] * self.num_layers if isinstance(cur, int) else cur
+        for i in range(self.num_layers) if which is None else which:
+            if start <= per_layer[i]:
+                per_layer[i] = max(per_layer[i], start + n)
+        self.seqs[sid] = per_layer[0] if min(per_layer) == max(per_layer) else per_layer
+
+    def forget(self, sid: int) -> None:
+        self.seqs.pop(sid, None)
+
+    def of(self, sid: int) -> int:
+        """Leading positions held in every layer."""
+        cur = self.seqs.get(sid, 0)
+        return cur if isinstance(cur, int) else min(cur)
+
+
 class ReplicaStore:
     """The replica of one source stage's cache, in host memory: one buffer [2, L, N, K, D], a shared
     file when ``path`` is given (replica_shm.py), else pinned memory."""
@@ -227,7 +318,7 @@ class ReplicaStore:
         # would lengthen every replacement's start.
         self.kv_2LNKD = replica_shm.create(path, shape, dtype) if path else torch.empty(shape, dtype=dtype, pin_memory=pin)
         self.index = {l: i for i, l in enumerate(self.layers)}
-        self.covered: dict[int, dict[int, int]] = {}  # seq -> layer -> leading positions held
+        self.covered = Coverage(len(self.layers))
         self.lock = threading.Lock()
         self.bytes = 0
 
@@ -243,11 +334,9 @@ class ReplicaStore:
         with self.lock:
             if c.inline:
                 replica_shm.write_chunk(self.kv_2LNKD, self.index, c.layers, c.slots, kv.to("cpu"))
-            for layer in c.layers:
-                for sid, start, n in zip(c.seq_ids, c.start_pos, c.num_tokens):
-                    cov = self.covered.setdefault(sid, {})
-                    if start <= cov.get(layer, 0):
-                        cov[layer] = max(cov.get(layer, 0), start + n)
+            which = None if len(c.layers) == len(self.layers) else [self.index[layer] for layer in c.layers]
+            for sid, start, n in zip(c.seq_ids, c.start_pos, c.num_tokens):
+                self.covered.add(sid, start, n, which)
             self.bytes += self.nbytes(len(c.slots), len(c.layers))
 
     def nbytes(self, slots: int, layers: int) -> int:
@@ -256,12 +345,12 @@ class ReplicaStore:
 
     def coverage(self, seq_ids: list[int]) -> dict[int, int]:
         with self.lock:
-            return {s: min((self.covered.get(s, {}).get(l, 0) for l in self.layers), default=0) for s in seq_ids}
+            return {s: self.covered.of(s) for s in seq_ids}
 
     def forget(self, seq_ids: list[int]) -> None:
         with self.lock:
             for s in seq_ids:
-                self.covered.pop(s, None)
+                self.covered.forget(s)
 
     def read(self, slots: list[int]) -> torch.Tensor:
         """[2, L, T, K, D]: the replica at these slots (a copy)."""

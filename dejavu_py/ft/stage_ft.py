@@ -19,7 +19,7 @@ import torch
 from .. import log
 from ..engine.attn_meta import slot_of
 from ..engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult, StepRouting
-from .checkpoints import TokenStateRing, compact, routing_mismatches
+from .checkpoints import EMPTY, TokenStateRing, compact, routing_mismatches
 from ..comm.store import get_json, has, put_json
 from . import replica_shm
 from .messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
@@ -72,7 +72,7 @@ class StageFT:
         self.replay_left = -1
         self.replayed = 0
         self.mismatches = 0
-        self._record: list = []  # the last finished step's compact routing, until keep_step
+        self._record = EMPTY  # the last finished step's routing record, until keep_step
         self.bulk_from: str | None = None
         self.bulk_done = False
         if self.active:
@@ -132,9 +132,9 @@ class StageFT:
                 self.w.inbox.put((peer, msg, t))  # our own KV coming back: the main loop writes it
             elif isinstance(msg, ReplicaChunk) and self.store is not None:
                 self.store.apply(msg, t)
-                if msg.mb >= 0:
+                if msg.acks():
                     try:
-                        edge.send(ReplicaAck(msg.source, msg.mb, msg.step))
+                        edge.send(ReplicaAck(msg.source, msg.acks()))
                     except Exception:  # the source died; its replacement will be told what we hold
                         pass
 
@@ -155,8 +155,9 @@ class StageFT:
 
     def after_step(self, plan: StepPlan, out) -> bool:
         """The step's routing to the coordinator (the last stage's with its result, the others' in a
-        ``StepRouting``); True when this stage ends a replay (nothing to forward). Checkpointing and
-        replicating wait for ``keep_step``, after the output is on its way: off the pipeline's chain."""
+        ``StepRouting`` now: its replay needs it if this stage dies before the replica has the step);
+        True when this stage ends a replay (nothing to forward). Checkpointing and replicating wait for
+        ``keep_step``, after the output is on its way: off the pipeline's chain."""
         if not self.active:
             return False
         self._record = compact(self.w.runner.routing)

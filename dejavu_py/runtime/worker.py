@@ -261,7 +261,7 @@ class Worker:
         self.times.mark("replica_wait")  # back-pressure: the replica holder's acknowledgements
         ahead = self.ahead is not None and plan.replay_until is None
         out = self.ahead.announce(plan) if ahead else None
-        self.pending.append(self.runner.launch(plan, x, ahead))
+        self.pending.append(self.runner.launch(plan, x))
         if ahead:  # finished when the next plan is launched behind it, or when the device is done with it
             self.ahead.forward(self.pending[-1], out)
         self.times.mark("launch")

@@ -1,0 +1,137 @@
+"""Fault tolerance's per-step host work, kept small: stacked routing records, replica chunks of several
+steps sent and acknowledged as one, per-sequence replica coverage."""
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from dejavu_py.engine.plan import StepPlan
+from dejavu_py.ft.checkpoints import EMPTY, RoutingRecord, TokenStateRing, compact, routing_mismatches
+from dejavu_py.ft.replica import Coverage, ReplicaAck, ReplicaChunk, ReplicaSender, ReplicaStore, coalesce
+
+
+def _record(layers=(3, 4, 5), T=2, K=2, seed=0) -> RoutingRecord:
+    g = torch.Generator().manual_seed(seed)
+    return compact((list(layers), torch.randint(0, 8, (len(layers), T, K), generator=g), torch.rand(len(layers), T, K, generator=g)))
+
+
+def test_routing_record_is_stacked_iterates_by_layer_and_pickles_writable():
+    rec = _record()
+    assert rec.ids.dtype == np.int16 and rec.weights.dtype == np.float32 and rec.ids.shape == (3, 2, 2)
+    back = pickle.loads(pickle.dumps(rec, protocol=5))
+    assert back.layers == (3, 4, 5) and back.ids.flags.writeable and back.weights.flags.writeable
+    for (l1, i1, w1), (l2, i2, w2), j in zip(rec, back, range(3)):
+        assert l1 == l2 and np.array_equal(i1, i2) and np.array_equal(w1, w2) and np.array_equal(i1, rec.ids[j])
+    assert rec.nbytes == 3 * 2 * 2 * (2 + 4) and len(EMPTY) == 0 and list(EMPTY) == []
+    assert compact(([], None, None)) is EMPTY
+
+
+def test_routing_mismatches_counts_live_tokens_against_a_stacked_record():
+    rec = _record()
+    plan = StepPlan(0, 1, [10, 11], [4, 7], [1, 1], [0, 0], [True, True], forced=rec, scratch_seqs=[11])
+    assert routing_mismatches(plan, rec) == 0
+    other = RoutingRecord(rec.layers, rec.ids.copy(), rec.weights)
+    other.ids[1, 1] += 1  # the dead row differs: not counted
+    assert routing_mismatches(plan, other) == 0
+    other.ids[2, 0] += 1  # a live row differs in one layer
+    assert routing_mismatches(plan, other) == 1
+
+
+def test_token_state_ring_counts_a_record_s_bytes():
+    ring = TokenStateRing("all", 1, 4, 8)
+    ring.record(0, 1, [1, 2], torch.zeros(2, 4), _record())
+    assert ring.stats()["checkpoint_host_bytes"] == _record().nbytes and ring.get(0, 1).routing.layers == (3, 4, 5)
+
+
+def test_coverage_one_number_per_sequence_until_layers_differ():
+    cov = Coverage(3)
+    cov.add(7, 0, 5)
+    cov.add(7, 5, 1)
+    cov.add(7, 9, 1)  # a gap: not a prefix any more
+    assert cov.of(7) == 6 and cov.seqs[7] == 6
+    cov.add(8, 0, 4, [0, 1])  # prompt KV, layer by layer
+    assert cov.of(8) == 0 and cov.seqs[8] == [4, 4, 0]
+    cov.add(8, 0, 4, [2])
+    assert cov.seqs[8] == 4  # every layer agrees again
+    cov.forget(8)
+    assert cov.of(8) == 0
+
+
+def _fake_kv(layers=(0, 1)) -> SimpleNamespace:
+    return SimpleNamespace(layers=list(layers), device=torch.device("cpu"))
+
+
+def _chunk_args(step: int, mb: int = 0):
+    return mb, step, [5], [step], [1], [40 + step]
+
+
+def test_replica_sender_coalesces_steps_and_one_ack_frees_them():
+    sent: list[tuple[ReplicaChunk, torch.Tensor]] = []
+    sender = ReplicaSender("s0", _fake_kv(), lag=4, send=lambda m, kv: sent.append((m, kv)))
+    assert sender.batch == 2
+    kvs = [torch.full((2, 2, 1, 1, 2), float(i)) for i in range(4)]
+    for i in range(4):
+        sender.chunk(*_chunk_args(i), written=kvs[i])
+    sender.flush()
+    assert [m.acks() for m, _ in sent] == [[(0, 0), (0, 1)], [(0, 2), (0, 3)]]
+    first, kv = sent[0]
+    assert first.slots == [40, 41] and first.start_pos == [0, 1] and torch.equal(kv, torch.cat(kvs[:2], dim=2))
+    assert sender.unacked[0] == [0, 1, 2, 3]
+    sender.acked(ReplicaAck("s0", first.acks()))
+    assert sender.unacked[0] == [2, 3]
+
+
+def test_a_lone_step_leaves_at_the_end_of_the_window():
+    sent: list[ReplicaChunk] = []
+    sender = ReplicaSender("s0", _fake_kv(), lag=4, send=lambda m, kv: sent.append(m))
+    sender.COALESCE_WINDOW_S = 0.05
+    sender.chunk(*_chunk_args(0), written=torch.zeros(2, 2, 1, 1, 2))
+    time.sleep(0.01)
+    assert sent == []  # waiting for the next step's chunk
+    time.sleep(0.3)
+    assert [m.acks() for m in sent] == [[(0, 0)]]  # none came: it went alone
+
+
+def test_back_pressure_nudges_the_chunks_held_out():
+    sent: list[ReplicaChunk] = []
+    sender = ReplicaSender("s0", _fake_kv(), lag=4, send=lambda m, kv: sent.append(m))
+    sender.COALESCE_WINDOW_S = 60.0
+    sender.batch = 8  # more than the lag: without the nudge the step's chunks would wait a minute
+    for i in range(4):
+        sender.chunk(*_chunk_args(i), written=torch.zeros(2, 2, 1, 1, 2))
+
+    def holder() -> None:  # acknowledges whatever arrives
+        while not sent:
+            time.sleep(0.005)
+        sender.acked(ReplicaAck("s0", sent[0].acks()))
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert sender.wait_for(0, timeout_s=10)
+    t.join()
+    assert [m.acks() for m in sent] == [[(0, 0), (0, 1), (0, 2), (0, 3)]]
+
+
+def test_a_coalesced_chunk_covers_each_sequence_in_turn(tmp_path):
+    store = ReplicaStore("s0", range(2), 64, 1, 2, torch.float32, False)
+    steps = [ReplicaChunk("s0", 0, s, [0, 1], [5, 6], [s, s], [1, 1], [10 + s, 30 + s]) for s in range(3)]
+    kv = [torch.full((2, 2, 2, 1, 2), float(s)) for s in range(3)]
+    merged, data = coalesce(steps, kv)
+    store.apply(merged, data)
+    assert store.coverage([5, 6, 7]) == {5: 3, 6: 3, 7: 0}
+    assert torch.equal(store.read([12, 32]), torch.full((2, 2, 2, 1, 2), 2.0))
+    assert merged.acks() == [(0, 0), (0, 1), (0, 2)]
+    bulk = ReplicaChunk("s0", -1, -1, [1], [9], [0], [4], [0, 1, 2, 3])
+    store.apply(bulk, torch.zeros(2, 1, 4, 1, 2))  # one layer only
+    assert store.coverage([9]) == {9: 0} and bulk.acks() == []
+
+
+@pytest.mark.parametrize("lag,batch", [(1, 1), (2, 1), (4, 2), (8, 4)])
+def test_coalescing_leaves_half_the_lag_free(lag, batch):
+    assert ReplicaSender("s0", _fake_kv(), lag=lag, send=lambda m, kv: None).batch == batch
