@@ -55,3 +55,19 @@ def test_stale_files_of_dead_workers_go_and_live_ones_stay(tmp_path):
     assert mine.exists() and not stale.exists() and other_member.exists()
     replica_shm.remove_all(str(tmp_path), run)
     assert not list(tmp_path.glob("dejavu-*.kv"))
+
+
+def test_write_chunk_split_over_threads_lands_every_slot(monkeypatch):
+    """A chunk written by several copy threads (token ranges of each layer) equals one index_copy; a
+    chunk of some of the layers lands in those layers only."""
+    monkeypatch.setattr(replica_shm, "COPY_THREADS", 3)
+    target = torch.zeros(2, 4, 1000, 2, 8)
+    kv = torch.randn(2, 4, 200, 2, 8)
+    slots = torch.randperm(1000)[:200].tolist()
+    replica_shm.write_chunk(target, {10: 0, 11: 1, 12: 2, 13: 3}, [10, 11, 12, 13], slots, kv)
+    want = torch.zeros_like(target).index_copy_(2, torch.tensor(slots), kv)
+    assert torch.equal(target, want)
+    part = torch.randn(2, 1, 200, 2, 8)
+    replica_shm.write_chunk(target, {10: 0, 11: 1, 12: 2, 13: 3}, [12], slots, part)
+    want[:, 2].index_copy_(1, torch.tensor(slots), part[:, 0])
+    assert torch.equal(target, want)

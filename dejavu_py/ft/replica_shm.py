@@ -133,16 +133,38 @@ def remove_all(shm_dir: str | None, run_dir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+COPY_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
+"""Threads that write a chunk into a replica mapping (torch's CPU copies release the GIL): one thread
+copies ~4 GB/s, and a batch-64 step of a stage is several MB, its prompt KV hundreds."""
+_copy_pool: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _copy_pool
+    if _copy_pool is None:
+        _copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="replica-copy")
+    return _copy_pool
+
+
 def write_chunk(target_2LNKD: torch.Tensor, index: dict[int, int], layers: list[int], slots: list[int],
                 kv_2LTKD: torch.Tensor) -> None:
-    """Write a chunk's K/V (host memory) into a replica mapping at its slots."""
-    idx = torch.tensor(slots, dtype=torch.long)
+    """Write a chunk's K/V (host memory) into a replica mapping at its slots, split over ``COPY_THREADS``."""
+    idx_T = torch.tensor(slots, dtype=torch.long)
     kv_2LTKD = kv_2LTKD.to(target_2LNKD.dtype)
-    if [index[l] for l in layers] == list(range(target_2LNKD.shape[1])):
-        target_2LNKD.index_copy_(2, idx, kv_2LTKD)
-        return
-    for i, layer in enumerate(layers):
-        target_2LNKD[:, index[layer]].index_copy_(1, idx, kv_2LTKD[:, i])
+    T = idx_T.numel()
+    parts = max(1, min(COPY_THREADS, T // 64))  # token ranges per layer: small chunks stay one copy
+    bounds = [T * p // parts for p in range(parts + 1)]
+    jobs = [(index[layer], i, a, b) for i, layer in enumerate(layers) for a, b in zip(bounds, bounds[1:])]
+
+    def copy(job: tuple[int, int, int, int]) -> None:
+        at, i, a, b = job
+        target_2LNKD[:, at].index_copy_(1, idx_T[a:b], kv_2LTKD[:, i, a:b])
+
+    if COPY_THREADS == 1 or len(jobs) == 1:
+        for job in jobs:
+            copy(job)
+    else:
+        list(_pool().map(copy, jobs))
 
 
 def spans(slots: list[int], gap: int) -> list[tuple[int, int]]:
