@@ -61,6 +61,7 @@ def test_write_chunk_split_over_threads_lands_every_slot(monkeypatch):
     """A chunk written by several copy threads (token ranges of each layer) equals one index_copy; a
     chunk of some of the layers lands in those layers only."""
     monkeypatch.setattr(replica_shm, "COPY_THREADS", 3)
+    monkeypatch.setattr(replica_shm, "POOL_BYTES", 0)
     target = torch.zeros(2, 4, 1000, 2, 8)
     kv = torch.randn(2, 4, 200, 2, 8)
     slots = torch.randperm(1000)[:200].tolist()

@@ -136,6 +136,9 @@ def remove_all(shm_dir: str | None, run_dir: Path) -> None:
 COPY_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 """Threads that write a chunk into a replica mapping (torch's CPU copies release the GIL): one thread
 copies ~4 GB/s, and a batch-64 step of a stage is several MB, its prompt KV hundreds."""
+POOL_BYTES = 2 << 20
+"""Chunks smaller than this are copied by the calling thread: waking the pool's threads for a decode
+step's few KB costs the stage's loop the GIL for longer than the copy takes."""
 _copy_pool: ThreadPoolExecutor | None = None
 
 
@@ -148,7 +151,8 @@ def _pool() -> ThreadPoolExecutor:
 
 def write_chunk(target_2LNKD: torch.Tensor, index: dict[int, int], layers: list[int], slots: list[int],
                 kv_2LTKD: torch.Tensor) -> None:
-    """Write a chunk's K/V (host memory) into a replica mapping at its slots, split over ``COPY_THREADS``."""
+    """Write a chunk's K/V (host memory) into a replica mapping at its slots, a large chunk split over
+    ``COPY_THREADS``."""
     idx_T = torch.tensor(slots, dtype=torch.long)
     kv_2LTKD = kv_2LTKD.to(target_2LNKD.dtype)
     T = idx_T.numel()
@@ -160,7 +164,7 @@ def write_chunk(target_2LNKD: torch.Tensor, index: dict[int, int], layers: list[
         at, i, a, b = job
         target_2LNKD[:, at].index_copy_(1, idx_T[a:b], kv_2LTKD[:, i, a:b])
 
-    if COPY_THREADS == 1 or len(jobs) == 1:
+    if COPY_THREADS == 1 or len(jobs) == 1 or kv_2LTKD.numel() * kv_2LTKD.element_size() < POOL_BYTES:
         for job in jobs:
             copy(job)
     else:
