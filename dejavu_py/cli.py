@@ -97,7 +97,7 @@ def build_parser() -> _Parser:
     ft.add_argument("--hang-timeout", type=float, help="seconds without a heartbeat after which a worker counts as hung and is replaced (default 5)")
     ft.add_argument("--standby", type=int, help="warm processes per host ready to take over a failed stage (default 0: spawn one)")
     ft.add_argument("--standby-preload", type=_bool, nargs="?", const=True, help="standbys load a stage's weights ahead of time (default false)")
-    ft.add_argument("--replica-lag", type=int, help="steps a stage may run ahead of its KV replica's acknowledgement (default 4)")
+    ft.add_argument("--replica-lag", type=int, help="steps a stage may run ahead of its KV replica's acknowledgement; the K/V of lag/2 steps travels to the holder as one message (default 4)")
     ft.add_argument("--checkpoint-policy", choices=["all", "interval", "adaptive"], help="which steps keep token-state checkpoints (default all)")
     ft.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints for the interval policy (default 4)")
     ft.add_argument("--max-checkpoints", type=int, help="checkpoints kept per microbatch, a ring (default 100)")
