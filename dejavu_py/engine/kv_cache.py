@@ -63,9 +63,7 @@ class KVCache:
         k_NKD, v_NKD = self.k_NKD[layer], self.v_NKD[layer]
         k_NKD.index_copy_(0, slots_T, k_TKD.to(k_NKD.dtype))
         v_NKD.index_copy_(0, slots_T, v_TKD.to(v_NKD.dtype))
-        if self.on_update is not None:
-            self.on_update(layer, slots_T, k_TKD, v_TKD)
-        return k_NKD, v_NKD
+        return self.written(layer, slots_T, k_TKD, v_TKD)
 
     def written(
         self, layer: int, slots_T: torch.Tensor, k_TKD: torch.Tensor, v_TKD: torch.Tensor

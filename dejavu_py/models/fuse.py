@@ -66,13 +66,14 @@ def foldable(moe: nn.Module) -> bool:
     interpreter), the fused kernels installed and chosen, a shared expert (if any) a whole number of
     experts wide; env DEJAVU_FOLD_MOE=0 keeps the unfolded modules."""
     from . import fused_moe
+    from .moe import requested_kernel
 
     w = moe.experts.gate_up_proj
     if os.environ.get("DEJAVU_FOLD_MOE", "1").strip() == "0" or not fused_moe.available():
         return False
     if (not w.is_cuda and not fused_moe.interpreting()) or w.dtype not in fused_moe.DTYPES:
         return False
-    if os.environ.get("DEJAVU_MOE_KERNEL", "").strip().lower() not in ("", "auto", "fused"):
+    if requested_kernel() not in (None, "fused"):
         return False  # another expert kernel asked for
     shared = getattr(moe, "shared_expert", None)
     return shared is None or shared.down_proj.in_features % moe.experts.down_proj.shape[2] == 0
@@ -102,7 +103,6 @@ def fold_moe(moe: nn.Module) -> None:
         del moe.shared_expert, moe.shared_expert_gate
     moe.router_w_XD = router.contiguous()
     moe.gate.weight = nn.Parameter(moe.router_w_XD[:E], requires_grad=False)
-    moe.folded = True
 
 
 def fuse_projections(model: nn.Module) -> int:

@@ -39,6 +39,16 @@ def use_grouped_mm(x_TD: torch.Tensor) -> bool:
 MOE_KERNELS = ("fused", "grouped", "loop")
 
 
+def requested_kernel() -> str | None:
+    """The routed-expert path env DEJAVU_MOE_KERNEL asks for (one of MOE_KERNELS), None for auto."""
+    env = os.environ.get("DEJAVU_MOE_KERNEL", "").strip().lower()
+    if env in MOE_KERNELS:
+        return env
+    if env not in ("", "auto"):
+        raise ValueError(f"DEJAVU_MOE_KERNEL={env!r}: expected one of {MOE_KERNELS} or auto")
+    return None
+
+
 def moe_kernel(x_TD: torch.Tensor, grouped: bool | None = None) -> str:
     """Which routed-expert path runs: ``fused`` (Triton), ``grouped`` (torch grouped_mm) or ``loop``.
 
@@ -47,11 +57,9 @@ def moe_kernel(x_TD: torch.Tensor, grouped: bool | None = None) -> str:
     """
     if grouped is not None:
         return "grouped" if grouped else "loop"
-    env = os.environ.get("DEJAVU_MOE_KERNEL", "").strip().lower()
-    if env in MOE_KERNELS:
+    env = requested_kernel()
+    if env is not None:
         return env
-    if env not in ("", "auto"):
-        raise ValueError(f"DEJAVU_MOE_KERNEL={env!r}: expected one of {MOE_KERNELS} or auto")
     if x_TD.is_cuda and fused_moe.available() and x_TD.dtype in fused_moe.DTYPES:
         return "fused"
     return "grouped" if use_grouped_mm(x_TD) else "loop"
@@ -169,7 +177,7 @@ class SparseMoE(nn.Module):
                 forced: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``forced`` (recorded top-k ids [T, K] and float32 weights [T, K]) replaces the router's choice:
         a replayed step routes exactly as it did the first time. The sink still sees the router's own."""
-        if getattr(self, "folded", False):
+        if hasattr(self, "router_w_XD"):  # folded after loading (models/fuse.py)
             return self._forward_folded(x_TD, sink, forced)
         ids_TK, weights_TK = self.gate(x_TD)
         if sink is not None:
@@ -192,7 +200,6 @@ class SparseMoE(nn.Module):
         """After ``fuse.fold_moe``: one routing kernel, then the fused experts with the shared expert's
         S chunks as every token's last S assignments (J = K + S)."""
         K, S = self.gate.top_k, self.num_shared
-        x_TD = x_TD.contiguous()
         ids_TJ, w_TJ = moe_router.route(x_TD, self.router_w_XD, self.gate.weight.shape[0], K, S, self.gate.norm_topk_prob)
         if sink is not None:
             sink(self.layer, ids_TJ[:, :K], w_TJ[:, :K])

@@ -83,7 +83,6 @@ def route(x_TD: torch.Tensor, w_XD: torch.Tensor, num_experts: int, top_k: int, 
     E, K, S = num_experts, top_k, num_shared
     gate = 1 if S else 0
     assert w_XD.shape == (E + gate, D) and w_XD.is_contiguous(), f"router weight {tuple(w_XD.shape)}, E {E}, D {D}"
-    assert x_TD.stride(1) == 1, "x rows must be contiguous"
     ids_TJ = torch.empty((T, K + S), dtype=torch.int64, device=x_TD.device)
     weights_TJ = torch.empty((T, K + S), dtype=torch.float32, device=x_TD.device)
     if T:
