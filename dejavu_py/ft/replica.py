@@ -67,11 +67,10 @@ def coalesce(chunks: list[ReplicaChunk], kv: list[torch.Tensor] | None) -> tuple
     """One chunk for consecutive decode steps' chunks (same layers), in order: a sequence in several
     of them covers its positions in turn. ``kv``: their K/V [2, L, T, K, D] to concatenate (None: in
     the holder's file already)."""
-    last = chunks[-1]
-    merged = ReplicaChunk(last.source, last.mb, last.step, last.layers,
-                          [s for c in chunks for s in c.seq_ids], [p for c in chunks for p in c.start_pos],
-                          [n for c in chunks for n in c.num_tokens], [s for c in chunks for s in c.slots],
-                          inline=kv is not None, steps=[st for c in chunks for st in c.acks()])
+    merged = dataclasses.replace(
+        chunks[-1], seq_ids=[s for c in chunks for s in c.seq_ids], start_pos=[p for c in chunks for p in c.start_pos],
+        num_tokens=[n for c in chunks for n in c.num_tokens], slots=[s for c in chunks for s in c.slots],
+        inline=kv is not None, steps=[st for c in chunks for st in c.acks()])
     return merged, (torch.cat(kv, dim=2) if kv is not None and len(kv) > 1 else kv[0] if kv else None)
 
 
@@ -200,14 +199,14 @@ class ReplicaSender:
                     ready.set()
                 continue
             if kv.device.type != "cuda":
-                self._deliver(msg, kv)
+                self._deliver_held([(msg, kv)])
                 continue
             for i, layer in enumerate(msg.layers):  # one layer at a time: no GB of pinned memory at once
                 with torch.cuda.stream(self._side()):
                     host = torch.empty(kv[:, i:i + 1].shape, dtype=kv.dtype, pin_memory=True)
                     host.copy_(kv[:, i:i + 1], non_blocking=True)
                     torch.cuda.current_stream().synchronize()
-                self._deliver(dataclasses.replace(msg, layers=[layer]), host)
+                self._deliver_held([(dataclasses.replace(msg, layers=[layer]), host)])
 
     def _side(self) -> torch.cuda.Stream:
         if self._stream is None:
@@ -215,7 +214,8 @@ class ReplicaSender:
         return self._stream
 
     def _deliver_held(self, held: list[tuple[ReplicaChunk, torch.Tensor]]) -> None:
-        """The held steps' chunks as one (each written into the holder's file, when it is on this host)."""
+        """The held chunks (consecutive steps', or one) as one: each written into the holder's file when it
+        is on this host (then only the bookkeeping travels), else their K/V over the edge."""
         if not held:
             return
         shm = self.shm
@@ -225,15 +225,6 @@ class ReplicaSender:
             self.shm_chunks += len(held)
         msg, kv = coalesce([m for m, _ in held], None if shm is not None else [k for _, k in held])
         held.clear()
-        self._send_chunk(msg, kv)
-
-    def _deliver(self, msg: ReplicaChunk, kv: torch.Tensor) -> None:
-        """Into the holder's file when it is on this host (then only the bookkeeping travels), else over the edge."""
-        shm = self.shm
-        if shm is not None:
-            replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
-            msg, kv = dataclasses.replace(msg, inline=False), None
-            self.shm_chunks += 1
         self._send_chunk(msg, kv)
 
     def _send_chunk(self, msg: ReplicaChunk, kv: torch.Tensor | None) -> None:
