@@ -94,7 +94,9 @@ def test_kill_a_stage_at_a_chosen_step(ckpt, workload, tmp_path, victim):
     assert set(PHASES) <= set(rec[0]["phases"]) and rec[0]["kv_source"] == "replica"
     assert rec[0]["steps_recomputed"] <= 4 + 3  # --replica-lag + microbatches in flight
     assert rec[0]["routing_mismatches"] == 0
-    assert rec[0]["steps_replayed_unrecorded"] == 0  # every replayed step routed as recorded
+    # a stage sends its output at launch and its routing record when the step is finished: the steps a
+    # kill catches in between (at most one per microbatch in flight) replay without a record to check
+    assert rec[0]["steps_replayed_unrecorded"] <= 3
     stats = json.loads((run / "ft_stats.json").read_text())
     assert stats["stages"]["s0"]["checkpoints"] > 0 and stats["stages"]["s0"]["replica_chunks"] > 0
     assert (stats["stages"]["s0"]["replica_shm_chunks"] > 0) == shared
