@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,16 +76,18 @@ def test_write_chunk_split_over_threads_lands_every_slot(monkeypatch):
     assert torch.equal(target, want)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device writes into a registered mapping on CUDA only")
-def test_the_device_writes_a_step_into_the_holder_s_file_at_its_slots(tmp_path):
+@pytest.mark.skipif(not torch.cuda.is_available() or not os.path.isdir("/dev/shm"),
+                    reason="the device writes into a registered shared-memory mapping on CUDA only")
+def test_the_device_writes_a_step_into_the_holder_s_file_at_its_slots():
     """Through a second mapping of the holder's file (the source's), registered: bytes at exactly the
     step's slots, in bf16, none elsewhere; the graph's buffers may change once the write is queued."""
     from dejavu_py.ft.replica_device import DeviceTarget
 
     shape = (2, 3, 64, 2, 8)
-    path = tmp_path / "r.kv"
+    path = Path("/dev/shm") / f"dejavu-test-{os.getpid()}.kv"  # a file system whose pages can be locked
     holder = replica_shm.create(path, shape, torch.bfloat16)
     source = replica_shm.attach(ReplicaShm("h", socket.gethostname(), str(path), shape, "bfloat16"))
+    path.unlink()  # the mappings stay
     target = DeviceTarget(source, torch.device("cuda"))
     kv = torch.randn(2, 3, 5, 2, 8, device="cuda").to(torch.bfloat16)
     slots = torch.tensor([3, 17, 18, 40, 63], device="cuda")
