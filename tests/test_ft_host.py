@@ -14,7 +14,6 @@ import torch
 from dejavu_py.engine.plan import StepPlan
 from dejavu_py.ft.checkpoints import EMPTY, RoutingRecord, TokenStateRing, compact, routing_mismatches
 from dejavu_py.ft.replica import Coverage, ReplicaAck, ReplicaChunk, ReplicaSender, ReplicaStore, coalesce
-from dejavu_py.ft.replica_device import DeviceWritten
 
 
 def _record(layers=(3, 4, 5), T=2, K=2, seed=0) -> RoutingRecord:
@@ -136,45 +135,3 @@ def test_a_coalesced_chunk_covers_each_sequence_in_turn(tmp_path):
 @pytest.mark.parametrize("lag,batch", [(1, 1), (2, 1), (4, 2), (8, 4)])
 def test_coalescing_leaves_half_the_lag_free(lag, batch):
     assert ReplicaSender("s0", _fake_kv(), lag=lag, send=lambda m, kv: None).batch == batch
-
-
-class _Event:
-    """Stands for the CUDA event after a device write (the sender only waits on it)."""
-
-    def __init__(self) -> None:
-        self.waited = False
-
-    def synchronize(self) -> None:
-        self.waited = True
-
-
-def test_device_written_steps_send_only_their_bookkeeping():
-    """A step the device wrote into the holder's file travels without K/V, after its write's event,
-    coalesced with a host step whose K/V the sender writes into the file itself."""
-    sent: list[tuple[ReplicaChunk, torch.Tensor | None]] = []
-    sender = ReplicaSender("s0", _fake_kv(), lag=4, send=lambda m, kv: sent.append((m, kv)))
-    shm = torch.zeros(2, 2, 64, 1, 2)
-    sender.shm, sender.target = shm, object()
-    ev = _Event()
-    sender.chunk(*_chunk_args(0), written=DeviceWritten(ev, sender.target, 16))
-    sender.chunk(*_chunk_args(1), written=torch.full((2, 2, 1, 1, 2), 7.0))
-    sender.flush()
-    assert ev.waited and len(sent) == 1
-    msg, kv = sent[0]
-    assert kv is None and not msg.inline and msg.acks() == [(0, 0), (0, 1)] and msg.slots == [40, 41]
-    assert torch.all(shm[:, :, 41] == 7.0) and torch.all(shm[:, :, 40] == 0)  # the device's slot: not by the host
-    assert sender.stats()["replica_device_writes"] == 1
-
-
-def test_device_writes_into_a_replaced_holder_s_file_are_not_announced():
-    """Written into the old holder's file, queued before the holder changed: the new holder never hears
-    of them (its file does not have them)."""
-    sent: list[ReplicaChunk] = []
-    sender = ReplicaSender("s0", _fake_kv(), lag=4, send=lambda m, kv: sent.append(m))
-    old = object()
-    sender.shm, sender.target = torch.zeros(2, 2, 64, 1, 2), old
-    sender.chunk(*_chunk_args(0), written=DeviceWritten(_Event(), old, 16))
-    sender.target = object()  # a new holder's file, registered
-    sender.chunk(*_chunk_args(1), written=DeviceWritten(_Event(), sender.target, 16))
-    sender.flush()
-    assert [m.acks() for m in sent] == [[(0, 1)]]

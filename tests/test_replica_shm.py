@@ -5,9 +5,7 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 
 from dejavu_py.ft import replica_shm
@@ -74,27 +72,3 @@ def test_write_chunk_split_over_threads_lands_every_slot(monkeypatch):
     replica_shm.write_chunk(target, {10: 0, 11: 1, 12: 2, 13: 3}, [12], slots, part)
     want[:, 2].index_copy_(1, torch.tensor(slots), part[:, 0])
     assert torch.equal(target, want)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or not os.path.isdir("/dev/shm"),
-                    reason="the device writes into a registered shared-memory mapping on CUDA only")
-def test_the_device_writes_a_step_into_the_holder_s_file_at_its_slots():
-    """Through a second mapping of the holder's file (the source's), registered: bytes at exactly the
-    step's slots, in bf16, none elsewhere; the graph's buffers may change once the write is queued."""
-    from dejavu_py.ft.replica_device import DeviceTarget
-
-    shape = (2, 3, 64, 2, 8)
-    path = Path("/dev/shm") / f"dejavu-test-{os.getpid()}.kv"  # a file system whose pages can be locked
-    holder = replica_shm.create(path, shape, torch.bfloat16)
-    source = replica_shm.attach(ReplicaShm("h", socket.gethostname(), str(path), shape, "bfloat16"))
-    path.unlink()  # the mappings stay
-    target = DeviceTarget(source, torch.device("cuda"))
-    kv = torch.randn(2, 3, 5, 2, 8, device="cuda").to(torch.bfloat16)
-    slots = torch.tensor([3, 17, 18, 40, 63], device="cuda")
-    expect = kv.cpu()
-    done = target.write(kv[:, :, :4], slots[:4])  # the first 4 rows of a bucket of 5
-    kv.zero_(), slots.zero_()  # the next replay overwrites the record
-    done.synchronize()
-    assert torch.equal(holder[:, :, [3, 17, 18, 40]], expect[:, :, :4])
-    assert not holder[:, :, 63].any() and not holder[:, :, 0].any()
-    target.close()

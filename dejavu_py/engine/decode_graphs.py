@@ -77,13 +77,10 @@ class StepRecord:
     weights_RBK: torch.Tensor | None
     kv_2LBKD: torch.Tensor
     """The new K and V of every layer of the stage (in cache order), as written to the cache."""
-    slots_B: torch.Tensor
-    """The cache slots they were written to."""
 
     def rows(self, batch: int) -> StepRecord:
         cut = (lambda t: None if t is None else t[:, :batch])  # noqa: E731
-        return StepRecord(self.layers, cut(self.ids_RBK), cut(self.weights_RBK), self.kv_2LBKD[:, :, :batch],
-                          self.slots_B[:batch])
+        return StepRecord(self.layers, cut(self.ids_RBK), cut(self.weights_RBK), self.kv_2LBKD[:, :, :batch])
 
 
 class DecodeGraphs:
@@ -175,19 +172,17 @@ class DecodeGraphs:
         routed, written = [], []
         sink, on_update = self.model.routing_sink, self.kv.on_update
         self.model.routing_sink = lambda layer, ids, w: routed.append((layer, ids, w))
-        self.kv.on_update = lambda layer, slots, k, v: written.append((slots, k, v))
+        self.kv.on_update = lambda layer, slots, k, v: written.append((k, v))
         try:
             out = self._forward(Bb, W)
         finally:
             self.model.routing_sink, self.kv.on_update = sink, on_update
         dtype = self.kv.k_NKD[self.kv.layers[0]].dtype
-        kv_2LBKD = torch.stack((torch.stack([k for _, k, _ in written]), torch.stack([v for _, _, v in written]))).to(dtype)
-        slots_B = written[0][0]
+        kv_2LBKD = torch.stack((torch.stack([k for k, _ in written]), torch.stack([v for _, v in written]))).to(dtype)
         if not routed:
-            return out, StepRecord([], None, None, kv_2LBKD, slots_B)
-        # in the dtypes of the host record (checkpoints.compact): no conversion launched per step
-        return out, StepRecord([layer for layer, _, _ in routed], torch.stack([i for _, i, _ in routed]).to(torch.int16),
-                               torch.stack([w for _, _, w in routed]).to(torch.float32), kv_2LBKD, slots_B)
+            return out, StepRecord([], None, None, kv_2LBKD)
+        return out, StepRecord([layer for layer, _, _ in routed], torch.stack([i for _, i, _ in routed]),
+                               torch.stack([w for _, _, w in routed]), kv_2LBKD)
 
     def _capture(self, Bb: int, W: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream, then capture; the inputs are the current step's, so the K/V the

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +13,6 @@ from .kv_cache import KVCache
 from .plan import SeqState, StepPlan, StepResult
 from .sampler import sample
 from ..ft.replica import step_slots
-from ..ft.replica_device import DeviceWritten
 from .split import StageSpec
 from .swap import Swapper
 
@@ -74,9 +72,9 @@ class Launched:
     routing: tuple = ([], None, None)
     """FT: (MoE layers, ids [R, T, K] int16, weights [R, T, K] float32) on the host, filled when ``event``
     is done."""
-    step_kv: torch.Tensor | DeviceWritten | None = None
-    """FT, a graph step: its new K/V [2, L, B, K, D] on the host, filled when ``event`` is done, or queued
-    into the replica holder's file from the device (see StageRunner.step_kv)."""
+    step_kv: torch.Tensor | None = None
+    """FT, a graph step: its new K/V [2, L, B, K, D] on the host, filled when ``event`` is done (see
+    StageRunner.step_kv)."""
     slots: list[int] = field(default_factory=list)
     phys_slots: list[int] = field(default_factory=list)
     event: torch.cuda.Event | None = None
@@ -114,13 +112,10 @@ class StageRunner:
         """The last finished step's (MoE layers, ids [R, T, K], weights [R, T, K]) on the host."""
         self.slots: list[int] = []
         self.phys_slots: list[int] = []
-        self.step_kv: torch.Tensor | DeviceWritten | None = None
+        self.step_kv: torch.Tensor | None = None
         """A decode step from the graphs: its new K/V of every layer [2, L, B, K, D], copied to the host
         behind the step (the graphs' buffer is overwritten by the next one): what the replica needs,
-        without gathering it back from the cache, and without a copy on the device first. Or, when
-        ``replica_write`` takes it, written from the device into the replica holder's file."""
-        self.replica_write: Callable[[torch.Tensor, torch.Tensor], DeviceWritten | None] | None = None
-        """FT: queue a graph step's K/V [2, L, B, K, D] at its slots into the replica (None: not now)."""
+        without gathering it back from the cache, and without a copy on the device first."""
         self._scratch: dict[int, int] = {}
         self._routing_dev: list = []
         self.sampled: dict[int, torch.Tensor] = {}
@@ -170,6 +165,7 @@ class StageRunner:
         if self.record_routing:
             rec = self.graphs.last_record(len(plan.seq_ids)) if static else None
             if rec is not None:
+                done.step_kv = _copy_to_host(rec.kv_2LBKD)
                 done.routing = _routing_to_host(rec.layers, rec.ids_RBK, rec.weights_RBK)
             elif self._routing_dev:  # an eager step: as the MoE layers reported it one by one
                 r = self._routing_dev
@@ -180,8 +176,6 @@ class StageRunner:
             done.slots = step_slots(tables, plan.start_pos, plan.num_tokens, self.block_size)
             done.phys_slots = (done.slots if self.swapper is None else step_slots(
                 [self._table(s) for s in plan.seq_ids], plan.start_pos, plan.num_tokens, self.block_size))
-            if rec is not None:
-                done.step_kv = self._replicate(rec, done.slots)
         if self.swapper is not None:
             self.swapper.prefetch((plan.mb + 1) % self.swapper.P)  # overlaps the next microbatch's turn
         if self.spec.has_head and plan.replay_until is None:  # a replayed step samples nothing
@@ -193,16 +187,6 @@ class StageRunner:
             done.event = torch.cuda.Event()
             done.event.record()
         return done
-
-    def _replicate(self, rec, slots: list[int]) -> torch.Tensor | DeviceWritten:
-        """A graph step's K/V for the replica: into the holder's file from the device when it can, else
-        to the host. The replica mirrors sequence-table slots: the step's own, unless swapping translates."""
-        if self.replica_write is not None:
-            idx = rec.slots_B if self.swapper is None else _to_device(slots, torch.long, self.device)
-            written = self.replica_write(rec.kv_2LBKD, idx)
-            if written is not None:
-                return written
-        return _copy_to_host(rec.kv_2LBKD)
 
     def finish(self, done: Launched) -> torch.Tensor | StepResult:
         """Wait for a launched step; what ``step`` returns. Sets the FT record of the step (``routing``,

@@ -31,7 +31,6 @@ from .. import log
 from ..engine.attn_meta import slot_of
 from ..engine.kv_cache import KVCache
 from . import replica_shm
-from .replica_device import DeviceTarget, DeviceWritten
 
 _log = log.get(__name__)
 
@@ -127,35 +126,16 @@ class ReplicaSender:
         self.shm: torch.Tensor | None = None
         """The holder's replica file, mapped, when it is on this host: chunks are written there."""
         self.shm_path: str | None = None
-        self.target: DeviceTarget | None = None
-        """The device's view of ``shm`` once registered (replica_device.py): decode steps' K/V go there
-        from the device."""
-        self.device_writes = 0
         self._index = {l: i for i, l in enumerate(kv.layers)}
         self._stream: torch.cuda.Stream | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._run, name=f"replica-send-{me}", daemon=True).start()
 
-    def device_write(self, kv_2LBKD: torch.Tensor, slots_B: torch.Tensor) -> DeviceWritten | None:
-        """A graph step's K/V into the holder's file from the device, queued at launch (None: no device
-        view of the file yet, the host path takes it)."""
-        target = self.target if self.enabled else None
-        return None if target is None else target.write(kv_2LBKD, slots_B)
-
-    def set_target(self, target: DeviceTarget | None, mapped: torch.Tensor) -> None:
-        """The device view of ``mapped`` is ready (from the registering thread); stale if the holder's
-        file changed meanwhile."""
-        if target is not None and mapped is self.shm:
-            self.target = target
-            _log.info("replica K/V of decode steps go from the device into %s's file", self.me)
-        elif target is not None:
-            target.close()
-
     def chunk(self, mb: int, step: int, seq_ids, start_pos, num_tokens, slots: list[int],
-              read_slots: list[int] | None = None, written: torch.Tensor | DeviceWritten | None = None) -> None:
+              read_slots: list[int] | None = None, written: torch.Tensor | None = None) -> None:
         """Send what a step wrote: ``written`` [2, L, T, K, D] when the step handed it over (a graph's
-        record), or already in the holder's file from the device, else read back from the cache at
-        ``read_slots`` (device slots; default ``slots``, the sequence-table ones the holder mirrors)."""
+        record), else read back from the cache at ``read_slots`` (device slots; default ``slots``, the
+        sequence-table ones the holder mirrors)."""
         if not self.enabled or not slots:
             return
         layers = list(self.kv.layers)
@@ -164,21 +144,10 @@ class ReplicaSender:
             k = torch.stack([self.kv.k_NKD[l][idx] for l in layers])
             v = torch.stack([self.kv.v_NKD[l][idx] for l in layers])
             written = torch.stack((k, v))
-        elif isinstance(written, DeviceWritten):
-            self._queue_written(ReplicaChunk(self.me, mb, step, layers, list(seq_ids), list(start_pos),
-                                             list(num_tokens), slots, inline=False), written)
-            return
         elif written.numel() * written.element_size() > BULK_BYTES:  # it outlives the next step: copy it
             written = written.clone()
         self.forward(ReplicaChunk(self.me, mb, step, layers, list(seq_ids), list(start_pos), list(num_tokens), slots),
                      written)
-
-    def _queue_written(self, msg: ReplicaChunk, written: DeviceWritten) -> None:
-        with self.cv:
-            self.unacked.setdefault(msg.mb, []).append(msg.step)
-        self.bytes += written.nbytes
-        self.chunks += 1
-        self._queue.put((msg, None, written))
 
     def forward(self, msg: ReplicaChunk, kv_2LTKD: torch.Tensor) -> None:
         """Send a chunk whose K/V is already in hand (e.g. prompt KV that just arrived)."""
@@ -218,11 +187,7 @@ class ReplicaSender:
                 msg = kv = ready = None
             if ready is not None and not isinstance(ready, threading.Event):
                 ready.synchronize()
-            if isinstance(ready, DeviceWritten):
-                if ready.target is not self.target:  # written into a replaced holder's file: not the new one's
-                    continue
-                self.device_writes += 1
-            if msg is not None and msg.mb >= 0 and (kv is None or kv.device.type != "cuda"):
+            if msg is not None and msg.mb >= 0 and kv.device.type != "cuda":
                 held.append((msg, kv))
                 deadline = deadline if len(held) > 1 else time.monotonic() + self.COALESCE_WINDOW_S
                 if len(held) >= self.batch:
@@ -251,15 +216,12 @@ class ReplicaSender:
     def _deliver_held(self, held: list[tuple[ReplicaChunk, torch.Tensor]]) -> None:
         """The held chunks (consecutive steps', or one) as one: each written into the holder's file when it
         is on this host (then only the bookkeeping travels), else their K/V over the edge."""
-        shm = self.shm
-        if shm is None:  # the holder was replaced: what the device wrote went into its old file
-            held[:] = [(m, k) for m, k in held if k is not None]
         if not held:
             return
+        shm = self.shm
         if shm is not None:
             for msg, kv in held:
-                if kv is not None:  # else the device wrote it
-                    replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
+                replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
             self.shm_chunks += len(held)
         msg, kv = coalesce([m for m, _ in held], None if shm is not None else [k for _, k in held])
         held.clear()
@@ -293,16 +255,14 @@ class ReplicaSender:
 
     def reset(self) -> None:
         """The holder changed (replaced): nothing in flight will be acknowledged, its file is gone."""
-        self.shm, target, self.target = None, self.target, None
-        if target is not None:  # after its queued writes (into a file nobody reads now)
-            threading.Thread(target=target.close, name="replica-unregister", daemon=True).start()
+        self.shm = None
         with self.cv:
             self.unacked.clear()
             self.cv.notify_all()
 
     def stats(self) -> dict:
         return {"replica_chunks": self.chunks, "replica_bytes": self.bytes, "replica_wait_s": round(self.wait_s, 4),
-                "replica_shm_chunks": self.shm_chunks, "replica_device_writes": self.device_writes}
+                "replica_shm_chunks": self.shm_chunks}
 
 
 class Coverage:

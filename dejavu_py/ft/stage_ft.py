@@ -21,7 +21,7 @@ from ..engine.attn_meta import slot_of
 from ..engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult, StepRouting
 from .checkpoints import EMPTY, TokenStateRing, compact, routing_mismatches
 from ..comm.store import get_json, has, put_json
-from . import replica_device, replica_shm
+from . import replica_shm
 from .messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
 from .replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaSender, ReplicaStore, covered_slots
 from .replica_shm import ReplicaShm
@@ -103,11 +103,6 @@ class StageFT:
             self.sender.shm, self.sender.shm_path = mapped, path
             if mapped is not None and self.w.spec.generation > 0 and not self.w.restored:
                 replica_shm.prefault(mapped)  # our own KV is in there: the restore reads it all soon
-            device = self.w.runner.device
-            if mapped is not None and replica_device.wanted(device):
-                self.w.runner.replica_write = self.sender.device_write
-                replica_device.DeviceTarget.register_async(mapped, device,
-                                                           lambda target: self.sender.set_target(target, mapped))
         for peer, edge in edges.items():
             old = self.rep_edges.pop(peer, None)
             if old is not None:
