@@ -135,3 +135,29 @@ def test_a_coalesced_chunk_covers_each_sequence_in_turn(tmp_path):
 @pytest.mark.parametrize("lag,batch", [(1, 1), (2, 1), (4, 2), (8, 4)])
 def test_coalescing_leaves_half_the_lag_free(lag, batch):
     assert ReplicaSender("s0", _fake_kv(), lag=lag, send=lambda m, kv: None).batch == batch
+
+
+def test_host_buffers_hand_a_buffer_out_again_for_any_shape_that_fits():
+    from dejavu_py.engine.host_buffers import HostBuffers
+
+    pool = HostBuffers(reuse=True, pin=False, keep=2)
+    a = pool.take((2, 3, 4), torch.float32)
+    assert a.shape == (2, 3, 4) and pool.allocated == 1
+    pool.give(a)
+    b = pool.take((5, 4), torch.float32)  # smaller: the same buffer
+    assert b.data_ptr() == a.data_ptr() and pool.allocated == 1
+    c = pool.take((2, 3, 4), torch.float32)  # b is not back: a new one
+    assert c.data_ptr() != b.data_ptr() and pool.allocated == 2
+    assert pool.take((4,), torch.int16).dtype == torch.int16 and pool.allocated == 3  # by dtype
+    for t in (b, c, pool.take((1,), torch.float32)):
+        pool.give(t)
+    assert len(pool._free[torch.float32]) == 2  # keeps at most ``keep``
+
+
+def test_host_buffers_off_on_a_cpu_stage():
+    from dejavu_py.engine.host_buffers import HostBuffers
+
+    pool = HostBuffers(reuse=False)
+    t = torch.ones(3)
+    pool.give(t)  # a CPU stage's host copy may be a tensor still in use: never handed out again
+    assert pool.take((3,), torch.float32).data_ptr() != t.data_ptr()

@@ -181,8 +181,9 @@ class DecodeGraphs:
         kv_2LBKD = torch.stack((torch.stack([k for k, _ in written]), torch.stack([v for _, v in written]))).to(dtype)
         if not routed:
             return out, StepRecord([], None, None, kv_2LBKD)
-        return out, StepRecord([layer for layer, _, _ in routed], torch.stack([i for _, i, _ in routed]),
-                               torch.stack([w for _, _, w in routed]), kv_2LBKD)
+        # in the dtypes of the host record (checkpoints.compact): no conversion launched per step
+        return out, StepRecord([layer for layer, _, _ in routed], torch.stack([i for _, i, _ in routed]).to(torch.int16),
+                               torch.stack([w for _, _, w in routed]).to(torch.float32), kv_2LBKD)
 
     def _capture(self, Bb: int, W: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream, then capture; the inputs are the current step's, so the K/V the

@@ -9,9 +9,11 @@ import torch
 from .. import log
 from .attn_meta import SeqSlice, build_attn_meta
 from .decode_graphs import DecodeGraphs
+from .host_buffers import HostBuffers
 from .kv_cache import KVCache
 from .plan import SeqState, StepPlan, StepResult
 from .sampler import sample
+from ..ft.checkpoints import EMPTY, RoutingRecord, compact
 from ..ft.replica import step_slots
 from .split import StageSpec
 from .swap import Swapper
@@ -34,26 +36,6 @@ class DeviceWait:
             self.seconds += time.perf_counter() - t0
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A copy on the host queued behind the kernels that compute ``t`` (pinned: valid once they are done)."""
-    if not t.is_cuda:
-        return t
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-
-
-def _copy_to_host(t: torch.Tensor) -> torch.Tensor:
-    """Like ``_to_host``, but a copy on the host too (``t`` is a buffer the next step overwrites)."""
-    return _to_host(t) if t.is_cuda else t.clone()
-
-
-def _routing_to_host(layers: list[int], ids_RTK: torch.Tensor | None, w_RTK: torch.Tensor | None) -> tuple:
-    """Every MoE layer's (ids, weights), stacked over layers: one queued copy each, in the dtypes of the
-    record (checkpoints.compact), so that the host converts nothing."""
-    if ids_RTK is None:
-        return layers, None, None
-    return layers, _copy_to_host(ids_RTK.to(torch.int16)), _copy_to_host(w_RTK.to(torch.float32))
-
-
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list on the device without waiting for the kernels queued before (a blocking copy would)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -71,7 +53,7 @@ class Launched:
     """Last stage: the sampled token of each of ``sids`` (host, filled when ``event`` is done)."""
     routing: tuple = ([], None, None)
     """FT: (MoE layers, ids [R, T, K] int16, weights [R, T, K] float32) on the host, filled when ``event``
-    is done."""
+    is done (buffers of ``StageRunner.host``)."""
     step_kv: torch.Tensor | None = None
     """FT, a graph step: its new K/V [2, L, B, K, D] on the host, filled when ``event`` is done (see
     StageRunner.step_kv)."""
@@ -108,8 +90,11 @@ class StageRunner:
         self.seqs: dict[int, SeqState] = {}
         self.record_routing = False
         """Fault tolerance on: keep each step's MoE routing (``routing``) and written slots (``slots``)."""
-        self.routing: tuple = ([], None, None)
-        """The last finished step's (MoE layers, ids [R, T, K], weights [R, T, K]) on the host."""
+        self.routing: RoutingRecord = EMPTY
+        """The last finished step's MoE routing (FT)."""
+        self.host = HostBuffers(reuse=device.type == "cuda")
+        """Pinned buffers for what goes to the host every step: sampled ids, routing, a graph step's K/V
+        (given back by the replica sender once written)."""
         self.slots: list[int] = []
         self.phys_slots: list[int] = []
         self.step_kv: torch.Tensor | None = None
@@ -165,11 +150,11 @@ class StageRunner:
         if self.record_routing:
             rec = self.graphs.last_record(len(plan.seq_ids)) if static else None
             if rec is not None:
-                done.step_kv = _copy_to_host(rec.kv_2LBKD)
-                done.routing = _routing_to_host(rec.layers, rec.ids_RBK, rec.weights_RBK)
+                done.step_kv = self._to_host(rec.kv_2LBKD, copy=True)
+                done.routing = self._routing_to_host(rec.layers, rec.ids_RBK, rec.weights_RBK)
             elif self._routing_dev:  # an eager step: as the MoE layers reported it one by one
                 r = self._routing_dev
-                done.routing = _routing_to_host([layer for layer, _, _ in r], torch.stack([i for _, i, _ in r]),
+                done.routing = self._routing_to_host([layer for layer, _, _ in r], torch.stack([i for _, i, _ in r]),
                                                 torch.stack([w for _, _, w in r]))
             tables = [self._table(s) if s in self._scratch else self.seqs[s].block_table  # virtual ids
                       for s in plan.seq_ids]
@@ -181,7 +166,7 @@ class StageRunner:
         if self.spec.has_head and plan.replay_until is None:  # a replayed step samples nothing
             done.sids, ids = self._sample(plan, out)
             self.sampled[plan.step] = ids
-            done.ids = _to_host(ids)
+            done.ids = self._to_host(ids)
             self.trim_sampled()
         if self.device.type == "cuda":
             done.event = torch.cuda.Event()
@@ -193,12 +178,32 @@ class StageRunner:
         ``slots``, ``phys_slots``, ``step_kv``) for the checkpoint and the replica."""
         self.wait(done.event)
         if self.record_routing:
-            self.routing = done.routing
+            self.routing = compact(done.routing, copy=self.host.reuse)
+            for t in done.routing[1:]:
+                if t is not None:
+                    self.host.give(t)
             self.step_kv, self.slots, self.phys_slots = done.step_kv, done.slots, done.phys_slots
         if done.ids is None:
             return done.out
         plan = done.plan
-        return StepResult(plan.mb, plan.step, done.sids, done.ids.tolist())
+        ids = done.ids.tolist()
+        self.host.give(done.ids)
+        return StepResult(plan.mb, plan.step, done.sids, ids)
+
+    def _to_host(self, t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+        """A host copy of device tensor ``t`` queued behind the kernels that compute it (in a pinned buffer
+        of ``host``: valid once they are done). On CPU ``t`` itself, or with ``copy`` a clone (``t`` is a
+        buffer the next step overwrites)."""
+        if t.is_cuda:
+            return self.host.copy_of(t)
+        return t.clone() if copy else t
+
+    def _routing_to_host(self, layers: list[int], ids_RTK: torch.Tensor | None, w_RTK: torch.Tensor | None) -> tuple:
+        """Every MoE layer's (ids, weights), stacked over layers: one queued copy each, in the dtypes of the
+        record (checkpoints.compact), so that the host converts nothing."""
+        if ids_RTK is None:
+            return layers, None, None
+        return layers, self._to_host(ids_RTK.to(torch.int16), copy=True), self._to_host(w_RTK.to(torch.float32), copy=True)
 
     def trim_sampled(self, keep: int = 16) -> None:
         """Keep the last ``keep`` steps' ids (a plan follows a step at most two per microbatch back)."""

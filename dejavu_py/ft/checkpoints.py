@@ -66,13 +66,15 @@ def _record_from_bytes(layers: tuple[int, ...], shape: tuple[int, ...], ids: byt
 EMPTY = RoutingRecord((), np.zeros((0, 0, 0), np.int16), np.zeros((0, 0, 0), np.float32))
 
 
-def compact(routing: tuple[list[int], torch.Tensor | None, torch.Tensor | None]) -> RoutingRecord:
-    """The record of a step's routing as the runner holds it (MoE layers, ids [R, T, K], weights [R, T, K]
-    on the host): two conversions, whatever the number of layers."""
+def compact(routing: tuple[list[int], torch.Tensor | None, torch.Tensor | None], copy: bool = False) -> RoutingRecord:
+    """The record of a step's routing as the runner has it (MoE layers, ids [R, T, K], weights [R, T, K]
+    on the host): two conversions, whatever the number of layers; ``copy``: of its own (the tensors are
+    buffers used again)."""
     layers, ids_RTK, w_RTK = routing
     if ids_RTK is None:
         return EMPTY
-    return RoutingRecord(tuple(layers), ids_RTK.to(torch.int16).numpy(), w_RTK.to(torch.float32).numpy())
+    ids, w = ids_RTK.to(torch.int16).numpy(), w_RTK.to(torch.float32).numpy()
+    return RoutingRecord(tuple(layers), ids.copy() if copy else ids, w.copy() if copy else w)
 
 
 def routing_mismatches(plan, recomputed: Routing) -> int:

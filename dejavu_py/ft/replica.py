@@ -29,6 +29,7 @@ import torch
 
 from .. import log
 from ..engine.attn_meta import slot_of
+from ..engine.host_buffers import HostBuffers
 from ..engine.kv_cache import KVCache
 from . import replica_shm
 
@@ -126,6 +127,8 @@ class ReplicaSender:
         self.shm: torch.Tensor | None = None
         """The holder's replica file, mapped, when it is on this host: chunks are written there."""
         self.shm_path: str | None = None
+        self.buffers: HostBuffers | None = None
+        """Where a step's K/V buffer goes back once written into ``shm`` (the runner's pinned buffers)."""
         self._index = {l: i for i, l in enumerate(kv.layers)}
         self._stream: torch.cuda.Stream | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -222,6 +225,8 @@ class ReplicaSender:
         if shm is not None:
             for msg, kv in held:
                 replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
+                if self.buffers is not None and msg.mb >= 0:  # a decode step's: from the buffers
+                    self.buffers.give(kv)
             self.shm_chunks += len(held)
         msg, kv = coalesce([m for m, _ in held], None if shm is not None else [k for _, k in held])
         held.clear()

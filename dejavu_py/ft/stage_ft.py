@@ -19,7 +19,7 @@ import torch
 from .. import log
 from ..engine.attn_meta import slot_of
 from ..engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult, StepRouting
-from .checkpoints import EMPTY, TokenStateRing, compact, routing_mismatches
+from .checkpoints import EMPTY, TokenStateRing, routing_mismatches
 from ..comm.store import get_json, has, put_json
 from . import replica_shm
 from .messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
@@ -60,6 +60,8 @@ class StageFT:
         self.ring = TokenStateRing(ft.checkpoint_policy, ft.checkpoint_interval, ft.max_checkpoints,
                                    mcfg.num_experts or 0)
         self.sender = ReplicaSender(me, runner.kv, ft.replica_lag, self._send_replica) if self.holder else None
+        if self.sender is not None:
+            self.sender.buffers = runner.host
         self.store = None
         if self.source:  # made ahead with the stage (a preloaded standby has it), else now
             self.store = runner.replica_store or replica_store_for(spec.cfg, layout, worker.me, runner.kv.spec, runner.device,
@@ -160,7 +162,7 @@ class StageFT:
         ``keep_step``, after the output is on its way: off the pipeline's chain."""
         if not self.active:
             return False
-        self._record = compact(self.w.runner.routing)
+        self._record = self.w.runner.routing
         if plan.replay_until != self.w.me.name:
             if isinstance(out, StepResult):
                 out.routing = {self.w.me.name: self._record}
