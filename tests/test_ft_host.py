@@ -152,6 +152,9 @@ def test_host_buffers_hand_a_buffer_out_again_for_any_shape_that_fits():
     for t in (b, c, pool.take((1,), torch.float32)):
         pool.give(t)
     assert len(pool._free[torch.float32]) == 2  # keeps at most ``keep``
+    other = HostBuffers(reuse=True, pin=False)
+    other.give(torch.zeros(2, 4, 3, dtype=torch.int16))  # not from take (a bulk chunk's): flattened
+    assert other.take((3, 5), torch.int16).shape == (3, 5) and other.allocated == 0
 
 
 def test_host_buffers_off_on_a_cpu_stage():

@@ -42,10 +42,13 @@ class HostBuffers:
         return buf[:n].view(shape)
 
     def give(self, t: torch.Tensor) -> None:
-        """``t`` (from ``take``) is free again: the whole buffer under it."""
+        """``t`` is free again, the whole buffer under it (from ``take``, or any pinned tensor nobody uses now)."""
         if not self.reuse:
             return
         base = t._base if t._base is not None else t
+        if not base.is_contiguous():
+            return
+        base = base.view(-1)
         with self._lock:
             free = self._free.setdefault(base.dtype, [])
             if len(free) < self.keep:
