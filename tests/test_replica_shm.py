@@ -72,3 +72,17 @@ def test_write_chunk_split_over_threads_lands_every_slot(monkeypatch):
     replica_shm.write_chunk(target, {10: 0, 11: 1, 12: 2, 13: 3}, [12], slots, part)
     want[:, 2].index_copy_(1, torch.tensor(slots), part[:, 0])
     assert torch.equal(target, want)
+
+
+def test_a_small_chunk_is_one_copy_when_its_layers_are_consecutive_else_one_per_layer(monkeypatch):
+    calls = []
+    real = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_", lambda self, *a: calls.append(1) or real(self, *a))
+    index = {10: 0, 11: 1, 12: 2, 13: 3}
+    target = torch.zeros(2, 4, 100, 2, 8)
+    kv = torch.randn(2, 2, 5, 2, 8)
+    replica_shm.write_chunk(target, index, [11, 12], [3, 9, 50, 51, 99], kv)
+    assert len(calls) == 1 and torch.equal(target[:, 1:3, [3, 9, 50, 51, 99]], kv)
+    replica_shm.write_chunk(target, index, [13, 10], [0, 1, 2, 4, 5], kv)  # not in the replica's order
+    assert len(calls) == 3
+    assert torch.equal(target[:, 3, [0, 1, 2, 4, 5]], kv[:, 0]) and torch.equal(target[:, 0, [0, 1, 2, 4, 5]], kv[:, 1])

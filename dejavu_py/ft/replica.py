@@ -4,8 +4,9 @@ of the ring, off the critical path, so a replacement can get its KV back from th
 Source side (``ReplicaSender``): after every step it takes the K/V the step wrote (all its layers, at
 the step's slots: recorded by a graph step, else read back from its cache) and sends them
 asynchronously over the replica edge, the chunks of a few consecutive steps as one (``coalesce``);
-the holder acknowledges the (microbatch, step) pairs a chunk covers, and a stage waits before
-running ahead of its replica by more than ``--replica-lag`` steps of a microbatch.
+the holder acknowledges the (microbatch, step) pairs a chunk covers (a chunk the source wrote into
+the holder's file itself is acknowledged by that write), and a stage waits before running ahead of
+its replica by more than ``--replica-lag`` steps of a microbatch.
 
 Holder side (``ReplicaStore``): a host copy of the source's cache (same block layout) plus, per
 sequence, how many leading positions it holds in every layer. At recovery it ships the blocks of the
@@ -218,7 +219,9 @@ class ReplicaSender:
 
     def _deliver_held(self, held: list[tuple[ReplicaChunk, torch.Tensor]]) -> None:
         """The held chunks (consecutive steps', or one) as one: each written into the holder's file when it
-        is on this host (then only the bookkeeping travels), else their K/V over the edge."""
+        is on this host (then only the bookkeeping travels, and the steps count as acknowledged at once:
+        their K/V are in the holder's memory, which outlives this process), else their K/V over the edge,
+        acknowledged by the holder."""
         if not held:
             return
         shm = self.shm
@@ -231,6 +234,8 @@ class ReplicaSender:
         msg, kv = coalesce([m for m, _ in held], None if shm is not None else [k for _, k in held])
         held.clear()
         self._send_chunk(msg, kv)
+        if shm is not None:
+            self.acked(ReplicaAck(self.me, msg.acks()))
 
     def _send_chunk(self, msg: ReplicaChunk, kv: torch.Tensor | None) -> None:
         try:

@@ -136,9 +136,11 @@ def remove_all(shm_dir: str | None, run_dir: Path) -> None:
 COPY_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 """Threads that write a chunk into a replica mapping (torch's CPU copies release the GIL): one thread
 copies ~4 GB/s, and a batch-64 step of a stage is several MB, its prompt KV hundreds."""
-POOL_BYTES = 2 << 20
-"""Chunks smaller than this are copied by the calling thread: waking the pool's threads for a decode
-step's few KB costs the stage's loop the GIL for longer than the copy takes."""
+POOL_BYTES = 8 << 20
+"""Chunks smaller than this (a decode step's, up to a few MB) are copied by the calling thread in one
+call: the pool's threads and futures take the interpreter's lock over and over, and a stage's loop
+waits for it (measured on an H100 host, batch 64: FT-on launches 0.5-1 ms slower); one copy leaves
+the lock for its whole length."""
 _copy_pool: ThreadPoolExecutor | None = None
 
 
@@ -151,8 +153,8 @@ def _pool() -> ThreadPoolExecutor:
 
 def write_chunk(target_2LNKD: torch.Tensor, index: dict[int, int], layers: list[int], slots: list[int],
                 kv_2LTKD: torch.Tensor) -> None:
-    """Write a chunk's K/V (host memory) into a replica mapping at its slots, a large chunk split over
-    ``COPY_THREADS``."""
+    """Write a chunk's K/V (host memory) into a replica mapping at its slots: a small chunk in one copy, a
+    large one split over ``COPY_THREADS``."""
     idx_T = torch.tensor(slots, dtype=torch.long)
     kv_2LTKD = kv_2LTKD.to(target_2LNKD.dtype)
     T = idx_T.numel()
@@ -164,7 +166,10 @@ def write_chunk(target_2LNKD: torch.Tensor, index: dict[int, int], layers: list[
         at, i, a, b = job
         target_2LNKD[:, at].index_copy_(1, idx_T[a:b], kv_2LTKD[:, i, a:b])
 
-    if COPY_THREADS == 1 or len(jobs) == 1 or kv_2LTKD.numel() * kv_2LTKD.element_size() < POOL_BYTES:
+    at = [index[layer] for layer in layers]
+    if kv_2LTKD.numel() * kv_2LTKD.element_size() < POOL_BYTES and at == list(range(at[0], at[0] + len(at))):
+        target_2LNKD[:, at[0]:at[0] + len(at)].index_copy_(2, idx_T, kv_2LTKD)  # every layer at once
+    elif COPY_THREADS == 1 or len(jobs) == 1 or kv_2LTKD.numel() * kv_2LTKD.element_size() < POOL_BYTES:
         for job in jobs:
             copy(job)
     else:

@@ -134,7 +134,7 @@ class StageFT:
                 self.w.inbox.put((peer, msg, t))  # our own KV coming back: the main loop writes it
             elif isinstance(msg, ReplicaChunk) and self.store is not None:
                 self.store.apply(msg, t)
-                if msg.acks():
+                if msg.acks() and msg.inline:  # else the source's own write into our file acknowledged it
                     try:
                         edge.send(ReplicaAck(msg.source, msg.acks()))
                     except Exception:  # the source died; its replacement will be told what we hold
