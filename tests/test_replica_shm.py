@@ -74,15 +74,17 @@ def test_write_chunk_split_over_threads_lands_every_slot(monkeypatch):
     assert torch.equal(target, want)
 
 
-def test_a_small_chunk_is_one_copy_when_its_layers_are_consecutive_else_one_per_layer(monkeypatch):
-    calls = []
-    real = torch.Tensor.index_copy_
-    monkeypatch.setattr(torch.Tensor, "index_copy_", lambda self, *a: calls.append(1) or real(self, *a))
+def test_a_small_chunk_lands_at_its_slots_whatever_the_order_of_its_layers():
+    """bf16 (copied as int16 bytes), a chunk of consecutive layers (one copy) and one in another order
+    (a copy per layer); nothing else is touched."""
     index = {10: 0, 11: 1, 12: 2, 13: 3}
-    target = torch.zeros(2, 4, 100, 2, 8)
-    kv = torch.randn(2, 2, 5, 2, 8)
+    target = torch.zeros(2, 4, 100, 2, 8, dtype=torch.bfloat16)
+    want = target.clone()
+    kv = torch.randn(2, 2, 5, 2, 8).to(torch.bfloat16)
     replica_shm.write_chunk(target, index, [11, 12], [3, 9, 50, 51, 99], kv)
-    assert len(calls) == 1 and torch.equal(target[:, 1:3, [3, 9, 50, 51, 99]], kv)
-    replica_shm.write_chunk(target, index, [13, 10], [0, 1, 2, 4, 5], kv)  # not in the replica's order
-    assert len(calls) == 3
-    assert torch.equal(target[:, 3, [0, 1, 2, 4, 5]], kv[:, 0]) and torch.equal(target[:, 0, [0, 1, 2, 4, 5]], kv[:, 1])
+    want[:, 1:3].index_copy_(2, torch.tensor([3, 9, 50, 51, 99]), kv)
+    assert torch.equal(target, want)
+    replica_shm.write_chunk(target, index, [13, 10], [0, 1, 2, 4, 5], kv.float())  # converted to the replica's dtype
+    want[:, 3].index_copy_(1, torch.tensor([0, 1, 2, 4, 5]), kv[:, 0])
+    want[:, 0].index_copy_(1, torch.tensor([0, 1, 2, 4, 5]), kv[:, 1])
+    assert torch.equal(target, want)

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import log
@@ -91,8 +92,9 @@ def attach(msg: ReplicaShm) -> torch.Tensor | None:
 
 
 def prefault(t: torch.Tensor) -> threading.Thread:
-    """Touch every page of a mapping on a background thread (a replacement is about to read it all:
-    page by page inside the restore, the faults cost more than the copy)."""
+    """Touch every page of a mapping on a background thread: a replacement is about to read it all, and
+    a source writes a page it never touched with every slot of every step (a slot's row [K, D] is a
+    page or so); one fault a page inside those copies costs more than the copy."""
     pages = t.view(torch.uint8).view(-1)[::4096]
 
     def touch() -> None:
@@ -138,9 +140,8 @@ COPY_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
 copies ~4 GB/s, and a batch-64 step of a stage is several MB, its prompt KV hundreds."""
 POOL_BYTES = 8 << 20
 """Chunks smaller than this (a decode step's, up to a few MB) are copied by the calling thread in one
-call: the pool's threads and futures take the interpreter's lock over and over, and a stage's loop
-waits for it (measured on an H100 host, batch 64: FT-on launches 0.5-1 ms slower); one copy leaves
-the lock for its whole length."""
+call: the pool's threads and futures take the interpreter's lock over and over, while one copy leaves
+it for its whole length."""
 _copy_pool: ThreadPoolExecutor | None = None
 
 
@@ -151,25 +152,37 @@ def _pool() -> ThreadPoolExecutor:
     return _copy_pool
 
 
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _np(t: torch.Tensor):
+    """A numpy view of a host tensor's bytes, as integers of its element size (numpy has no bfloat16)."""
+    return t.view(_INT_OF_SIZE[t.element_size()]).numpy()
+
+
 def write_chunk(target_2LNKD: torch.Tensor, index: dict[int, int], layers: list[int], slots: list[int],
                 kv_2LTKD: torch.Tensor) -> None:
     """Write a chunk's K/V (host memory) into a replica mapping at its slots: a small chunk in one copy, a
-    large one split over ``COPY_THREADS``."""
-    idx_T = torch.tensor(slots, dtype=torch.long)
-    kv_2LTKD = kv_2LTKD.to(target_2LNKD.dtype)
-    T = idx_T.numel()
-    parts = max(1, min(COPY_THREADS, T // 64))  # token ranges per layer: small chunks stay one copy
+    large one split over ``COPY_THREADS``. numpy's fancy assignment copies each slot's row [K, D] as one
+    block (17 GB/s on one core here, 6x torch's index_copy_, which copies element by element) and leaves
+    the interpreter's lock while it runs."""
+    idx_T = np.asarray(slots, dtype=np.int64)
+    target, kv = _np(target_2LNKD), _np(kv_2LTKD.to(target_2LNKD.dtype).contiguous())
+    T = len(slots)
+    at = [index[layer] for layer in layers]
+    nbytes = kv.nbytes
+    if nbytes < POOL_BYTES and at == list(range(at[0], at[0] + len(at))):
+        target[:, at[0]:at[0] + len(at)][:, :, idx_T] = kv  # every layer at once
+        return
+    parts = max(1, min(COPY_THREADS, T // 64)) if nbytes >= POOL_BYTES else 1  # token ranges per layer
     bounds = [T * p // parts for p in range(parts + 1)]
-    jobs = [(index[layer], i, a, b) for i, layer in enumerate(layers) for a, b in zip(bounds, bounds[1:])]
+    jobs = [(at[i], i, a, b) for i in range(len(layers)) for a, b in zip(bounds, bounds[1:])]
 
     def copy(job: tuple[int, int, int, int]) -> None:
-        at, i, a, b = job
-        target_2LNKD[:, at].index_copy_(1, idx_T[a:b], kv_2LTKD[:, i, a:b])
+        j, i, a, b = job
+        target[:, j][:, idx_T[a:b]] = kv[:, i, a:b]
 
-    at = [index[layer] for layer in layers]
-    if kv_2LTKD.numel() * kv_2LTKD.element_size() < POOL_BYTES and at == list(range(at[0], at[0] + len(at))):
-        target_2LNKD[:, at[0]:at[0] + len(at)].index_copy_(2, idx_T, kv_2LTKD)  # every layer at once
-    elif COPY_THREADS == 1 or len(jobs) == 1 or kv_2LTKD.numel() * kv_2LTKD.element_size() < POOL_BYTES:
+    if COPY_THREADS == 1 or len(jobs) == 1 or nbytes < POOL_BYTES:
         for job in jobs:
             copy(job)
     else:

@@ -103,8 +103,8 @@ class StageFT:
         edges, mapped, path = got
         if self.sender is not None and self.holder in edges:
             self.sender.shm, self.sender.shm_path = mapped, path
-            if mapped is not None and self.w.spec.generation > 0 and not self.w.restored:
-                replica_shm.prefault(mapped)  # our own KV is in there: the restore reads it all soon
+            if mapped is not None:  # a replacement's restore reads it all soon; steps write a new page each
+                replica_shm.prefault(mapped)
         for peer, edge in edges.items():
             old = self.rep_edges.pop(peer, None)
             if old is not None:
