@@ -164,3 +164,23 @@ def test_host_buffers_off_on_a_cpu_stage():
     t = torch.ones(3)
     pool.give(t)  # a CPU stage's host copy may be a tensor still in use: never handed out again
     assert pool.take((3,), torch.float32).data_ptr() != t.data_ptr()
+
+
+def test_a_chunk_written_into_the_holder_s_file_is_acknowledged_by_that_write():
+    """Same host: no acknowledgement comes back from the holder, yet back-pressure lets the stage on, and
+    the step's host buffer goes back for the next step."""
+    from dejavu_py.engine.host_buffers import HostBuffers
+
+    sent: list[ReplicaChunk] = []
+    sender = ReplicaSender("s0", _fake_kv(), lag=4, send=lambda m, kv: sent.append(m))
+    sender.shm = torch.zeros(2, 2, 64, 1, 2)
+    sender.buffers = HostBuffers(reuse=True, pin=False)
+    kv = sender.buffers.take((2, 2, 1, 1, 2), torch.float32).fill_(3.0)
+    sender.chunk(*_chunk_args(0), written=kv)
+    for i in range(1, 4):
+        sender.chunk(*_chunk_args(i), written=torch.full((2, 2, 1, 1, 2), 4.0))
+    assert sender.wait_for(0, timeout_s=10)  # 4 steps queued, lag 4: only the writes free them
+    sender.flush()
+    assert sender.unacked[0] == [] and [m.acks() for m in sent] == [[(0, 0), (0, 1)], [(0, 2), (0, 3)]]
+    assert not sent[0].inline and torch.all(sender.shm[:, :, 40] == 3.0) and torch.all(sender.shm[:, :, 43] == 4.0)
+    assert sender.buffers.take((4,), torch.float32).data_ptr() == kv.data_ptr()
