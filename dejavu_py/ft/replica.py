@@ -128,8 +128,9 @@ class ReplicaSender:
         self.shm: torch.Tensor | None = None
         """The holder's replica file, mapped, when it is on this host: chunks are written there."""
         self.shm_path: str | None = None
-        self.buffers: HostBuffers | None = None
-        """Where a step's K/V buffer goes back once written into ``shm`` (the runner's pinned buffers)."""
+        self.buffers = HostBuffers(reuse=kv.device.type == "cuda")
+        """Pinned buffers for a step's K/V on the host, given back once written into ``shm`` (a stage's
+        sender shares its runner's)."""
         self._index = {l: i for i, l in enumerate(kv.layers)}
         self._stream: torch.cuda.Stream | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -168,11 +169,9 @@ class ReplicaSender:
             ready = torch.cuda.Event()  # a bulk chunk (re-replication): the sender thread copies it layer by layer
             ready.record()
         elif kv_2LTKD.device.type == "cuda":  # on the device's queue now, in step order; waited for by the sender thread
-            host = torch.empty(kv_2LTKD.shape, dtype=kv_2LTKD.dtype, pin_memory=True)
-            host.copy_(kv_2LTKD, non_blocking=True)
+            kv_2LTKD = self.buffers.copy_of(kv_2LTKD)
             ready = torch.cuda.Event()
             ready.record()
-            kv_2LTKD = host
         self._queue.put((msg, kv_2LTKD, ready))
 
     def flush(self) -> None:
@@ -228,7 +227,7 @@ class ReplicaSender:
         if shm is not None:
             for msg, kv in held:
                 replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
-                if self.buffers is not None and msg.mb >= 0:  # a decode step's: from the buffers
+                if msg.mb >= 0:  # a decode step's: from the buffers
                     self.buffers.give(kv)
             self.shm_chunks += len(held)
         msg, kv = coalesce([m for m, _ in held], None if shm is not None else [k for _, k in held])

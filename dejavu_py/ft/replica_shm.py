@@ -136,8 +136,8 @@ def remove_all(shm_dir: str | None, run_dir: Path) -> None:
 
 
 COPY_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
-"""Threads that write a chunk into a replica mapping (torch's CPU copies release the GIL): one thread
-copies ~4 GB/s, and a batch-64 step of a stage is several MB, its prompt KV hundreds."""
+"""Threads that write a large chunk into a replica mapping (the copies leave the interpreter's lock): a
+stage's prompt KV is hundreds of MB."""
 POOL_BYTES = 8 << 20
 """Chunks smaller than this (a decode step's, up to a few MB) are copied by the calling thread in one
 call: the pool's threads and futures take the interpreter's lock over and over, while one copy leaves
@@ -170,11 +170,11 @@ def write_chunk(target_2LNKD: torch.Tensor, index: dict[int, int], layers: list[
     target, kv = _np(target_2LNKD), _np(kv_2LTKD.to(target_2LNKD.dtype).contiguous())
     T = len(slots)
     at = [index[layer] for layer in layers]
-    nbytes = kv.nbytes
-    if nbytes < POOL_BYTES and at == list(range(at[0], at[0] + len(at))):
+    pooled = kv.nbytes >= POOL_BYTES and COPY_THREADS > 1
+    if not pooled and at == list(range(at[0], at[0] + len(at))):
         target[:, at[0]:at[0] + len(at)][:, :, idx_T] = kv  # every layer at once
         return
-    parts = max(1, min(COPY_THREADS, T // 64)) if nbytes >= POOL_BYTES else 1  # token ranges per layer
+    parts = max(1, min(COPY_THREADS, T // 64)) if pooled else 1  # token ranges per layer
     bounds = [T * p // parts for p in range(parts + 1)]
     jobs = [(at[i], i, a, b) for i in range(len(layers)) for a, b in zip(bounds, bounds[1:])]
 
@@ -182,11 +182,11 @@ def write_chunk(target_2LNKD: torch.Tensor, index: dict[int, int], layers: list[
         j, i, a, b = job
         target[:, j][:, idx_T[a:b]] = kv[:, i, a:b]
 
-    if COPY_THREADS == 1 or len(jobs) == 1 or nbytes < POOL_BYTES:
+    if pooled and len(jobs) > 1:
+        list(_pool().map(copy, jobs))
+    else:
         for job in jobs:
             copy(job)
-    else:
-        list(_pool().map(copy, jobs))
 
 
 def spans(slots: list[int], gap: int) -> list[tuple[int, int]]:
