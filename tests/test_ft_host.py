@@ -13,7 +13,8 @@ import torch
 
 from dejavu_py.engine.plan import StepPlan
 from dejavu_py.ft.checkpoints import EMPTY, RoutingRecord, TokenStateRing, compact, routing_mismatches
-from dejavu_py.ft.replica import Coverage, ReplicaAck, ReplicaChunk, ReplicaSender, ReplicaStore, coalesce
+from dejavu_py.ft.replica import Coverage, ReplicaAck, ReplicaChunk, ReplicaStore, coalesce
+from dejavu_py.ft.replica_sender import ReplicaSender
 
 
 def _record(layers=(3, 4, 5), T=2, K=2, seed=0) -> RoutingRecord:
@@ -173,7 +174,7 @@ def test_a_chunk_written_into_the_holder_s_file_is_acknowledged_by_that_write():
 
     sent: list[ReplicaChunk] = []
     sender = ReplicaSender("s0", _fake_kv(), lag=4, send=lambda m, kv: sent.append(m))
-    sender.shm = torch.zeros(2, 2, 64, 1, 2)
+    sender.attach(torch.zeros(2, 2, 64, 1, 2), None)
     sender.buffers = HostBuffers(reuse=True, pin=False)
     kv = sender.buffers.take((2, 2, 1, 1, 2), torch.float32).fill_(3.0)
     sender.chunk(*_chunk_args(0), written=kv)

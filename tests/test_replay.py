@@ -15,7 +15,8 @@ from dejavu_py.engine.split import split_stages
 from dejavu_py.ft.checkpoints import compact, routing_mismatches
 from dejavu_py.ft.replay import for_replay, replay_steps
 from dejavu_py.ft import replica_shm
-from dejavu_py.ft.replica import ReplicaSender, ReplicaStore, covered_slots
+from dejavu_py.ft.replica import ReplicaStore, covered_slots
+from dejavu_py.ft.replica_sender import ReplicaSender
 from dejavu_py.models.config import load_model_config
 from dejavu_py.models.loader import load_stage
 from make_checkpoint import make_checkpoint
@@ -67,7 +68,7 @@ def test_restore_and_replay_give_back_the_exact_kv(ckpt, tmp_path, shared):
     lagging = {"on": True}
     sender = ReplicaSender("x", a.kv, lag=100, send=_send(store, shared, lagging))
     if shared:
-        sender.shm = replica_shm.attach(store.describe("holder"))
+        sender.attach(replica_shm.attach(store.describe("holder")), str(store.path))
     tables = {0: [0, 1, 2], 1: [3, 4, 5], 2: [6, 7]}
     prompts = {0: [5, 9, 11, 3, 7], 1: [8, 2, 6], 2: [4, 4, 9, 10]}
     tokens = {s: list(p) for s, p in prompts.items()}

@@ -1,12 +1,11 @@
 """KV replication (DejaVu): each decode stage streams its new K/V to the host memory of the next stage
 of the ring, off the critical path, so a replacement can get its KV back from there.
 
-Source side (``ReplicaSender``): after every step it takes the K/V the step wrote (all its layers, at
-the step's slots: recorded by a graph step, else read back from its cache) and sends them
-asynchronously over the replica edge, the chunks of a few consecutive steps as one (``coalesce``);
-the holder acknowledges the (microbatch, step) pairs a chunk covers (a chunk the source wrote into
-the holder's file itself is acknowledged by that write), and a stage waits before running ahead of
-its replica by more than ``--replica-lag`` steps of a microbatch.
+Source side (replica_sender.py): after every step it takes the K/V the step wrote (all its layers,
+at the step's slots) and sends them asynchronously over the replica edge, the chunks of a few
+consecutive steps as one (``coalesce``); the holder acknowledges the (microbatch, step) pairs a chunk
+covers, and a stage waits before running ahead of its replica by more than ``--replica-lag`` steps of
+a microbatch.
 
 Holder side (``ReplicaStore``): a host copy of the source's cache (same block layout) plus, per
 sequence, how many leading positions it holds in every layer. At recovery it ships the blocks of the
@@ -19,26 +18,15 @@ Legend: L = the source stage's layers, T = tokens of a chunk, K = KV heads, D = 
 from __future__ import annotations
 
 import dataclasses
-import queue
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .. import log
 from ..engine.attn_meta import slot_of
-from ..engine.host_buffers import HostBuffers
-from ..engine.kv_cache import KVCache
 from . import replica_shm
-
-_log = log.get(__name__)
-
-BULK_BYTES = 64 << 20
-"""Chunks larger than this (re-replicating a whole cache) leave the device one layer at a time."""
-
 
 @dataclass
 class ReplicaChunk:
@@ -103,175 +91,6 @@ def step_slots(tables: list[list[int]], start_pos: list[int], num_tokens: list[i
 def covered_slots(tables: dict[int, list[int]], covered: dict[int, int], block_size: int) -> list[int]:
     """Slots of the covered leading positions of these sequences, sequence by sequence."""
     return [slot_of(tables[s], p, block_size) for s in sorted(tables) for p in range(covered.get(s, 0))]
-
-
-class ReplicaSender:
-    """Streams a stage's new K/V to its replica holder. The step's thread only queues the work on the
-    device (gather, copy into pinned host memory, an event); a sender thread waits for the event and
-    sends, so no step waits for the copy or the wire."""
-
-    COALESCE_WINDOW_S = 0.05
-    """A step's chunk waits at most this long for the next ones to go with it."""
-
-    def __init__(self, me: str, kv: KVCache, lag: int, send) -> None:
-        self.me, self.kv, self.lag, self._send = me, kv, lag, send
-        self.batch = max(1, lag // 2)
-        """Steps' chunks sent as one: fewer messages, acknowledgements and holder updates per step, while
-        the other half of the lag keeps the steps after them from waiting for their acknowledgement."""
-        self.unacked: dict[int, list[int]] = {}
-        self.cv = threading.Condition()
-        self.enabled = True
-        self.bytes = 0
-        self.chunks = 0
-        self.wait_s = 0.0
-        self.shm_chunks = 0
-        self.shm: torch.Tensor | None = None
-        """The holder's replica file, mapped, when it is on this host: chunks are written there."""
-        self.shm_path: str | None = None
-        self.buffers = HostBuffers(reuse=kv.device.type == "cuda")
-        """Pinned buffers for a step's K/V on the host, given back once written into ``shm`` (a stage's
-        sender shares its runner's)."""
-        self._index = {l: i for i, l in enumerate(kv.layers)}
-        self._stream: torch.cuda.Stream | None = None
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=f"replica-send-{me}", daemon=True).start()
-
-    def chunk(self, mb: int, step: int, seq_ids, start_pos, num_tokens, slots: list[int],
-              read_slots: list[int] | None = None, written: torch.Tensor | None = None) -> None:
-        """Send what a step wrote: ``written`` [2, L, T, K, D] when the step handed it over (a graph's
-        record), else read back from the cache at ``read_slots`` (device slots; default ``slots``, the
-        sequence-table ones the holder mirrors)."""
-        if not self.enabled or not slots:
-            return
-        layers = list(self.kv.layers)
-        if written is None:
-            idx = torch.tensor(read_slots or slots, dtype=torch.long).to(self.kv.device, non_blocking=True)
-            k = torch.stack([self.kv.k_NKD[l][idx] for l in layers])
-            v = torch.stack([self.kv.v_NKD[l][idx] for l in layers])
-            written = torch.stack((k, v))
-        elif written.numel() * written.element_size() > BULK_BYTES:  # it outlives the next step: copy it
-            written = written.clone()
-        self.forward(ReplicaChunk(self.me, mb, step, layers, list(seq_ids), list(start_pos), list(num_tokens), slots),
-                     written)
-
-    def forward(self, msg: ReplicaChunk, kv_2LTKD: torch.Tensor) -> None:
-        """Send a chunk whose K/V is already in hand (e.g. prompt KV that just arrived)."""
-        if not self.enabled:
-            return
-        if msg.mb >= 0:
-            with self.cv:
-                self.unacked.setdefault(msg.mb, []).append(msg.step)
-        nbytes = kv_2LTKD.numel() * kv_2LTKD.element_size()
-        self.bytes += nbytes
-        self.chunks += 1
-        ready = None
-        if kv_2LTKD.device.type == "cuda" and nbytes > BULK_BYTES and len(msg.layers) > 1:
-            ready = torch.cuda.Event()  # a bulk chunk (re-replication): the sender thread copies it layer by layer
-            ready.record()
-        elif kv_2LTKD.device.type == "cuda":  # on the device's queue now, in step order; waited for by the sender thread
-            kv_2LTKD = self.buffers.copy_of(kv_2LTKD)
-            ready = torch.cuda.Event()
-            ready.record()
-        self._queue.put((msg, kv_2LTKD, ready))
-
-    def flush(self) -> None:
-        """Until everything queued so far has been handed to the wire."""
-        done = threading.Event()
-        self._queue.put((None, None, done))
-        done.wait()
-
-    def _run(self) -> None:
-        held: list[tuple[ReplicaChunk, torch.Tensor]] = []  # decode steps' chunks waiting to go as one
-        deadline = 0.0
-        while True:
-            try:
-                msg, kv, ready = self._queue.get(timeout=max(deadline - time.monotonic(), 0) if held else None)
-            except queue.Empty:  # no more steps for now: what is held goes
-                msg = kv = ready = None
-            if ready is not None and not isinstance(ready, threading.Event):
-                ready.synchronize()
-            if msg is not None and msg.mb >= 0 and kv.device.type != "cuda":
-                held.append((msg, kv))
-                deadline = deadline if len(held) > 1 else time.monotonic() + self.COALESCE_WINDOW_S
-                if len(held) >= self.batch:
-                    self._deliver_held(held)
-                continue
-            self._deliver_held(held)  # in order: before a bulk chunk, a flush, a nudge or the window's end
-            if msg is None:
-                if ready is not None:
-                    ready.set()
-                continue
-            if kv.device.type != "cuda":
-                self._deliver_held([(msg, kv)])
-                continue
-            for i, layer in enumerate(msg.layers):  # one layer at a time: no GB of pinned memory at once
-                with torch.cuda.stream(self._side()):
-                    host = torch.empty(kv[:, i:i + 1].shape, dtype=kv.dtype, pin_memory=True)
-                    host.copy_(kv[:, i:i + 1], non_blocking=True)
-                    torch.cuda.current_stream().synchronize()
-                self._deliver_held([(dataclasses.replace(msg, layers=[layer]), host)])
-
-    def _side(self) -> torch.cuda.Stream:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.kv.device)
-        return self._stream
-
-    def _deliver_held(self, held: list[tuple[ReplicaChunk, torch.Tensor]]) -> None:
-        """The held chunks (consecutive steps', or one) as one: each written into the holder's file when it
-        is on this host (then only the bookkeeping travels, and the steps count as acknowledged at once:
-        their K/V are in the holder's memory, which outlives this process), else their K/V over the edge,
-        acknowledged by the holder."""
-        if not held:
-            return
-        shm = self.shm
-        if shm is not None:
-            for msg, kv in held:
-                replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
-                if msg.mb >= 0:  # a decode step's: from the buffers
-                    self.buffers.give(kv)
-            self.shm_chunks += len(held)
-        msg, kv = coalesce([m for m, _ in held], None if shm is not None else [k for _, k in held])
-        held.clear()
-        self._send_chunk(msg, kv)
-        if shm is not None:
-            self.acked(ReplicaAck(self.me, msg.acks()))
-
-    def _send_chunk(self, msg: ReplicaChunk, kv: torch.Tensor | None) -> None:
-        try:
-            self._send(msg, kv)
-        except Exception as e:  # the holder is gone: the coordinator's recovery re-replicates
-            _log.warning("replica chunk for step %d of microbatch %d not sent: %s", msg.step, msg.mb, e)
-
-    def acked(self, ack: ReplicaAck) -> None:
-        with self.cv:
-            for mb, step in ack.steps:
-                pending = self.unacked.get(mb, [])
-                while pending and pending[0] <= step:
-                    pending.pop(0)
-            self.cv.notify_all()
-
-    def wait_for(self, mb: int, timeout_s: float) -> bool:
-        """Back-pressure: block while ``mb`` has ``lag`` or more unacknowledged steps (the chunks held
-        to go with the next ones leave now)."""
-        t0 = time.monotonic()
-        with self.cv:
-            full = lambda: len(self.unacked.get(mb, [])) >= self.lag and self.enabled  # noqa: E731
-            if full():
-                self._queue.put((None, None, None))  # a nudge: send what is held
-            ok = self.cv.wait_for(lambda: not full(), timeout_s)
-        self.wait_s += time.monotonic() - t0
-        return ok
-
-    def reset(self) -> None:
-        """The holder changed (replaced): nothing in flight will be acknowledged, its file is gone."""
-        self.shm = None
-        with self.cv:
-            self.unacked.clear()
-            self.cv.notify_all()
-
-    def stats(self) -> dict:
-        return {"replica_chunks": self.chunks, "replica_bytes": self.bytes, "replica_wait_s": round(self.wait_s, 4),
-                "replica_shm_chunks": self.shm_chunks}
 
 
 class Coverage:

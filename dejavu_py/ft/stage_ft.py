@@ -23,7 +23,8 @@ from .checkpoints import EMPTY, TokenStateRing, routing_mismatches
 from ..comm.store import get_json, has, put_json
 from . import replica_shm
 from .messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
-from .replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaSender, ReplicaStore, covered_slots
+from .replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaStore, covered_slots
+from .replica_sender import ReplicaSender
 from .replica_shm import ReplicaShm
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class StageFT:
     def install(self, got: tuple[dict, torch.Tensor | None, str | None]) -> None:
         edges, mapped, path = got
         if self.sender is not None and self.holder in edges:
-            self.sender.shm, self.sender.shm_path = mapped, path
+            self.sender.attach(mapped, path)
             if mapped is not None:  # a replacement's restore reads it all soon; steps write a new page each
                 replica_shm.prefault(mapped)
         for peer, edge in edges.items():

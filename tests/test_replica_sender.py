@@ -1,0 +1,97 @@
+"""The replica sender's bulk jobs: a prompt's KV (hundreds of MB on a GPU) goes in pieces, and the
+decode steps' chunks that arrive meanwhile are written and acknowledged between two pieces instead of
+waiting behind it; the holder still hears of them in order."""
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import torch
+
+from dejavu_py.ft import replica_shm
+from dejavu_py.ft.replica import ReplicaChunk, ReplicaStore
+from dejavu_py.ft.replica_sender import ReplicaSender, _token_range, pieces
+
+L, K, D, N = 2, 1, 4, 64
+PIECE = 2 * K * D * 4 * 4  # four tokens of one layer (float32), a decode step's chunk of two sequences
+
+
+def _sender(sent: list, shm: torch.Tensor | None, piece_bytes: int = PIECE) -> ReplicaSender:
+    kv = SimpleNamespace(layers=[0, 1], device=torch.device("cpu"))
+    s = ReplicaSender("s0", kv, lag=2, send=lambda m, t: sent.append((m, t)), piece_bytes=piece_bytes)
+    s.attach(shm, None)
+    return s
+
+
+def _prompt(seqs: dict[int, int]) -> tuple[ReplicaChunk, torch.Tensor]:
+    """A prefill step (microbatch 0, step 0) of these sequences (id: length), slot = 8 * id + position."""
+    sids = sorted(seqs)
+    slots = [8 * s + p for s in sids for p in range(seqs[s])]
+    kv = torch.arange(2 * L * len(slots) * K * D, dtype=torch.float32).view(2, L, len(slots), K, D)
+    return ReplicaChunk("s0", 0, 0, [0, 1], sids, [0] * len(sids), [seqs[s] for s in sids], slots), kv
+
+
+def test_pieces_cover_each_layer_in_token_ranges_and_know_their_sequences():
+    msg, kv = _prompt({1: 4, 2: 3})
+    assert pieces(kv, PIECE) == [(0, 0, 4), (0, 4, 7), (1, 0, 4), (1, 4, 7)]
+    assert _token_range(msg, 3, 6) == {"seq_ids": [1, 2], "start_pos": [3, 0], "num_tokens": [1, 2]}
+    assert _token_range(msg, 6, 7) == {"seq_ids": [2], "start_pos": [2], "num_tokens": [1]}
+
+
+def test_steps_chunks_are_written_between_a_bulk_job_s_pieces_and_announced_after_it(monkeypatch):
+    writes: list[int] = []
+    real = replica_shm.write_chunk
+
+    def slow(target, index, layers, slots, kv):
+        writes.append(len(layers))  # 1: a bulk piece, 2: a step's chunk
+        if len(layers) == 1:
+            time.sleep(0.02)
+        real(target, index, layers, slots, kv)
+
+    monkeypatch.setattr(replica_shm, "write_chunk", slow)
+    sent: list = []
+    shm = torch.zeros(2, L, N, K, D)
+    sender = _sender(sent, shm)
+    msg, kv = _prompt({1: 4, 2: 3})
+    sender.forward(msg, kv)
+    for step in (1, 2, 3):  # decode steps of both sequences, lag 2: each must be acknowledged to go on
+        assert sender.wait_for(0, timeout_s=10)
+        sender.chunk(0, step, [1, 2], [3 + step, 2 + step], [1, 1], [8 + 3 + step, 16 + 2 + step],
+                     written=torch.full((2, L, 2, K, D), -float(step)))
+    assert sender.wait_for(0, timeout_s=10)
+    sender.flush()
+    assert writes.index(2) < len(writes) - 1 - writes[::-1].index(1)  # a step's chunk before the last piece
+    assert [m.inline for m, _ in sent] == [False, False] and sent[0][0].slots == msg.slots
+    assert sent[1][0].acks() == [(0, 1), (0, 2), (0, 3)]  # in order, after the bulk's own message
+    assert torch.equal(shm[:, :, msg.slots], kv) and torch.all(shm[:, :, 14] == -3.0)
+    assert sender.unacked[0] == [] and sender.stats()["replica_bulk_jobs"] == 1
+
+
+def test_across_hosts_a_bulk_job_s_pieces_rebuild_the_replica_and_the_last_is_acknowledged(tmp_path):
+    sent: list = []
+    sender = _sender(sent, None)
+    msg, kv = _prompt({1: 4, 2: 3})
+    sender.forward(msg, kv)
+    sender.flush()
+    assert len(sent) == 4 and [m.acks() for m, _ in sent] == [[]] * 3 + [[(0, 0)]]
+    store = ReplicaStore("s0", range(L), N, K, D, torch.float32, False)
+    for m, t in sent:
+        store.apply(m, t)
+    assert store.coverage([1, 2]) == {1: 4, 2: 3}
+    assert torch.equal(store.read(msg.slots), kv)
+
+
+def test_a_bulk_job_for_a_holder_that_was_replaced_is_never_announced(monkeypatch):
+    gate = threading.Event()
+    real = replica_shm.write_chunk
+    monkeypatch.setattr(replica_shm, "write_chunk", lambda *a: (gate.wait(10), real(*a)))
+    sent: list = []
+    sender = _sender(sent, torch.zeros(2, L, N, K, D))
+    msg, kv = _prompt({1: 4, 2: 3})
+    sender.forward(msg, kv)
+    time.sleep(0.05)  # the first piece is being written
+    sender.reset()  # the holder died: its file and what we wrote there are gone
+    gate.set()
+    sender.flush()
+    assert sent == []
