@@ -9,6 +9,7 @@ the others keep running; with it off, the run ends and a rerun with the same run
 """
 from __future__ import annotations
 
+import gc
 import heapq
 import json
 import os
@@ -165,6 +166,7 @@ class Coordinator:
         self.await_members()
         self.connect()
         self.driver = self._driver()
+        gc.freeze()  # what setting up made lives on: the collector's full passes skip it from here on
         t_gen = time.monotonic()
         seqs = [Sequence(i, r, t_arrival=t_gen + r.arrival_s) for i, r in enumerate(todo)]
         code = 0

@@ -108,6 +108,10 @@ class StageRunner:
         (sampled here, or, first of several stages, sent by the last)."""
         self.wait = DeviceWait()
         """Time this stage's thread spent waiting for its steps' kernels (the rest of a step is host work)."""
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        """A step's copies to the host run here, behind its kernels: the copy engine moves them while the
+        next step computes (on the step's stream each would hold up the kernels queued behind it)."""
+        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def enable_recording(self) -> None:
         self.record_routing = True
@@ -129,6 +133,8 @@ class StageRunner:
         """Queue the step's kernels (sampling included) without waiting for them (another step may be
         launched before this one is finished: what it records for FT is copied out behind it)."""
         self._apply(plan)
+        if self.copy_stream is not None:  # the graphs' buffers copied out behind the last step are read
+            torch.cuda.current_stream().wait_stream(self.copy_stream)
         if self.spec.has_embed:
             x = self._input_ids(plan)
         elif x is None:
@@ -169,9 +175,25 @@ class StageRunner:
             done.ids = self._to_host(ids)
             self.trim_sampled()
         if self.device.type == "cuda":
-            done.event = torch.cuda.Event()
-            done.event.record()
+            done.event = self._copy_out()
         return done
+
+    def _copy_out(self) -> torch.cuda.Event:
+        """Queue the step's copies to the host (``_to_host``) on the copy stream, behind everything the
+        step queued; the event marks the step and its copies done."""
+        event = torch.cuda.Event()
+        if not self._copies:
+            event.record()
+            return event
+        side = self.copy_stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for src, dst in self._copies:
+                dst.copy_(src, non_blocking=True)
+                src.record_stream(side)  # not reused by the step's stream before the copy is done
+            event.record()
+        self._copies.clear()
+        return event
 
     def finish(self, done: Launched) -> torch.Tensor | StepResult:
         """Wait for a launched step; what ``step`` returns. Sets the FT record of the step (``routing``,
@@ -191,11 +213,13 @@ class StageRunner:
         return StepResult(plan.mb, plan.step, done.sids, ids)
 
     def _to_host(self, t: torch.Tensor, copy: bool = False) -> torch.Tensor:
-        """A host copy of device tensor ``t`` queued behind the kernels that compute it (in a pinned buffer
-        of ``host``: valid once they are done). On CPU ``t`` itself, or with ``copy`` a clone (``t`` is a
-        buffer the next step overwrites)."""
+        """A host copy of device tensor ``t`` (a pinned buffer of ``host``, valid once the step's event is
+        done: the copy is queued at the end of ``launch``). On CPU ``t`` itself, or with ``copy`` a clone
+        (``t`` is a buffer the next step overwrites)."""
         if t.is_cuda:
-            return self.host.copy_of(t)
+            dst = self.host.take(tuple(t.shape), t.dtype)
+            self._copies.append((t, dst))
+            return dst
         return t.clone() if copy else t
 
     def _routing_to_host(self, layers: list[int], ids_RTK: torch.Tensor | None, w_RTK: torch.Tensor | None) -> tuple:

@@ -12,6 +12,7 @@ process, weights and KV cache.
 from __future__ import annotations
 
 import collections
+import gc
 import os
 import queue
 import threading
@@ -103,6 +104,7 @@ def run_member(spec: WorkerSpec, store, runner: StageRunner | None, takeover: bo
     put_json(store, member_key(m.name), {**info, "state": "ready", "load_s": time.monotonic() - t0})
     worker = Worker(spec, store, runner, device)
     worker.connect()
+    gc.freeze()  # the model and everything loading made: a full collection mid-run would walk it all
     _log.info("%s ready at generation %d: layers %d..%d on %s", m.name, spec.generation, m.stage.first_layer,
               m.stage.layers[-1], device)
     try:
