@@ -42,6 +42,20 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 
 
 @dataclass
+class LateCopy:
+    """A step's K/V on its way to the host, queued once the next step starts (``StageRunner._issue``):
+    the copy engine then moves it while that step computes, where right behind its own step it would
+    hold up the stages sharing the GPU (their contexts take turns with this one's copies)."""
+
+    src: torch.Tensor
+    """A device copy of the graph's record, in one of two buffers that alternate."""
+    dst: torch.Tensor
+    """Pinned host buffer (``StageRunner.host``)."""
+    event: torch.cuda.Event | None = None
+    """Recorded behind the copy once it is queued."""
+
+
+@dataclass
 class Launched:
     """A step whose kernels are queued: what finishing it needs (device tensors until then)."""
 
@@ -59,6 +73,8 @@ class Launched:
     StageRunner.step_kv)."""
     slots: list[int] = field(default_factory=list)
     phys_slots: list[int] = field(default_factory=list)
+    kv_copy: LateCopy | None = None
+    """CUDA: how ``step_kv`` gets filled (its event, once queued, says when)."""
     event: torch.cuda.Event | None = None
     """Recorded after the step's kernels and copies to the host (CUDA): waited for, not the stream."""
     forwarded: bool = False
@@ -112,6 +128,11 @@ class StageRunner:
         """A step's copies to the host run here, behind its kernels: the copy engine moves them while the
         next step computes (on the step's stream each would hold up the kernels queued behind it)."""
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._late: LateCopy | None = None
+        """The last graph step's K/V copy, until the next step starts (or the step is finished first)."""
+        self._staging: list[torch.Tensor] = []
+        self.step_kv_ready: torch.cuda.Event | None = None
+        """When ``step_kv`` holds its bytes (CUDA; None: it does already)."""
 
     def enable_recording(self) -> None:
         self.record_routing = True
@@ -133,8 +154,9 @@ class StageRunner:
         """Queue the step's kernels (sampling included) without waiting for them (another step may be
         launched before this one is finished: what it records for FT is copied out behind it)."""
         self._apply(plan)
-        if self.copy_stream is not None:  # the graphs' buffers copied out behind the last step are read
+        if self.copy_stream is not None:  # the copies queued before are done before their buffers are reused
             torch.cuda.current_stream().wait_stream(self.copy_stream)
+            self._issue()  # the last step's K/V, while this one computes
         if self.spec.has_embed:
             x = self._input_ids(plan)
         elif x is None:
@@ -156,7 +178,7 @@ class StageRunner:
         if self.record_routing:
             rec = self.graphs.last_record(len(plan.seq_ids)) if static else None
             if rec is not None:
-                done.step_kv = self._to_host(rec.kv_2LBKD, copy=True)
+                done.step_kv, done.kv_copy = self._late_kv(rec.kv_2LBKD)
                 done.routing = self._routing_to_host(rec.layers, rec.ids_RBK, rec.weights_RBK)
             elif self._routing_dev:  # an eager step: as the MoE layers reported it one by one
                 r = self._routing_dev
@@ -199,18 +221,46 @@ class StageRunner:
         """Wait for a launched step; what ``step`` returns. Sets the FT record of the step (``routing``,
         ``slots``, ``phys_slots``, ``step_kv``) for the checkpoint and the replica."""
         self.wait(done.event)
+        if done.kv_copy is not None and done.kv_copy.event is None:  # no step launched behind it yet
+            self._issue()
         if self.record_routing:
             self.routing = compact(done.routing, copy=self.host.reuse)
             for t in done.routing[1:]:
                 if t is not None:
                     self.host.give(t)
             self.step_kv, self.slots, self.phys_slots = done.step_kv, done.slots, done.phys_slots
+            self.step_kv_ready = done.kv_copy.event if done.kv_copy is not None else None
         if done.ids is None:
             return done.out
         plan = done.plan
         ids = done.ids.tolist()
         self.host.give(done.ids)
         return StepResult(plan.mb, plan.step, done.sids, ids)
+
+    def _late_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, LateCopy | None]:
+        """A graph step's K/V [2, L, B, K, D] for the host: on CPU a clone; on CUDA a pinned buffer filled
+        by a ``LateCopy`` from a device copy (the graph's record is overwritten by the next step)."""
+        if not kv.is_cuda:
+            return kv.clone(), None
+        if not self._staging or self._staging[0].numel() < kv.numel():
+            self._staging = [torch.empty(kv.numel(), dtype=kv.dtype, device=kv.device) for _ in range(2)]
+        self._staging.reverse()  # the other one: the step before's may still be copying out
+        src = self._staging[0][:kv.numel()].view(kv.shape).copy_(kv)
+        self._late = LateCopy(src, self.host.take(tuple(kv.shape), kv.dtype))
+        return self._late.dst, self._late
+
+    def _issue(self) -> None:
+        """Queue the last step's K/V copy on the copy stream, behind what the step's stream holds now."""
+        late, self._late = self._late, None
+        if late is None:
+            return
+        side = self.copy_stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():  # from ``finish`` too: its buffers are the step's
+            late.dst.copy_(late.src, non_blocking=True)
+            late.src.record_stream(side)
+            late.event = torch.cuda.Event()
+            late.event.record()
 
     def _to_host(self, t: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """A host copy of device tensor ``t`` (a pinned buffer of ``host``, valid once the step's event is

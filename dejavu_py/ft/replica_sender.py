@@ -105,10 +105,11 @@ class ReplicaSender:
         self.shm, self.shm_path = shm, path
 
     def chunk(self, mb: int, step: int, seq_ids, start_pos, num_tokens, slots: list[int],
-              read_slots: list[int] | None = None, written: torch.Tensor | None = None) -> None:
+              read_slots: list[int] | None = None, written: torch.Tensor | None = None,
+              ready: torch.cuda.Event | None = None) -> None:
         """Send what a step wrote: ``written`` [2, L, T, K, D] when the step handed it over (a graph's
-        record), else read back from the cache at ``read_slots`` (device slots; default ``slots``, the
-        sequence-table ones the holder mirrors)."""
+        record, on the host once ``ready`` is done), else read back from the cache at ``read_slots``
+        (device slots; default ``slots``, the sequence-table ones the holder mirrors)."""
         if not self.enabled or not slots:
             return
         layers = list(self.kv.layers)
@@ -120,11 +121,12 @@ class ReplicaSender:
         elif written.numel() * written.element_size() > self.piece_bytes:  # it outlives the next step: copy it
             written = written.clone()
         self.forward(ReplicaChunk(self.me, mb, step, layers, list(seq_ids), list(start_pos), list(num_tokens), slots),
-                     written)
+                     written, ready)
 
-    def forward(self, msg: ReplicaChunk, kv_2LTKD: torch.Tensor) -> None:
-        """Send a chunk whose K/V is already in hand (e.g. prompt KV that just arrived); a device tensor
-        larger than a piece must not be written afterwards (the bulk job copies it later)."""
+    def forward(self, msg: ReplicaChunk, kv_2LTKD: torch.Tensor, ready: torch.cuda.Event | None = None) -> None:
+        """Send a chunk whose K/V is already in hand (e.g. prompt KV that just arrived), or on the host once
+        ``ready`` is done; a device tensor larger than a piece must not be written afterwards (the bulk job
+        copies it later)."""
         if not self.enabled:
             return
         if msg.mb >= 0:
@@ -133,7 +135,6 @@ class ReplicaSender:
         nbytes = kv_2LTKD.numel() * kv_2LTKD.element_size()
         self.bytes += nbytes
         self.chunks += 1
-        ready = None
         if kv_2LTKD.device.type == "cuda":
             if nbytes <= self.piece_bytes:  # on the device's queue now, in step order
                 kv_2LTKD = self.buffers.copy_of(kv_2LTKD)

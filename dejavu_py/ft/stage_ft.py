@@ -186,7 +186,7 @@ class StageFT:
         self.ring.record(plan.mb, plan.step, plan.seq_ids, out if isinstance(out, torch.Tensor) else None, self._record)
         if self.sender is not None:
             self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, r.slots, r.phys_slots,
-                              r.step_kv)
+                              r.step_kv, r.step_kv_ready)
 
     def on_prompt_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor) -> None:
         """Token stage: the prompt KV that just arrived goes on to the replica as it is."""
