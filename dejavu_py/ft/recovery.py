@@ -52,6 +52,9 @@ class RecoveryRecord:
     cause: str
     t_failure: float
     """Wall-clock time of the failure (exit report or last heartbeat)."""
+    t_noticed: float = 0.0
+    gens: dict[str, int] = field(default_factory=dict)
+    """The failed members' generations when they failed (their exit reports are keyed by them)."""
     phases: dict[str, float] = field(default_factory=dict)
     attempts: int = 1
     notes: dict = field(default_factory=dict)
@@ -72,8 +75,9 @@ class Recovery:
     def run(self, failed: set[str], cause: str) -> None:
         c = self.coord
         self._flush_pending("interrupted by a later failure")
-        rec = RecoveryRecord(sorted(failed), cause, self._failure_time(failed))
-        rec.phases["detect_s"] = max(time.time() - rec.t_failure, 0.0)
+        rec = RecoveryRecord(sorted(failed), cause, self._failure_time(failed), time.time(),
+                             {name: self.coord.generation_of(name) for name in failed})
+        rec.phases["detect_s"] = max(rec.t_noticed - rec.t_failure, 0.0)
         self.in_progress = True
         c.write_progress()
         stash: list = []
@@ -103,6 +107,21 @@ class Recovery:
                 beat = last_beat(self.coord.store, name)
                 times.append(beat[1] if beat else time.time())
         return min(times)
+
+    def _redate(self, rec: RecoveryRecord) -> None:
+        """A broken connection is often noticed before the supervisor's exit report lands, and the failure
+        was then dated by the last heartbeat (up to a beat earlier). Once every failed member's report is
+        in, and each says it exited before it was noticed (a hung one we killed exits after), date it so."""
+        c, times = self.coord, []
+        for name, gen in rec.gens.items():
+            key = exit_key(name, gen)
+            t = get_json(c.store, key)["time"] if has(c.store, key) else None
+            if t is None or t > rec.t_noticed:
+                return
+            times.append(t)
+        if times and min(times) > rec.t_failure:
+            rec.t_failure = min(times)
+            rec.phases["detect_s"] = max(rec.t_noticed - rec.t_failure, 0.0)
 
     # -- one attempt -----------------------------------------------------------------------------
     def _attempt(self, failed: set[str], rec: RecoveryRecord, stash: list) -> None:
@@ -328,6 +347,7 @@ class Recovery:
         before it would compete with the recovery for the device)."""
         self._refill_standbys()
         for rec in self.first_token:
+            self._redate(rec)
             rec.notes["kill_to_next_token_s"] = round(time.time() - rec.t_failure, 4)
             rec.notes["resumed_at"] = round(time.time(), 4)  # wall clock: tools compare it with the fault's time
             if rec not in self.pending.values():
