@@ -95,3 +95,45 @@ def test_a_bulk_job_for_a_holder_that_was_replaced_is_never_announced(monkeypatc
     gate.set()
     sender.flush()
     assert sent == []
+
+
+class _LateBytes:
+    """Stands for the event of a host chunk's copy still in flight: its bytes land when it is waited for."""
+
+    def __init__(self, kv: torch.Tensor, value: float) -> None:
+        self.kv, self.value = kv, value
+
+    def synchronize(self) -> None:
+        time.sleep(0.02)
+        self.kv.fill_(self.value)
+
+
+def test_a_large_host_chunk_is_written_only_once_its_bytes_are_in():
+    sent: list = []
+    shm = torch.zeros(2, L, N, K, D)
+    sender = _sender(sent, shm)
+    msg, kv = _prompt({1: 4, 2: 3})  # larger than a piece: a bulk job
+    sender.forward(msg, kv.zero_(), ready=_LateBytes(kv, 7.0))
+    sender.flush()
+    assert torch.all(shm[:, :, msg.slots] == 7.0)
+
+
+def test_a_holder_replaced_during_a_bulk_job_across_hosts_leaves_the_sender_working():
+    gate = threading.Event()
+    sent: list = []
+
+    def send(m, t):
+        gate.wait(10)
+        sent.append(m)
+
+    kv_ = SimpleNamespace(layers=[0, 1], device=torch.device("cpu"))
+    sender = ReplicaSender("s0", kv_, lag=2, send=send, piece_bytes=PIECE)
+    msg, kv = _prompt({1: 4, 2: 3})
+    sender.forward(msg, kv)
+    time.sleep(0.05)  # the first piece is on its way
+    sender.reset()
+    gate.set()
+    flushed = threading.Thread(target=sender.flush, daemon=True)
+    flushed.start()
+    flushed.join(10)
+    assert not flushed.is_alive() and len(sent) < 4  # the rest of the job was dropped, the thread lives on

@@ -118,8 +118,8 @@ class ReplicaSender:
             k = torch.stack([self.kv.k_NKD[l][idx] for l in layers])
             v = torch.stack([self.kv.v_NKD[l][idx] for l in layers])
             written = torch.stack((k, v))
-        elif written.numel() * written.element_size() > self.piece_bytes:  # it outlives the next step: copy it
-            written = written.clone()
+        elif written.is_cuda and written.numel() * written.element_size() > self.piece_bytes:
+            written = written.clone()  # a device buffer the next step overwrites, copied out later by the bulk job
         self.forward(ReplicaChunk(self.me, mb, step, layers, list(seq_ids), list(start_pos), list(num_tokens), slots),
                      written, ready)
 
@@ -206,11 +206,11 @@ class ReplicaSender:
             elif not self._bulk:
                 self._deliver()
             return
-        if kv.numel() * kv.element_size() > self.piece_bytes:
-            self._start_bulk(msg, kv, ready)
-            return
-        if ready is not None:
+        if ready is not None and kv.device.type != "cuda":  # host bytes still being copied in: wait for them
             ready.synchronize()
+        if kv.numel() * kv.element_size() > self.piece_bytes:
+            self._start_bulk(msg, kv, ready if kv.device.type == "cuda" else None)
+            return
         shm = self.shm
         if shm is not None:  # written now: acknowledged now; the message may wait
             replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
@@ -269,7 +269,10 @@ class ReplicaSender:
         one announces the job to the holder, then the steps' chunks written meanwhile."""
         job = job or self._bulk[0]
         if job.epoch != self.epoch:  # the holder changed: its replacement is re-replicated from scratch
-            self._bulk.popleft()
+            if self._bulk and self._bulk[0] is job:
+                self._bulk.popleft()
+            job.pieces.clear()
+            job.copying.clear()
             return
         while job.pieces and len(job.copying) < 2:
             job.copying.append(self._copy_off(job, job.pieces.popleft()))
