@@ -203,18 +203,25 @@ class StageRunner:
     def _copy_out(self) -> torch.cuda.Event:
         """Queue the step's copies to the host (``_to_host``) on the copy stream, behind everything the
         step queued; the event marks the step and its copies done."""
-        event = torch.cuda.Event()
         if not self._copies:
+            event = torch.cuda.Event()
             event.record()
             return event
+        event = self._on_copy_stream(self._copies)
+        self._copies.clear()
+        return event
+
+    def _on_copy_stream(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
+        """Queue (device source, host destination) copies on the copy stream behind what the step's
+        stream holds now; the event marks them done."""
         side = self.copy_stream
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for src, dst in self._copies:
+        with torch.cuda.stream(side), torch.inference_mode():  # from ``finish`` too: the buffers are the step's
+            for src, dst in copies:
                 dst.copy_(src, non_blocking=True)
                 src.record_stream(side)  # not reused by the step's stream before the copy is done
+            event = torch.cuda.Event()
             event.record()
-        self._copies.clear()
         return event
 
     def finish(self, done: Launched) -> torch.Tensor | StepResult:
@@ -252,15 +259,8 @@ class StageRunner:
     def _issue(self) -> None:
         """Queue the last step's K/V copy on the copy stream, behind what the step's stream holds now."""
         late, self._late = self._late, None
-        if late is None:
-            return
-        side = self.copy_stream
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.inference_mode():  # from ``finish`` too: its buffers are the step's
-            late.dst.copy_(late.src, non_blocking=True)
-            late.src.record_stream(side)
-            late.event = torch.cuda.Event()
-            late.event.record()
+        if late is not None:
+            late.event = self._on_copy_stream([(late.src, late.dst)])
 
     def _to_host(self, t: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """A host copy of device tensor ``t`` (a pinned buffer of ``host``, valid once the step's event is
