@@ -41,9 +41,15 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
+INLINE_COPY_BYTES = 1 << 20
+"""A step's copies to the host up to this size go right behind its kernels, on its stream: the next step
+waits a few microseconds for them, less than a visit to the copy stream costs the host. A graph step's
+K/V above it goes out later, on the copy stream (``LateCopy``)."""
+
+
 @dataclass
 class LateCopy:
-    """A step's K/V on its way to the host, queued once the next step starts (``StageRunner._issue``):
+    """A step's K/V on its way to the host, queued when the next step is launched (``StageRunner._copy_out``):
     the copy engine then moves it while that step computes, where right behind its own step it would
     hold up the stages sharing the GPU (their contexts take turns with this one's copies)."""
 
@@ -53,6 +59,21 @@ class LateCopy:
     """Pinned host buffer (``StageRunner.host``)."""
     event: torch.cuda.Event | None = None
     """Recorded behind the copy once it is queued."""
+
+
+@dataclass
+class StepFT:
+    """What fault tolerance keeps of a finished step: its checkpoint's routing and its replica chunk."""
+
+    routing: RoutingRecord
+    slots: list[int]
+    """The cache slots the step wrote (sequence-table ids: what the replica mirrors)."""
+    phys_slots: list[int]
+    """The same slots on the device (differ from ``slots`` with KV swapping)."""
+    step_kv: torch.Tensor | None
+    """A graph step's new K/V [2, L, B, K, D] on the host (None: read it back from the cache)."""
+    kv_ready: torch.cuda.Event | None
+    """When ``step_kv`` holds its bytes (CUDA; None: it does already)."""
 
 
 @dataclass
@@ -75,6 +96,10 @@ class Launched:
     phys_slots: list[int] = field(default_factory=list)
     kv_copy: LateCopy | None = None
     """CUDA: how ``step_kv`` gets filled (its event, once queued, says when)."""
+    record: StepFT | None = None
+    """FT: what the step recorded, once taken (``StageRunner.ft_record``)."""
+    sources: list[torch.Tensor] = field(default_factory=list)
+    """CUDA: the device tensors its copies to the host read, kept until it is finished."""
     event: torch.cuda.Event | None = None
     """Recorded after the step's kernels and copies to the host (CUDA): waited for, not the stream."""
     forwarded: bool = False
@@ -125,8 +150,11 @@ class StageRunner:
         self.wait = DeviceWait()
         """Time this stage's thread spent waiting for its steps' kernels (the rest of a step is host work)."""
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        """A step's copies to the host run here, behind its kernels: the copy engine moves them while the
-        next step computes (on the step's stream each would hold up the kernels queued behind it)."""
+        """A step's copies to the host over ``INLINE_COPY_BYTES`` run here, behind its kernels: the copy
+        engine moves them while the next step computes (on the step's stream they would hold up the
+        kernels queued behind it)."""
+        self._side_used = False
+        """Copies were queued on ``copy_stream`` since the step's stream last waited for it."""
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._late: LateCopy | None = None
         """The last graph step's K/V copy, until the next step starts (or the step is finished first)."""
@@ -146,17 +174,23 @@ class StageRunner:
 
     @torch.inference_mode()
     def step(self, plan: StepPlan, x: torch.Tensor | None) -> torch.Tensor | StepResult:
-        """Hidden states [T, D] for the next stage, or (last stage) the sampled tokens."""
-        return self.finish(self.launch(plan, x))
+        """Hidden states [T, D] for the next stage, or (last stage) the sampled tokens; with recording
+        on, the step's FT record is taken too (``routing``, ``slots``, ``step_kv``)."""
+        done = self.launch(plan, x)
+        out = self.finish(done)
+        if self.record_routing:
+            self.ft_record(done)
+        return out
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan, x: torch.Tensor | None) -> Launched:
         """Queue the step's kernels (sampling included) without waiting for them (another step may be
         launched before this one is finished: what it records for FT is copied out behind it)."""
         self._apply(plan)
-        if self.copy_stream is not None:  # the copies queued before are done before their buffers are reused
+        late, self._late = self._late, None  # the last step's K/V: copied out while this one computes
+        if self._side_used:  # the copies queued there before are done before their buffers are reused
             torch.cuda.current_stream().wait_stream(self.copy_stream)
-            self._issue()  # the last step's K/V, while this one computes
+            self._side_used = False
         if self.spec.has_embed:
             x = self._input_ids(plan)
         elif x is None:
@@ -178,7 +212,11 @@ class StageRunner:
         if self.record_routing:
             rec = self.graphs.last_record(len(plan.seq_ids)) if static else None
             if rec is not None:
-                done.step_kv, done.kv_copy = self._late_kv(rec.kv_2LBKD)
+                kv = rec.kv_2LBKD
+                if kv.is_cuda and kv.numel() * kv.element_size() > INLINE_COPY_BYTES:
+                    done.step_kv, done.kv_copy = self._late_kv(kv)
+                else:
+                    done.step_kv = self._to_host(kv, copy=True)
                 done.routing = self._routing_to_host(rec.layers, rec.ids_RBK, rec.weights_RBK)
             elif self._routing_dev:  # an eager step: as the MoE layers reported it one by one
                 r = self._routing_dev
@@ -197,52 +235,70 @@ class StageRunner:
             done.ids = self._to_host(ids)
             self.trim_sampled()
         if self.device.type == "cuda":
-            done.event = self._copy_out()
+            done.event = self._copy_out(done, late)
         return done
 
-    def _copy_out(self) -> torch.cuda.Event:
-        """Queue the step's copies to the host (``_to_host``) on the copy stream, behind everything the
-        step queued; the event marks the step and its copies done."""
-        if not self._copies:
-            event = torch.cuda.Event()
-            event.record()
+    def _copy_out(self, done: Launched, late: LateCopy | None) -> torch.cuda.Event:
+        """The step's copies to the host (``_to_host``): small ones right behind its kernels; else one
+        visit to the copy stream: first the last graph step's K/V (``late``: the stream waited for its
+        device copy at that step's end, so it moves while this step computes), then, behind everything
+        this step queued, the step's own copies (and the wait for its device copy of its K/V, if it made
+        one). The event marks the step and its copies done."""
+        if late is None and self._late is None and \
+                sum(src.numel() * src.element_size() for src, _ in self._copies) <= INLINE_COPY_BYTES:
+            event = self._queue_copies(self._copies)  # small: right behind the step, on its stream
+            done.sources = [src for src, _ in self._copies]
+            self._copies = []
             return event
-        event = self._on_copy_stream(self._copies)
-        self._copies.clear()
+        self._side_used = True
+        side, main = self.copy_stream, torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(side):
+            if late is not None:
+                late.event = self._queue_copies([(late.src, late.dst)])
+            side.wait_stream(main)
+            event = self._queue_copies(self._copies)
+        done.sources = [src for src, _ in self._copies]  # alive until the step is finished: the copies read them
+        self._copies = []
         return event
 
-    def _on_copy_stream(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
-        """Queue (device source, host destination) copies on the copy stream behind what the step's
-        stream holds now; the event marks them done."""
-        side = self.copy_stream
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.inference_mode():  # from ``finish`` too: the buffers are the step's
-            for src, dst in copies:
-                dst.copy_(src, non_blocking=True)
-                src.record_stream(side)  # not reused by the step's stream before the copy is done
-            event = torch.cuda.Event()
-            event.record()
+    @staticmethod
+    @torch.inference_mode()
+    def _queue_copies(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
+        """(device source, host destination) copies on the current stream; the event marks them done."""
+        for src, dst in copies:
+            dst.copy_(src, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
         return event
 
     def finish(self, done: Launched) -> torch.Tensor | StepResult:
-        """Wait for a launched step; what ``step`` returns. Sets the FT record of the step (``routing``,
-        ``slots``, ``phys_slots``, ``step_kv``) for the checkpoint and the replica."""
+        """Wait for a launched step; what ``step`` returns. Its FT record is taken apart (``ft_record``):
+        off the pipeline's chain."""
         self.wait(done.event)
+        done.sources = []
         if done.kv_copy is not None and done.kv_copy.event is None:  # no step launched behind it yet
             self._issue()
-        if self.record_routing:
-            self.routing = compact(done.routing, copy=self.host.reuse)
-            for t in done.routing[1:]:
-                if t is not None:
-                    self.host.give(t)
-            self.step_kv, self.slots, self.phys_slots = done.step_kv, done.slots, done.phys_slots
-            self.step_kv_ready = done.kv_copy.event if done.kv_copy is not None else None
         if done.ids is None:
             return done.out
         plan = done.plan
         ids = done.ids.tolist()
         self.host.give(done.ids)
         return StepResult(plan.mb, plan.step, done.sids, ids)
+
+    def ft_record(self, done: Launched) -> StepFT:
+        """The FT record of a finished step (taken once: its host buffers go back), for the checkpoint and
+        the replica; also kept as the runner's last one (``routing``, ``slots``, ``phys_slots``, ``step_kv``)."""
+        if done.record is None:
+            routing = compact(done.routing, copy=self.host.reuse)
+            for t in done.routing[1:]:
+                if t is not None:
+                    self.host.give(t)
+            done.record = StepFT(routing, done.slots, done.phys_slots, done.step_kv,
+                                 done.kv_copy.event if done.kv_copy is not None else None)
+            r = done.record
+            self.routing, self.slots, self.phys_slots, self.step_kv, self.step_kv_ready = \
+                r.routing, r.slots, r.phys_slots, r.step_kv, r.kv_ready
+        return done.record
 
     def _late_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, LateCopy | None]:
         """A graph step's K/V [2, L, B, K, D] for the host: on CPU a clone; on CUDA a pinned buffer filled
@@ -257,10 +313,13 @@ class StageRunner:
         return self._late.dst, self._late
 
     def _issue(self) -> None:
-        """Queue the last step's K/V copy on the copy stream, behind what the step's stream holds now."""
+        """Queue the last step's K/V copy on the copy stream now (no step was launched behind it)."""
         late, self._late = self._late, None
         if late is not None:
-            late.event = self._on_copy_stream([(late.src, late.dst)])
+            side, self._side_used = self.copy_stream, True
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                late.event = self._queue_copies([(late.src, late.dst)])
 
     def _to_host(self, t: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """A host copy of device tensor ``t`` (a pinned buffer of ``host``, valid once the step's event is

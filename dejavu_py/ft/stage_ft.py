@@ -1,8 +1,8 @@
 """Fault tolerance inside a decode-pipeline stage worker (colocated or token stage).
 
-Per step: wait if the KV replica lags too far (back-pressure), then after computing record the
-step's token-state checkpoint, add its MoE routing to the plan, and stream the step's K/V to the
-replica holder. On the replica edges a receiver thread keeps the replica of the ring predecessor and
+Per step: wait if the KV replica lags too far (back-pressure); once the step is finished and its
+output on its way, send its MoE routing to the coordinator (the last stage: with its result), record
+its token-state checkpoint and stream its K/V to the replica holder, in the worker's idle time. On the replica edges a receiver thread keeps the replica of the ring predecessor and
 passes acknowledgements back. At recovery it answers the coordinator: ship a replica to a
 replacement, re-replicate to a replaced holder, tell which steps it can feed a replay from, feed it;
 and, on a replacement, take its KV back and count the replayed steps, checking their routing.
@@ -19,7 +19,7 @@ import torch
 from .. import log
 from ..engine.attn_meta import slot_of
 from ..engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult, StepRouting
-from .checkpoints import EMPTY, TokenStateRing, routing_mismatches
+from .checkpoints import TokenStateRing, routing_mismatches
 from ..comm.store import get_json, has, put_json
 from . import replica_shm
 from .messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
@@ -30,6 +30,7 @@ from .replica_shm import ReplicaShm
 if TYPE_CHECKING:
     from ..config import RunConfig
     from ..engine.kv_cache import CacheSpec
+    from ..engine.runner import Launched
     from ..runtime.layout import Layout, Member
     from ..runtime.worker import Worker
 
@@ -75,7 +76,6 @@ class StageFT:
         self.replay_left = -1
         self.replayed = 0
         self.mismatches = 0
-        self._record = EMPTY  # the last finished step's routing record, until keep_step
         self.bulk_from: str | None = None
         self.bulk_done = False
         if self.active:
@@ -156,37 +156,38 @@ class StageFT:
                 _log.warning("replica holder %s is %d steps behind on microbatch %d; going on", self.holder,
                              len(self.sender.unacked.get(plan.mb, [])), plan.mb)
 
-    def after_step(self, plan: StepPlan, out) -> bool:
-        """The step's routing to the coordinator (the last stage's with its result, the others' in a
-        ``StepRouting`` now: its replay needs it if this stage dies before the replica has the step);
-        True when this stage ends a replay (nothing to forward). Checkpointing and replicating wait for
-        ``keep_step``, after the output is on its way: off the pipeline's chain."""
+    def after_step(self, done: Launched, out) -> bool:
+        """What fault tolerance does on the pipeline's chain once a step is finished: the last stage's
+        routing goes with its result. True when this stage ends a replay: the step is kept and its
+        routing checked now, and nothing goes on. The rest waits for ``keep_step``."""
         if not self.active:
             return False
-        self._record = self.w.runner.routing
+        plan = done.plan
         if plan.replay_until != self.w.me.name:
             if isinstance(out, StepResult):
-                out.routing = {self.w.me.name: self._record}
-            else:
-                self.w.send_coord(StepRouting(plan.mb, plan.step, self.w.me.name, self._record))
+                out.routing = {self.w.me.name: self.w.runner.ft_record(done).routing}
             return False
-        self.keep_step(plan, out)
+        self.keep_step(done, out)
         if plan.forced is not None:
-            self.mismatches += routing_mismatches(plan, self._record)
+            self.mismatches += routing_mismatches(plan, self.w.runner.ft_record(done).routing)
         self.replayed += 1
         self._maybe_done()
         return True
 
-    def keep_step(self, plan: StepPlan, out) -> None:
-        """Checkpoint the step's token state and send its K/V to the replica (the runner still holds the
-        step's slots and K/V: before the next step is finished)."""
+    def keep_step(self, done: Launched, out) -> None:
+        """Off the chain (in the worker's idle time, see ``Worker.kept``): a stage other than the last
+        sends its routing to the coordinator (a replay of the step needs it if this stage dies before its
+        replica has the step, so it goes first), then checkpoints the step's token state and sends its
+        K/V to the replica."""
         if not self.active:
             return
-        r = self.w.runner
-        self.ring.record(plan.mb, plan.step, plan.seq_ids, out if isinstance(out, torch.Tensor) else None, self._record)
+        plan, rec = done.plan, self.w.runner.ft_record(done)
+        if plan.replay_until != self.w.me.name and not isinstance(out, StepResult):
+            self.w.send_coord(StepRouting(plan.mb, plan.step, self.w.me.name, rec.routing))
+        self.ring.record(plan.mb, plan.step, plan.seq_ids, out if isinstance(out, torch.Tensor) else None, rec.routing)
         if self.sender is not None:
-            self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, r.slots, r.phys_slots,
-                              r.step_kv, r.step_kv_ready)
+            self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, rec.slots, rec.phys_slots,
+                              rec.step_kv, rec.kv_ready)
 
     def on_prompt_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor) -> None:
         """Token stage: the prompt KV that just arrived goes on to the replica as it is."""

@@ -31,7 +31,7 @@ from ..engine.plan import EdgeBroken, KVAck, KVChunk, Sampled, StepPlan, StepRes
 from ..engine.progress import LoopTimes
 from ..engine.runner import Launched, StageRunner
 from ..errors import PipelineError, UserError
-from ..ft.heartbeat import start_beating
+from ..ft.heartbeat import beat_interval, start_beating
 from ..ft.messages import (
     EdgesReady,
     Rebuilt,
@@ -86,7 +86,7 @@ def run_member(spec: WorkerSpec, store, runner: StageRunner | None, takeover: bo
     log.setup(cfg.runtime.log_level, cfg.logs_dir / f"rank{spec.rank}-{m.name}.log", console_level="WARNING")
     log.set_identity(m.role, m.name, spec.rank)
     torch.set_num_threads(cfg.pipeline.threads)
-    beating = start_beating(store, m.name, spec.generation, cfg.ft.hang_timeout_s / 5)
+    beating = start_beating(store, m.name, spec.generation, beat_interval(cfg.ft.hang_timeout_s))
     t0 = time.monotonic()
     try:
         device = resolve_device(cfg.pipeline, spec.local_rank)
@@ -146,6 +146,10 @@ class Worker:
         busy: other messages (replica chunks held)."""
         self.pending: collections.deque[Launched] = collections.deque()
         """Steps launched and not finished, oldest first."""
+        self.kept: collections.deque[tuple[Launched, object]] = collections.deque()
+        """Finished steps (with their outputs) whose FT bookkeeping (``StageFT.keep_step``) waits for the
+        loop to be idle: off the chain of launches. With the steps in ``pending`` at most one, as many as
+        an unfinished step would be: the coordinator's routing record and the replica lag the same."""
         self.ahead = RunAhead(self) if runs_ahead(spec) else None
         """Asynchronous scheduling (runtime/ahead.py)."""
 
@@ -203,6 +207,9 @@ class Worker:
         self.times = LoopTimes()  # from the first message on: connecting is no step's cost
         while True:
             self.times.mark("busy")  # whatever the last message cost, if not a step
+            if self.kept and self.inbox.empty():  # idle: a finished step's FT bookkeeping
+                self._keep(1)
+                continue
             peer, msg, x = self.inbox.get()
             self.times.mark("idle")
             if isinstance(msg, StepDone):
@@ -259,6 +266,7 @@ class Worker:
             self.streamer.begin(plan, seqs)
         if self.receiver is not None and plan.release:
             self.receiver.forget(plan.release)
+        self._keep(len(self.kept) + len(self.pending) - 1)  # at most one step's record not yet out
         self.ft.before_step(plan)
         self.times.mark("replica_wait")  # back-pressure: the replica holder's acknowledgements
         ahead = self.ahead is not None and plan.replay_until is None
@@ -274,14 +282,15 @@ class Worker:
         return 1
 
     def _finish_through(self, step: int | None) -> None:
-        """Finish the launched steps up to ``step`` (None: all), oldest first: checkpoint, replicate, send."""
+        """Finish the launched steps up to ``step`` (None: all, their FT bookkeeping too), oldest first:
+        send the output, then leave the checkpoint and the replica chunk to ``kept``."""
         while self.pending and (step is None or self.pending[0].plan.step <= step):
             done = self.pending.popleft()
             waited = self.runner.wait.seconds
             out = self.runner.finish(done)
             self.times.mark("finish")
             self.times.add("device_wait", self.runner.wait.seconds - waited)
-            if self.ft.after_step(done.plan, out):
+            if self.ft.after_step(done, out):
                 self.times.end_step()
                 continue  # a replayed step ends here: its output was already delivered before the failure
             self.times.mark("record")
@@ -290,9 +299,17 @@ class Worker:
             elif not done.forwarded:
                 self.send_to(self.me.next, done.plan, out)
             self.times.mark("send")
-            self.ft.keep_step(done.plan, out)
-            self.times.mark("checkpoint")
+            if self.ft.active:
+                self.kept.append((done, out))
             self.times.end_step()
+        if step is None:
+            self._keep(len(self.kept))
+
+    def _keep(self, n: int) -> None:
+        """The FT bookkeeping of the ``n`` oldest finished steps (``kept``)."""
+        for _ in range(min(n, len(self.kept))):
+            self.ft.keep_step(*self.kept.popleft())
+            self.times.mark("checkpoint")
 
     def send_coord(self, msg: object) -> None:
         self.send_to(COORD, msg)

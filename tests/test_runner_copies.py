@@ -1,0 +1,81 @@
+"""CUDA: what a graph decode step hands fault tolerance on the host. Small steps copy their K/V and
+routing right behind their kernels; large ones copy the K/V later, on the copy stream, once the next
+step is launched (or when the step is finished first). Either way the host copy must be the K/V the
+step wrote into the cache, and the routing the one an eager run of the same steps records."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dejavu_py.engine import runner as runner_mod
+from dejavu_py.engine.decode_graphs import DecodeGraphs
+from dejavu_py.engine.kv_cache import CacheSpec, KVCache
+from dejavu_py.engine.plan import SeqState, StepPlan
+from dejavu_py.engine.runner import StageRunner
+from dejavu_py.engine.split import split_stages
+from dejavu_py.models.config import load_model_config
+from dejavu_py.models.loader import load_stage
+from make_checkpoint import make_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the copy streams")
+BS = 4
+TABLES = {0: [0, 1, 2, 3], 1: [4, 5, 6, 7], 2: [8, 9, 10, 11]}
+PROMPTS = {0: [5, 9, 11, 3, 7], 1: [8, 2, 6], 2: [4, 4, 9, 10]}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ck") / "m", family="qwen3_moe", seed=5, tokenizer=False)
+
+
+def runner_for(ckpt, graphs: bool) -> StageRunner:
+    cfg = load_model_config(ckpt)
+    spec = split_stages(cfg.num_layers, 1)[0]
+    dev = torch.device("cuda")
+    model = load_stage(ckpt, spec, torch.float32, dev)
+    kv = KVCache(CacheSpec(16, BS, cfg.num_kv_heads, cfg.head_dim), spec.layers, torch.float32, dev)
+    g = DecodeGraphs(model, kv, BS, 4, 16, capture=True, record=True) if graphs else None
+    r = StageRunner(model, kv, spec, BS, dev, g)
+    r.enable_recording()
+    return r
+
+
+def decode_steps(r: StageRunner, steps: int) -> list:
+    """A prefill, then ``steps`` decode steps, each launched before the one before it is finished (as a
+    worker running ahead does: its tokens are the sampled ids on the device); returns each decode step's
+    plan and FT record."""
+    sids = sorted(PROMPTS)
+    first = StepPlan(0, 0, sids, [0] * 3, [len(PROMPTS[s]) for s in sids], [t for s in sids for t in PROMPTS[s]],
+                     [True] * 3, new_seqs={s: SeqState(TABLES[s], 0.0, 1.0, 0, 0) for s in sids})
+    r.step(first, None)
+    out, prev = [], None
+    for k in range(1, steps + 1):
+        pos = [len(PROMPTS[s]) + k - 1 for s in sids]
+        done = r.launch(StepPlan(0, k, sids, pos, [1] * 3, [-1, -2, -3], [True] * 3, follows=k - 1), None)
+        if prev is not None:
+            r.finish(prev)
+            out.append((prev.plan, r.ft_record(prev)))
+        prev = done
+    r.finish(prev)
+    return out + [(prev.plan, r.ft_record(prev))]
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["inline", "late"])
+def test_graph_steps_hand_their_written_kv_and_routing_to_the_host(ckpt, monkeypatch, late):
+    monkeypatch.setattr(runner_mod, "INLINE_COPY_BYTES", 0 if late else 1 << 40)
+    r = runner_for(ckpt, graphs=True)
+    recs = decode_steps(r, 5)
+    eager = {plan.step: rec for plan, rec in decode_steps(runner_for(ckpt, graphs=False), 5)}
+    torch.cuda.synchronize()
+    assert len(recs) == 5 and all(rec.step_kv is not None for _, rec in recs)
+    assert all((rec.kv_ready is not None) == late for _, rec in recs)
+    for plan, rec in recs:
+        if rec.kv_ready is not None:
+            rec.kv_ready.synchronize()
+        idx = torch.tensor(rec.phys_slots, device="cuda")
+        for i, layer in enumerate(r.kv.layers):
+            assert torch.equal(rec.step_kv[0, i].cuda(), r.kv.k_NKD[layer][idx]), (plan.step, layer)
+            assert torch.equal(rec.step_kv[1, i].cuda(), r.kv.v_NKD[layer][idx]), (plan.step, layer)
+        want = eager[plan.step].routing
+        assert rec.routing.layers == want.layers and (rec.routing.ids == want.ids).all(), plan.step
+        assert abs(rec.routing.weights - want.weights).max() < 1e-5
