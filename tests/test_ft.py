@@ -97,6 +97,9 @@ def test_kill_a_stage_at_a_chosen_step(ckpt, workload, tmp_path, victim):
     # a stage sends its output at launch and its routing record when the step is finished: the steps a
     # kill catches in between (at most one per microbatch in flight) replay without a record to check
     assert rec[0]["steps_replayed_unrecorded"] <= 3
+    # the failure is dated by its exit report, or by the victim's last heartbeat (at most 0.1 s early)
+    dated = rec[0]["resumed_at"] - rec[0]["kill_to_next_token_s"]
+    assert -0.25 < dated - hit[0]["time"] < rec[0]["phases"]["detect_s"] + 1.0
     stats = json.loads((run / "ft_stats.json").read_text())
     assert stats["stages"]["s0"]["checkpoints"] > 0 and stats["stages"]["s0"]["replica_chunks"] > 0
     assert (stats["stages"]["s0"]["replica_shm_chunks"] > 0) == shared

@@ -10,6 +10,17 @@ import threading
 import time
 
 
+MAX_BEAT_S = 0.1
+"""Longest interval between two beats. A failure noticed before its supervisor's exit report lands (a
+killed GPU process drops its connections well before it has exited) is dated by the last beat: this
+bounds how early that date can be, and with it how much recoveries.jsonl overstates a recovery."""
+
+
+def beat_interval(hang_timeout_s: float) -> float:
+    """A fifth of the hang timeout, at most ``MAX_BEAT_S``."""
+    return min(hang_timeout_s / 5, MAX_BEAT_S)
+
+
 def hb_key(name: str) -> str:
     return f"hb/{name}"
 
