@@ -19,7 +19,8 @@ from dejavu_py.ft.replica_sender import ReplicaSender
 
 def _record(layers=(3, 4, 5), T=2, K=2, seed=0) -> RoutingRecord:
     g = torch.Generator().manual_seed(seed)
-    return compact((list(layers), torch.randint(0, 8, (len(layers), T, K), generator=g), torch.rand(len(layers), T, K, generator=g)))
+    ids, w = torch.randint(0, 8, (len(layers), T, K), generator=g), torch.rand(len(layers), T, K, generator=g)
+    return compact((list(layers), torch.stack((ids.float(), w))))
 
 
 def test_routing_record_is_stacked_iterates_by_layer_and_pickles_writable():
@@ -30,7 +31,7 @@ def test_routing_record_is_stacked_iterates_by_layer_and_pickles_writable():
     for (l1, i1, w1), (l2, i2, w2), j in zip(rec, back, range(3)):
         assert l1 == l2 and np.array_equal(i1, i2) and np.array_equal(w1, w2) and np.array_equal(i1, rec.ids[j])
     assert rec.nbytes == 3 * 2 * 2 * (2 + 4) and len(EMPTY) == 0 and list(EMPTY) == []
-    assert compact(([], None, None)) is EMPTY
+    assert compact(([], None)) is EMPTY
 
 
 def test_routing_mismatches_counts_live_tokens_against_a_stacked_record():

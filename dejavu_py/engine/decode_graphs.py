@@ -11,8 +11,9 @@ sequence owns, so they write their K/V there and attend to finite garbage that n
 On CPU the same static path runs eagerly (``capture=False``): the tests check it against the plain path.
 
 With ``record`` (fault tolerance on) the step also stacks, inside the graph, what a stage's checkpoint and
-KV replica need: every MoE layer's routing (ids_RBK, weights_RBK) and every layer's new K/V (kv_2LBKD),
-so that after a replay they are one copy each away from the host, with no gather launched per layer.
+KV replica need: every MoE layer's routing (routing_2RBK: expert ids, exact as float32, and weights) and
+every layer's new K/V (kv_2LBKD), so that after a replay they are one copy each away from the host, with no
+gather launched per layer.
 
 Legend: B = batch rows (bucketed), M = blocks per row, W = context width (M * block size), D = hidden,
 R = MoE layers of the stage, L = its layers, K = top-k (routing) or KV heads (cache), Dh = head dim.
@@ -67,20 +68,27 @@ def width_buckets(max_len: int, block_size: int) -> list[int]:
     return out + [top]
 
 
+def stack_routing(routed: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """(layer, ids_BK, weights_BK) of each MoE layer as one float32 tensor [2, R, B, K]: expert ids (exact
+    in float32) then weights, in the layers' order."""
+    return torch.stack((torch.stack([i for _, i, _ in routed]).to(torch.float32),
+                        torch.stack([w for _, _, w in routed]).to(torch.float32)))
+
+
 @dataclass
 class StepRecord:
     """What a decode step routed and wrote, stacked over the stage's layers."""
 
     layers: list[int]
-    """The MoE layers, in the order of ``ids_RBK``."""
-    ids_RBK: torch.Tensor | None
-    weights_RBK: torch.Tensor | None
+    """The MoE layers, in the order of ``routing_2RBK``."""
+    routing_2RBK: torch.Tensor | None
+    """Top-k expert ids (as float32: exact) and their weights, one float32 tensor: one copy to the host."""
     kv_2LBKD: torch.Tensor
     """The new K and V of every layer of the stage (in cache order), as written to the cache."""
 
     def rows(self, batch: int) -> StepRecord:
-        cut = (lambda t: None if t is None else t[:, :batch])  # noqa: E731
-        return StepRecord(self.layers, cut(self.ids_RBK), cut(self.weights_RBK), self.kv_2LBKD[:, :, :batch])
+        routing = None if self.routing_2RBK is None else self.routing_2RBK[:, :, :batch]
+        return StepRecord(self.layers, routing, self.kv_2LBKD[:, :, :batch])
 
 
 class DecodeGraphs:
@@ -180,10 +188,8 @@ class DecodeGraphs:
         dtype = self.kv.k_NKD[self.kv.layers[0]].dtype
         kv_2LBKD = torch.stack((torch.stack([k for k, _ in written]), torch.stack([v for _, v in written]))).to(dtype)
         if not routed:
-            return out, StepRecord([], None, None, kv_2LBKD)
-        # in the dtypes of the host record (checkpoints.compact): no conversion launched per step
-        return out, StepRecord([layer for layer, _, _ in routed], torch.stack([i for _, i, _ in routed]).to(torch.int16),
-                               torch.stack([w for _, _, w in routed]).to(torch.float32), kv_2LBKD)
+            return out, StepRecord([], None, kv_2LBKD)
+        return out, StepRecord([layer for layer, _, _ in routed], stack_routing(routed), kv_2LBKD)
 
     def _capture(self, Bb: int, W: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream, then capture; the inputs are the current step's, so the K/V the

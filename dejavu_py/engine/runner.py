@@ -8,7 +8,7 @@ import torch
 
 from .. import log
 from .attn_meta import SeqSlice, build_attn_meta
-from .decode_graphs import DecodeGraphs
+from .decode_graphs import DecodeGraphs, stack_routing
 from .host_buffers import HostBuffers
 from .kv_cache import KVCache
 from .plan import SeqState, StepPlan, StepResult
@@ -86,9 +86,9 @@ class Launched:
     sids: list[int] = field(default_factory=list)
     ids: torch.Tensor | None = None
     """Last stage: the sampled token of each of ``sids`` (host, filled when ``event`` is done)."""
-    routing: tuple = ([], None, None)
-    """FT: (MoE layers, ids [R, T, K] int16, weights [R, T, K] float32) on the host, filled when ``event``
-    is done (buffers of ``StageRunner.host``)."""
+    routing: tuple = ([], None)
+    """FT: (MoE layers, ids and weights [2, R, T, K] float32) on the host, filled when ``event`` is done (a
+    buffer of ``StageRunner.host``)."""
     step_kv: torch.Tensor | None = None
     """FT, a graph step: its new K/V [2, L, B, K, D] on the host, filled when ``event`` is done (see
     StageRunner.step_kv)."""
@@ -153,8 +153,8 @@ class StageRunner:
         """A step's copies to the host over ``INLINE_COPY_BYTES`` run here, behind its kernels: the copy
         engine moves them while the next step computes (on the step's stream they would hold up the
         kernels queued behind it)."""
-        self._side_used = False
-        """Copies were queued on ``copy_stream`` since the step's stream last waited for it."""
+        self._side_done: torch.cuda.Event | None = None
+        """Recorded behind the last copies queued on ``copy_stream`` since the step's stream waited for it."""
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._late: LateCopy | None = None
         """The last graph step's K/V copy, until the next step starts (or the step is finished first)."""
@@ -188,9 +188,9 @@ class StageRunner:
         launched before this one is finished: what it records for FT is copied out behind it)."""
         self._apply(plan)
         late, self._late = self._late, None  # the last step's K/V: copied out while this one computes
-        if self._side_used:  # the copies queued there before are done before their buffers are reused
-            torch.cuda.current_stream().wait_stream(self.copy_stream)
-            self._side_used = False
+        if self._side_done is not None:  # the copies queued there before are done before their buffers are reused
+            torch.cuda.current_stream().wait_event(self._side_done)
+            self._side_done = None
         if self.spec.has_embed:
             x = self._input_ids(plan)
         elif x is None:
@@ -217,11 +217,10 @@ class StageRunner:
                     done.step_kv, done.kv_copy = self._late_kv(kv)
                 else:
                     done.step_kv = self._to_host(kv, copy=True)
-                done.routing = self._routing_to_host(rec.layers, rec.ids_RBK, rec.weights_RBK)
+                done.routing = self._routing_to_host(rec.layers, rec.routing_2RBK)
             elif self._routing_dev:  # an eager step: as the MoE layers reported it one by one
                 r = self._routing_dev
-                done.routing = self._routing_to_host([layer for layer, _, _ in r], torch.stack([i for _, i, _ in r]),
-                                                torch.stack([w for _, _, w in r]))
+                done.routing = self._routing_to_host([layer for layer, _, _ in r], stack_routing(r))
             tables = [self._table(s) if s in self._scratch else self.seqs[s].block_table  # virtual ids
                       for s in plan.seq_ids]
             done.slots = step_slots(tables, plan.start_pos, plan.num_tokens, self.block_size)
@@ -250,13 +249,12 @@ class StageRunner:
             done.sources = [src for src, _ in self._copies]
             self._copies = []
             return event
-        self._side_used = True
         side, main = self.copy_stream, torch.cuda.current_stream(self.device)
         with torch.cuda.stream(side):
             if late is not None:
                 late.event = self._queue_copies([(late.src, late.dst)])
             side.wait_stream(main)
-            event = self._queue_copies(self._copies)
+            event = self._side_done = self._queue_copies(self._copies)
         done.sources = [src for src, _ in self._copies]  # alive until the step is finished: the copies read them
         self._copies = []
         return event
@@ -316,10 +314,10 @@ class StageRunner:
         """Queue the last step's K/V copy on the copy stream now (no step was launched behind it)."""
         late, self._late = self._late, None
         if late is not None:
-            side, self._side_used = self.copy_stream, True
+            side = self.copy_stream
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                late.event = self._queue_copies([(late.src, late.dst)])
+                late.event = self._side_done = self._queue_copies([(late.src, late.dst)])
 
     def _to_host(self, t: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """A host copy of device tensor ``t`` (a pinned buffer of ``host``, valid once the step's event is
@@ -331,12 +329,9 @@ class StageRunner:
             return dst
         return t.clone() if copy else t
 
-    def _routing_to_host(self, layers: list[int], ids_RTK: torch.Tensor | None, w_RTK: torch.Tensor | None) -> tuple:
-        """Every MoE layer's (ids, weights), stacked over layers: one queued copy each, in the dtypes of the
-        record (checkpoints.compact), so that the host converts nothing."""
-        if ids_RTK is None:
-            return layers, None, None
-        return layers, self._to_host(ids_RTK.to(torch.int16), copy=True), self._to_host(w_RTK.to(torch.float32), copy=True)
+    def _routing_to_host(self, layers: list[int], routing_2RTK: torch.Tensor | None) -> tuple:
+        """Every MoE layer's ids and weights (``stack_routing``): one queued copy (checkpoints.compact reads it)."""
+        return layers, None if routing_2RTK is None else self._to_host(routing_2RTK, copy=True)
 
     def trim_sampled(self, keep: int = 16) -> None:
         """Keep the last ``keep`` steps' ids (a plan follows a step at most two per microbatch back)."""

@@ -66,15 +66,15 @@ def _record_from_bytes(layers: tuple[int, ...], shape: tuple[int, ...], ids: byt
 EMPTY = RoutingRecord((), np.zeros((0, 0, 0), np.int16), np.zeros((0, 0, 0), np.float32))
 
 
-def compact(routing: tuple[list[int], torch.Tensor | None, torch.Tensor | None], copy: bool = False) -> RoutingRecord:
-    """The record of a step's routing as the runner has it (MoE layers, ids [R, T, K], weights [R, T, K]
-    on the host): two conversions, whatever the number of layers; ``copy``: of its own (the tensors are
-    buffers used again)."""
-    layers, ids_RTK, w_RTK = routing
-    if ids_RTK is None:
+def compact(routing: tuple[list[int], torch.Tensor | None], copy: bool = False) -> RoutingRecord:
+    """The record of a step's routing as the runner has it (MoE layers, and [2, R, T, K] on the host:
+    expert ids as float32, then weights): two conversions, whatever the number of layers; ``copy``: of its
+    own (the tensor is a buffer used again)."""
+    layers, r_2RTK = routing
+    if r_2RTK is None:
         return EMPTY
-    ids, w = ids_RTK.to(torch.int16).numpy(), w_RTK.to(torch.float32).numpy()
-    return RoutingRecord(tuple(layers), ids.copy() if copy else ids, w.copy() if copy else w)
+    w = r_2RTK[1].to(torch.float32).numpy()
+    return RoutingRecord(tuple(layers), r_2RTK[0].to(torch.int16).numpy(), w.copy() if copy else w)
 
 
 def routing_mismatches(plan, recomputed: Routing) -> int:
