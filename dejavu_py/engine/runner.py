@@ -298,11 +298,9 @@ class StageRunner:
                 r.routing, r.slots, r.phys_slots, r.step_kv, r.kv_ready
         return done.record
 
-    def _late_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, LateCopy | None]:
-        """A graph step's K/V [2, L, B, K, D] for the host: on CPU a clone; on CUDA a pinned buffer filled
-        by a ``LateCopy`` from a device copy (the graph's record is overwritten by the next step)."""
-        if not kv.is_cuda:
-            return kv.clone(), None
+    def _late_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, LateCopy]:
+        """A graph step's K/V [2, L, B, K, D] (on the device, over ``INLINE_COPY_BYTES``) for the host: a
+        pinned buffer filled by a ``LateCopy`` from a device copy (the next step overwrites the record)."""
         if not self._staging or self._staging[0].numel() < kv.numel():
             self._staging = [torch.empty(kv.numel(), dtype=kv.dtype, device=kv.device) for _ in range(2)]
         self._staging.reverse()  # the other one: the step before's may still be copying out

@@ -2,8 +2,9 @@
 
 Per step: wait if the KV replica lags too far (back-pressure); once the step is finished and its
 output on its way, send its MoE routing to the coordinator (the last stage: with its result), record
-its token-state checkpoint and stream its K/V to the replica holder, in the worker's idle time. On the replica edges a receiver thread keeps the replica of the ring predecessor and
-passes acknowledgements back. At recovery it answers the coordinator: ship a replica to a
+its token-state checkpoint and stream its K/V to the replica holder, in the worker's idle time. On
+the replica edges a receiver thread keeps the replica of the ring predecessor and passes
+acknowledgements back. At recovery it answers the coordinator: ship a replica to a
 replacement, re-replicate to a replaced holder, tell which steps it can feed a replay from, feed it;
 and, on a replacement, take its KV back and count the replayed steps, checking their routing.
 """
