@@ -91,6 +91,34 @@ class StepRecord:
         return StepRecord(self.layers, routing, self.kv_2LBKD[:, :, :batch])
 
 
+UPLOAD_SLOTS = 8
+"""Pinned buffers a decode step's block tables and context lengths go up from, in turn."""
+
+
+class Uploads:
+    """Small int32 uploads from pinned buffers taken in turn. From pageable memory an upload waits for
+    the copy engine before the launch goes on, and with fault tolerance on that engine is moving the K/V
+    the stages send to their replicas; from pinned memory it is only queued. A buffer is written again
+    once the copy from it, ``UPLOAD_SLOTS`` steps back, is done."""
+
+    def __init__(self, numel: int) -> None:
+        self.bufs = [torch.empty(numel, dtype=torch.int32, pin_memory=True) for _ in range(UPLOAD_SLOTS)]
+        self.done = [torch.cuda.Event() for _ in range(UPLOAD_SLOTS)]
+        self.i = 0
+
+    def put(self, pairs: list[tuple[torch.Tensor, list]]) -> None:
+        """Each host list (flat, or rows) into its device tensor of the same shape, queued on the stream."""
+        self.i = (self.i + 1) % UPLOAD_SLOTS
+        self.done[self.i].synchronize()
+        buf, at = self.bufs[self.i], 0
+        for dst, values in pairs:
+            src = buf[at:at + dst.numel()].view(dst.shape)
+            src.copy_(torch.tensor(values, dtype=torch.int32))
+            dst.copy_(src, non_blocking=True)
+            at += dst.numel()
+        self.done[self.i].record()
+
+
 class DecodeGraphs:
     """Static-buffer decode for one stage's model and KV cache."""
 
@@ -105,6 +133,7 @@ class DecodeGraphs:
         self.scratch = kv.scratch_block
         self.tables_BM = torch.full((self.max_batch, blocks), self.scratch, dtype=torch.int32, device=self.device)
         self.ctx_B = torch.ones(self.max_batch, dtype=torch.int32, device=self.device)
+        self._uploads = Uploads(self.max_batch * (blocks + 1)) if self.device.type == "cuda" else None
         if model.spec.has_embed:
             self.x = torch.zeros(self.max_batch, dtype=torch.long, device=self.device)
         else:
@@ -144,8 +173,11 @@ class DecodeGraphs:
         W = self.width_buckets[bisect.bisect_left(self.width_buckets, max(ctx_lens))]
         M = W // self.block_size
         rows = [t[:M] + [self.scratch] * (M - len(t[:M])) for t in tables]
-        self.tables_BM[:B, :M].copy_(torch.tensor(rows, dtype=torch.int32), non_blocking=True)
-        self.ctx_B[:B].copy_(torch.tensor(ctx_lens, dtype=torch.int32), non_blocking=True)
+        if self._uploads is not None:
+            self._uploads.put([(self.tables_BM[:B, :M], rows), (self.ctx_B[:B], ctx_lens)])
+        else:
+            self.tables_BM[:B, :M].copy_(torch.tensor(rows, dtype=torch.int32))
+            self.ctx_B[:B].copy_(torch.tensor(ctx_lens, dtype=torch.int32))
         if Bb > B:
             self.tables_BM[B:Bb, :M].fill_(self.scratch)
             self.ctx_B[B:Bb].fill_(1)
