@@ -1,7 +1,8 @@
 """CUDA: what a graph decode step hands fault tolerance on the host. Small steps copy their K/V and
 routing right behind their kernels; large ones copy the K/V later, on the copy stream, once the next
 step is launched (or when the step is finished first). Either way the host copy must be the K/V the
-step wrote into the cache, and the routing the one an eager run of the same steps records."""
+step wrote into the cache (so the step also found its block tables, uploaded from pinned buffers taken
+in turn), and the routing the one an eager run of the same steps records."""
 from __future__ import annotations
 
 import pytest
@@ -19,7 +20,9 @@ from make_checkpoint import make_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the copy streams")
 BS = 4
-TABLES = {0: [0, 1, 2, 3], 1: [4, 5, 6, 7], 2: [8, 9, 10, 11]}
+TABLES = {0: [0, 1, 2, 3, 4], 1: [5, 6, 7, 8, 9], 2: [10, 11, 12, 13, 14]}
+STEPS = 12
+"""More decode steps than ``UPLOAD_SLOTS``: the pinned buffers the block tables go up from come round again."""
 PROMPTS = {0: [5, 9, 11, 3, 7], 1: [8, 2, 6], 2: [4, 4, 9, 10]}
 
 
@@ -33,8 +36,8 @@ def runner_for(ckpt, graphs: bool) -> StageRunner:
     spec = split_stages(cfg.num_layers, 1)[0]
     dev = torch.device("cuda")
     model = load_stage(ckpt, spec, torch.float32, dev)
-    kv = KVCache(CacheSpec(16, BS, cfg.num_kv_heads, cfg.head_dim), spec.layers, torch.float32, dev)
-    g = DecodeGraphs(model, kv, BS, 4, 16, capture=True, record=True) if graphs else None
+    kv = KVCache(CacheSpec(20, BS, cfg.num_kv_heads, cfg.head_dim), spec.layers, torch.float32, dev)
+    g = DecodeGraphs(model, kv, BS, 4, 32, capture=True, record=True) if graphs else None
     r = StageRunner(model, kv, spec, BS, dev, g)
     r.enable_recording()
     return r
@@ -64,10 +67,10 @@ def decode_steps(r: StageRunner, steps: int) -> list:
 def test_graph_steps_hand_their_written_kv_and_routing_to_the_host(ckpt, monkeypatch, late):
     monkeypatch.setattr(runner_mod, "INLINE_COPY_BYTES", 0 if late else 1 << 40)
     r = runner_for(ckpt, graphs=True)
-    recs = decode_steps(r, 5)
-    eager = {plan.step: rec for plan, rec in decode_steps(runner_for(ckpt, graphs=False), 5)}
+    recs = decode_steps(r, STEPS)
+    eager = {plan.step: rec for plan, rec in decode_steps(runner_for(ckpt, graphs=False), STEPS)}
     torch.cuda.synchronize()
-    assert len(recs) == 5 and all(rec.step_kv is not None for _, rec in recs)
+    assert len(recs) == STEPS and all(rec.step_kv is not None for _, rec in recs)
     assert all((rec.kv_ready is not None) == late for _, rec in recs)
     for plan, rec in recs:
         if rec.kv_ready is not None:
