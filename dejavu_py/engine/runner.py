@@ -159,8 +159,6 @@ class StageRunner:
         self._late: LateCopy | None = None
         """The last graph step's K/V copy, until the next step starts (or the step is finished first)."""
         self._staging: list[torch.Tensor] = []
-        self.step_kv_ready: torch.cuda.Event | None = None
-        """When ``step_kv`` holds its bytes (CUDA; None: it does already)."""
 
     def enable_recording(self) -> None:
         self.record_routing = True
@@ -249,15 +247,21 @@ class StageRunner:
             done.sources = [src for src, _ in self._copies]
             self._copies = []
             return event
+        event = self._on_copy_stream(late, self._copies)
+        done.sources = [src for src, _ in self._copies]  # alive until the step is finished: the copies read them
+        self._copies = []
+        return event
+
+    def _on_copy_stream(self, late: LateCopy | None, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
+        """On the copy stream: ``late`` first, with no wait (its device copy was waited for already), then,
+        behind everything the step's stream holds now, ``copies``; the event marks those done."""
         side, main = self.copy_stream, torch.cuda.current_stream(self.device)
         with torch.cuda.stream(side):
             if late is not None:
                 late.event = self._queue_copies([(late.src, late.dst)])
             side.wait_stream(main)
-            event = self._side_done = self._queue_copies(self._copies)
-        done.sources = [src for src, _ in self._copies]  # alive until the step is finished: the copies read them
-        self._copies = []
-        return event
+            self._side_done = self._queue_copies(copies)
+        return self._side_done
 
     @staticmethod
     @torch.inference_mode()
@@ -294,8 +298,7 @@ class StageRunner:
             done.record = StepFT(routing, done.slots, done.phys_slots, done.step_kv,
                                  done.kv_copy.event if done.kv_copy is not None else None)
             r = done.record
-            self.routing, self.slots, self.phys_slots, self.step_kv, self.step_kv_ready = \
-                r.routing, r.slots, r.phys_slots, r.step_kv, r.kv_ready
+            self.routing, self.slots, self.phys_slots, self.step_kv = r.routing, r.slots, r.phys_slots, r.step_kv
         return done.record
 
     def _late_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, LateCopy]:
@@ -311,11 +314,8 @@ class StageRunner:
     def _issue(self) -> None:
         """Queue the last step's K/V copy on the copy stream now (no step was launched behind it)."""
         late, self._late = self._late, None
-        if late is not None:
-            side = self.copy_stream
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                late.event = self._side_done = self._queue_copies([(late.src, late.dst)])
+        if late is not None:  # its device copy is on the step's stream: behind the wait
+            late.event = self._on_copy_stream(None, [(late.src, late.dst)])
 
     def _to_host(self, t: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """A host copy of device tensor ``t`` (a pinned buffer of ``host``, valid once the step's event is
