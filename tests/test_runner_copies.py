@@ -1,6 +1,6 @@
 """CUDA: what a graph decode step hands fault tolerance on the host. Small steps copy their K/V and
-routing right behind their kernels; large ones copy the K/V later, on the copy stream, once the next
-step is launched (or when the step is finished first). Either way the host copy must be the K/V the
+routing right behind their kernels; large ones copy the K/V later, on the copy stream, when the next
+step is launched (or when the worker flushes it: no step behind it). Either way the host copy must be the K/V the
 step wrote into the cache (so the step also found its block tables, uploaded from pinned buffers taken
 in turn), and the routing the one an eager run of the same steps records."""
 from __future__ import annotations
@@ -60,7 +60,11 @@ def decode_steps(r: StageRunner, steps: int) -> list:
             out.append((prev.plan, r.ft_record(prev)))
         prev = done
     r.finish(prev)
-    return out + [(prev.plan, r.ft_record(prev))]
+    last = r.ft_record(prev)
+    if last.kv_ready is not None:  # no step was launched behind the last one: its copy waits for a flush
+        assert not last.kv_ready.synchronize(timeout_s=0.05)
+        r.flush_late()
+    return out + [(prev.plan, last)]
 
 
 @pytest.mark.parametrize("late", [False, True], ids=["inline", "late"])

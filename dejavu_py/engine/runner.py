@@ -1,6 +1,7 @@
 """The stage runner computes; it never decides. One step plan in, activations or sampled ids out."""
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -36,22 +37,30 @@ class DeviceWait:
             self.seconds += time.perf_counter() - t0
 
 
+def _record() -> torch.cuda.Event:
+    """An event recorded on the current stream."""
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list on the device without waiting for the kernels queued before (a blocking copy would)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 INLINE_COPY_BYTES = 1 << 20
-"""A step's copies to the host up to this size go right behind its kernels, on its stream: the next step
-waits a few microseconds for them, less than a visit to the copy stream costs the host. A graph step's
-K/V above it goes out later, on the copy stream (``LateCopy``)."""
+"""A graph step's K/V up to this size goes to the host right behind its kernels, on its stream, as its
+other copies do (the next step waits a few microseconds for them). Above it, it goes out later, on the
+copy stream, while the next step computes (``LateCopy``)."""
 
 
 @dataclass
 class LateCopy:
-    """A step's K/V on its way to the host, queued when the next step is launched (``StageRunner._copy_out``):
-    the copy engine then moves it while that step computes, where right behind its own step it would
-    hold up the stages sharing the GPU (their contexts take turns with this one's copies)."""
+    """A graph step's K/V on its way to the host, queued when the next step is launched and started with
+    that step's kernels (``StageRunner._queue_late``): the copy engine moves it while this stage computes.
+    Right behind its own step it would hold up the stages sharing the GPU (their contexts take turns with
+    this one's copies), and no step waits for it (only the staging buffer's reuse, two steps later)."""
 
     src: torch.Tensor
     """A device copy of the graph's record, in one of two buffers that alternate."""
@@ -59,6 +68,16 @@ class LateCopy:
     """Pinned host buffer (``StageRunner.host``)."""
     event: torch.cuda.Event | None = None
     """Recorded behind the copy once it is queued."""
+    queued: threading.Event = field(default_factory=threading.Event)
+    """Set once ``event`` is: another thread may wait for the bytes before the copy is queued."""
+
+    def synchronize(self, timeout_s: float | None = None) -> bool:
+        """Wait until ``dst`` holds the bytes (the copy is queued by the stage's thread, at its next launch
+        or ``StageRunner.flush_late``); False if it was not queued within ``timeout_s``."""
+        if not self.queued.wait(timeout_s):
+            return False
+        self.event.synchronize()
+        return True
 
 
 @dataclass
@@ -72,8 +91,8 @@ class StepFT:
     """The same slots on the device (differ from ``slots`` with KV swapping)."""
     step_kv: torch.Tensor | None
     """A graph step's new K/V [2, L, B, K, D] on the host (None: read it back from the cache)."""
-    kv_ready: torch.cuda.Event | None
-    """When ``step_kv`` holds its bytes (CUDA; None: it does already)."""
+    kv_ready: LateCopy | None
+    """Wait on it (``synchronize``) before reading ``step_kv`` (CUDA, a late copy; None: it holds its bytes)."""
 
 
 @dataclass
@@ -150,15 +169,12 @@ class StageRunner:
         self.wait = DeviceWait()
         """Time this stage's thread spent waiting for its steps' kernels (the rest of a step is host work)."""
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        """A step's copies to the host over ``INLINE_COPY_BYTES`` run here, behind its kernels: the copy
-        engine moves them while the next step computes (on the step's stream they would hold up the
-        kernels queued behind it)."""
-        self._side_done: torch.cuda.Event | None = None
-        """Recorded behind the last copies queued on ``copy_stream`` since the step's stream waited for it."""
+        """A graph step's K/V over ``INLINE_COPY_BYTES`` goes to the host here (``LateCopy``)."""
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._late: LateCopy | None = None
-        """The last graph step's K/V copy, until the next step starts (or the step is finished first)."""
-        self._staging: list[torch.Tensor] = []
+        """The last graph step's K/V copy, until the next step is launched (or ``flush_late``)."""
+        self._staging: list[list] = []
+        """Two [device buffer, the LateCopy that last read it] for graph steps' K/V, in turn."""
 
     def enable_recording(self) -> None:
         self.record_routing = True
@@ -186,9 +202,6 @@ class StageRunner:
         launched before this one is finished: what it records for FT is copied out behind it)."""
         self._apply(plan)
         late, self._late = self._late, None  # the last step's K/V: copied out while this one computes
-        if self._side_done is not None:  # the copies queued there before are done before their buffers are reused
-            torch.cuda.current_stream().wait_event(self._side_done)
-            self._side_done = None
         if self.spec.has_embed:
             x = self._input_ids(plan)
         elif x is None:
@@ -202,6 +215,7 @@ class StageRunner:
         static = self._static_ok(plan)
         if plan.forced is not None:
             self.model.routing_override = {layer: (torch.as_tensor(ids), torch.as_tensor(w)) for layer, ids, w in plan.forced}
+        start = _record() if late is not None else None  # this step's kernels begin here
         try:
             out = self._decode_static(plan, x) if static else self._eager(plan, x)
         finally:
@@ -232,36 +246,30 @@ class StageRunner:
             done.ids = self._to_host(ids)
             self.trim_sampled()
         if self.device.type == "cuda":
-            done.event = self._copy_out(done, late)
+            if late is not None:
+                self._queue_late(late, start)
+            done.event = self._queue_copies(self._copies)  # right behind the step, on its stream
+            done.sources = [src for src, _ in self._copies]  # alive until the step is finished: the copies read them
+            self._copies = []
         return done
 
-    def _copy_out(self, done: Launched, late: LateCopy | None) -> torch.cuda.Event:
-        """The step's copies to the host (``_to_host``): small ones right behind its kernels; else one
-        visit to the copy stream: first the last graph step's K/V (``late``: the stream waited for its
-        device copy at that step's end, so it moves while this step computes), then, behind everything
-        this step queued, the step's own copies (and the wait for its device copy of its K/V, if it made
-        one). The event marks the step and its copies done."""
-        if late is None and self._late is None and \
-                sum(src.numel() * src.element_size() for src, _ in self._copies) <= INLINE_COPY_BYTES:
-            event = self._queue_copies(self._copies)  # small: right behind the step, on its stream
-            done.sources = [src for src, _ in self._copies]
-            self._copies = []
-            return event
-        event = self._on_copy_stream(late, self._copies)
-        done.sources = [src for src, _ in self._copies]  # alive until the step is finished: the copies read them
-        self._copies = []
-        return event
-
-    def _on_copy_stream(self, late: LateCopy | None, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
-        """On the copy stream: ``late`` first, with no wait (its device copy was waited for already), then,
-        behind everything the step's stream holds now, ``copies``; the event marks those done."""
+    def _queue_late(self, late: LateCopy, start: torch.cuda.Event | None) -> None:
+        """A graph step's K/V to the host on the copy stream: from ``start`` on (the next step's kernels
+        begin), or behind everything the step's stream holds now (None)."""
         side, main = self.copy_stream, torch.cuda.current_stream(self.device)
         with torch.cuda.stream(side):
-            if late is not None:
-                late.event = self._queue_copies([(late.src, late.dst)])
-            side.wait_stream(main)
-            self._side_done = self._queue_copies(copies)
-        return self._side_done
+            if start is not None:
+                side.wait_event(start)
+            else:
+                side.wait_stream(main)
+            late.event = self._queue_copies([(late.src, late.dst)])
+        late.queued.set()
+
+    def flush_late(self) -> None:
+        """Queue the last graph step's K/V copy now: no step is about to be launched behind it."""
+        late, self._late = self._late, None
+        if late is not None:
+            self._queue_late(late, None)
 
     @staticmethod
     @torch.inference_mode()
@@ -269,17 +277,13 @@ class StageRunner:
         """(device source, host destination) copies on the current stream; the event marks them done."""
         for src, dst in copies:
             dst.copy_(src, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return event
+        return _record()
 
     def finish(self, done: Launched) -> torch.Tensor | StepResult:
         """Wait for a launched step; what ``step`` returns. Its FT record is taken apart (``ft_record``):
         off the pipeline's chain."""
         self.wait(done.event)
         done.sources = []
-        if done.kv_copy is not None and done.kv_copy.event is None:  # no step launched behind it yet
-            self._issue()
         if done.ids is None:
             return done.out
         plan = done.plan
@@ -295,8 +299,7 @@ class StageRunner:
             for t in done.routing[1:]:
                 if t is not None:
                     self.host.give(t)
-            done.record = StepFT(routing, done.slots, done.phys_slots, done.step_kv,
-                                 done.kv_copy.event if done.kv_copy is not None else None)
+            done.record = StepFT(routing, done.slots, done.phys_slots, done.step_kv, done.kv_copy)
             r = done.record
             self.routing, self.slots, self.phys_slots, self.step_kv = r.routing, r.slots, r.phys_slots, r.step_kv
         return done.record
@@ -304,18 +307,15 @@ class StageRunner:
     def _late_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, LateCopy]:
         """A graph step's K/V [2, L, B, K, D] (on the device, over ``INLINE_COPY_BYTES``) for the host: a
         pinned buffer filled by a ``LateCopy`` from a device copy (the next step overwrites the record)."""
-        if not self._staging or self._staging[0].numel() < kv.numel():
-            self._staging = [torch.empty(kv.numel(), dtype=kv.dtype, device=kv.device) for _ in range(2)]
-        self._staging.reverse()  # the other one: the step before's may still be copying out
-        src = self._staging[0][:kv.numel()].view(kv.shape).copy_(kv)
-        self._late = LateCopy(src, self.host.take(tuple(kv.shape), kv.dtype))
+        if not self._staging or self._staging[0][0].numel() < kv.numel():
+            self._staging = [[torch.empty(kv.numel(), dtype=kv.dtype, device=kv.device), None] for _ in range(2)]
+        self._staging.reverse()  # the other one: the step before's is still to be copied out
+        buf, last = self._staging[0]
+        if last is not None and last.event is not None:  # queued at the step after it: long done, as a rule
+            torch.cuda.current_stream(self.device).wait_event(last.event)
+        src = buf[:kv.numel()].view(kv.shape).copy_(kv)
+        self._late = self._staging[0][1] = LateCopy(src, self.host.take(tuple(kv.shape), kv.dtype))
         return self._late.dst, self._late
-
-    def _issue(self) -> None:
-        """Queue the last step's K/V copy on the copy stream now (no step was launched behind it)."""
-        late, self._late = self._late, None
-        if late is not None:  # its device copy is on the step's stream: behind the wait
-            late.event = self._on_copy_stream(None, [(late.src, late.dst)])
 
     def _to_host(self, t: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """A host copy of device tensor ``t`` (a pinned buffer of ``host``, valid once the step's event is

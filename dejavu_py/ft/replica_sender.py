@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -32,6 +33,12 @@ from . import replica_shm
 from .replica import ReplicaAck, ReplicaChunk, coalesce
 
 _log = log.get(__name__)
+
+class Waitable(Protocol):
+    """A CUDA event, or a copy another thread queues later (``engine.runner.LateCopy``)."""
+
+    def synchronize(self) -> object: ...
+
 
 PIECE_BYTES = 16 << 20
 """A chunk larger than this is a bulk job, sent in pieces of about this size (one layer, a token range)."""
@@ -106,7 +113,7 @@ class ReplicaSender:
 
     def chunk(self, mb: int, step: int, seq_ids, start_pos, num_tokens, slots: list[int],
               read_slots: list[int] | None = None, written: torch.Tensor | None = None,
-              ready: torch.cuda.Event | None = None) -> None:
+              ready: Waitable | None = None) -> None:
         """Send what a step wrote: ``written`` [2, L, T, K, D] when the step handed it over (a graph's
         record, on the host once ``ready`` is done), else read back from the cache at ``read_slots``
         (device slots; default ``slots``, the sequence-table ones the holder mirrors)."""
@@ -123,7 +130,7 @@ class ReplicaSender:
         self.forward(ReplicaChunk(self.me, mb, step, layers, list(seq_ids), list(start_pos), list(num_tokens), slots),
                      written, ready)
 
-    def forward(self, msg: ReplicaChunk, kv_2LTKD: torch.Tensor, ready: torch.cuda.Event | None = None) -> None:
+    def forward(self, msg: ReplicaChunk, kv_2LTKD: torch.Tensor, ready: Waitable | None = None) -> None:
         """Send a chunk whose K/V is already in hand (e.g. prompt KV that just arrived), or on the host once
         ``ready`` is done; a device tensor larger than a piece must not be written afterwards (the bulk job
         copies it later)."""
@@ -153,12 +160,15 @@ class ReplicaSender:
         to go with the next ones leave now)."""
         t0 = time.monotonic()
         with self.cv:
-            full = lambda: len(self.unacked.get(mb, [])) >= self.lag and self.enabled  # noqa: E731
-            if full():
+            if self.full(mb):
                 self._queue.put((None, None, None))  # a nudge: send what is held
-            ok = self.cv.wait_for(lambda: not full(), timeout_s)
+            ok = self.cv.wait_for(lambda: not self.full(mb), timeout_s)
         self.wait_s += time.monotonic() - t0
         return ok
+
+    def full(self, mb: int) -> bool:
+        """Whether ``mb`` has ``lag`` or more unacknowledged steps (``wait_for`` would block)."""
+        return len(self.unacked.get(mb, [])) >= self.lag and self.enabled
 
     def acked(self, ack: ReplicaAck) -> None:
         with self.cv:

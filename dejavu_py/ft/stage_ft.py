@@ -153,6 +153,8 @@ class StageFT:
     # -- per step --------------------------------------------------------------------------------
     def before_step(self, plan: StepPlan) -> None:
         if self.sender is not None and plan.replay_until is None and plan.mb >= 0:
+            if self.sender.full(plan.mb):  # the sender may be waiting for the last step's K/V copy
+                self.w.runner.flush_late()
             if not self.sender.wait_for(plan.mb, self.w.spec.cfg.ft.hang_timeout_s):
                 _log.warning("replica holder %s is %d steps behind on microbatch %d; going on", self.holder,
                              len(self.sender.unacked.get(plan.mb, [])), plan.mb)

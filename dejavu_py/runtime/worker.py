@@ -282,8 +282,8 @@ class Worker:
         return 1
 
     def _finish_through(self, step: int | None) -> None:
-        """Finish the launched steps up to ``step`` (None: all, their FT bookkeeping too), oldest first:
-        send the output, then leave the checkpoint and the replica chunk to ``kept``."""
+        """Finish the launched steps up to ``step`` (None: all, their K/V copies and FT bookkeeping too),
+        oldest first: send the output, then leave the checkpoint and the replica chunk to ``kept``."""
         while self.pending and (step is None or self.pending[0].plan.step <= step):
             done = self.pending.popleft()
             waited = self.runner.wait.seconds
@@ -302,7 +302,8 @@ class Worker:
             if self.ft.active:
                 self.kept.append((done, out))
             self.times.end_step()
-        if step is None:
+        if step is None:  # the last graph step's K/V too: no step may be launched behind it soon
+            self.runner.flush_late()
             self._keep(len(self.kept))
 
     def _keep(self, n: int) -> None:
