@@ -49,9 +49,10 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-INLINE_COPY_BYTES = 1 << 20
-"""A graph step's K/V up to this size goes to the host right behind its kernels, on its stream, as its
-other copies do (the next step waits a few microseconds for them). Above it, it goes out later, on the
+INLINE_COPY_BYTES = 256 << 10
+"""A graph step's K/V up to this size (a few tokens' worth) goes to the host right behind its kernels, on
+its stream, as its other copies do: the next step waits a few microseconds for it, less than the host
+time a late copy costs a small batch, whose stages are host-bound. Above it, it goes out later, on the
 copy stream, while the next step computes (``LateCopy``)."""
 
 
