@@ -5,6 +5,8 @@ step wrote into the cache (so the step also found its block tables, uploaded fro
 in turn), and the routing the one an eager run of the same steps records."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -86,3 +88,20 @@ def test_graph_steps_hand_their_written_kv_and_routing_to_the_host(ckpt, monkeyp
         want = eager[plan.step].routing
         assert rec.routing.layers == want.layers and (rec.routing.ids == want.ids).all(), plan.step
         assert abs(rec.routing.weights - want.weights).max() < 1e-5
+
+
+def test_a_copy_asked_for_by_another_thread_goes_with_the_next_step(ckpt):
+    """The replica sender's pieces of a prompt's KV: queued with the stage's next launch, not before."""
+    r = runner_for(ckpt, graphs=True)
+    src = torch.arange(1 << 16, dtype=torch.float32, device="cuda")
+    dst = torch.zeros(1 << 16, dtype=torch.float32).pin_memory()
+    asked: list = []
+    t = threading.Thread(target=lambda: asked.append(r.copy_later(src, dst)))
+    t.start()
+    t.join()
+    assert not asked[0].synchronize(timeout_s=0.05)  # no step launched yet
+    decode_steps(r, 1)
+    assert asked[0].synchronize(timeout_s=10) and torch.equal(dst, src.cpu())
+    again = r.copy_later(src * 2, dst)
+    r.flush_late()  # no step coming: the worker flushes
+    assert again.synchronize(timeout_s=10) and torch.equal(dst, (src * 2).cpu())

@@ -1,6 +1,7 @@
 """The stage runner computes; it never decides. One step plan in, activations or sampled ids out."""
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ class LateCopy:
     """Pinned host buffer (``StageRunner.host``)."""
     event: torch.cuda.Event | None = None
     """Recorded behind the copy once it is queued."""
+    after: torch.cuda.Event | None = None
+    """The copy waits for it too (``src`` computed on the device and not yet waited for)."""
     queued: threading.Event = field(default_factory=threading.Event)
     """Set once ``event`` is: another thread may wait for the bytes before the copy is queued."""
 
@@ -174,6 +177,8 @@ class StageRunner:
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._late: LateCopy | None = None
         """The last graph step's K/V copy, until the next step is launched (or ``flush_late``)."""
+        self._later: collections.deque[LateCopy] = collections.deque()
+        """Copies other threads asked for (``copy_later``), queued the same way."""
         self._staging: list[list] = []
         """Two [device buffer, the LateCopy that last read it] for graph steps' K/V, in turn."""
 
@@ -202,7 +207,7 @@ class StageRunner:
         """Queue the step's kernels (sampling included) without waiting for them (another step may be
         launched before this one is finished: what it records for FT is copied out behind it)."""
         self._apply(plan)
-        late, self._late = self._late, None  # the last step's K/V: copied out while this one computes
+        lates = self._take_late()  # the last step's K/V (and others'): copied out while this one computes
         if self.spec.has_embed:
             x = self._input_ids(plan)
         elif x is None:
@@ -216,7 +221,7 @@ class StageRunner:
         static = self._static_ok(plan)
         if plan.forced is not None:
             self.model.routing_override = {layer: (torch.as_tensor(ids), torch.as_tensor(w)) for layer, ids, w in plan.forced}
-        start = _record() if late is not None else None  # this step's kernels begin here
+        start = _record() if lates else None  # this step's kernels begin here
         try:
             out = self._decode_static(plan, x) if static else self._eager(plan, x)
         finally:
@@ -247,30 +252,50 @@ class StageRunner:
             done.ids = self._to_host(ids)
             self.trim_sampled()
         if self.device.type == "cuda":
-            if late is not None:
-                self._queue_late(late, start)
+            if lates:
+                self._queue_late(lates, start)
             done.event = self._queue_copies(self._copies)  # right behind the step, on its stream
             done.sources = [src for src, _ in self._copies]  # alive until the step is finished: the copies read them
             self._copies = []
         return done
 
-    def _queue_late(self, late: LateCopy, start: torch.cuda.Event | None) -> None:
-        """A graph step's K/V to the host on the copy stream: from ``start`` on (the next step's kernels
-        begin), or behind everything the step's stream holds now (None)."""
+    def copy_later(self, src: torch.Tensor, dst: torch.Tensor, after: torch.cuda.Event | None = None) -> LateCopy:
+        """From any thread: copy device tensor ``src`` into pinned ``dst`` with this stage's next step, as a
+        graph step's late K/V goes (the pieces of a prompt's replica: a copy of this context started
+        between steps would hold up the stages sharing the GPU). Wait on the LateCopy returned."""
+        late = LateCopy(src, dst, after=after)
+        self._later.append(late)
+        return late
+
+    def _take_late(self) -> list[LateCopy]:
+        lates = [] if self._late is None else [self._late]
+        self._late = None
+        while self._later:
+            lates.append(self._later.popleft())
+        return lates
+
+    def _queue_late(self, lates: list[LateCopy], start: torch.cuda.Event | None) -> None:
+        """Late copies to the host on the copy stream: from ``start`` on (the next step's kernels begin),
+        or behind everything the step's stream holds now (None)."""
         side, main = self.copy_stream, torch.cuda.current_stream(self.device)
         with torch.cuda.stream(side):
             if start is not None:
                 side.wait_event(start)
             else:
                 side.wait_stream(main)
-            late.event = self._queue_copies([(late.src, late.dst)])
-        late.queued.set()
+            for late in lates:
+                if late.after is not None:
+                    side.wait_event(late.after)
+            event = self._queue_copies([(late.src, late.dst) for late in lates])
+        for late in lates:
+            late.event = event
+            late.queued.set()
 
     def flush_late(self) -> None:
-        """Queue the last graph step's K/V copy now: no step is about to be launched behind it."""
-        late, self._late = self._late, None
-        if late is not None:
-            self._queue_late(late, None)
+        """Queue the late copies now: no step is about to be launched behind them."""
+        lates = self._take_late()
+        if lates:
+            self._queue_late(lates, None)
 
     @staticmethod
     @torch.inference_mode()

@@ -7,8 +7,8 @@ bytes are in the holder's memory, which outlives this process); the bookkeeping 
 travels as one message. Across hosts the bytes travel with the message and the holder acknowledges.
 
 A large chunk (a prompt's KV: hundreds of MB for a batch of prompts) goes as a *bulk* job, in pieces
-of one layer's token range (``PIECE_BYTES``), copied off the device on a side stream two pieces
-ahead. With the holder's file mapped, the steps' chunks that arrive meanwhile are written between two
+of one layer's token range (``PIECE_BYTES``), copied off the device two pieces ahead, with the stage's
+next steps (``copier``) where it has them. With the holder's file mapped, the steps' chunks that arrive meanwhile are written between two
 pieces, so no decode step waits for a prompt's replica; their messages follow the bulk's, in order
 (the holder's coverage grows as a prefix). Across hosts the pieces go in order, each its own message.
 
@@ -96,6 +96,9 @@ class ReplicaSender:
         """Bumped whenever the holder changes: what was written for an older one is never announced."""
         self.buffers = HostBuffers(reuse=kv.device.type == "cuda")
         """Pinned buffers for K/V on the host, given back once written (a stage's sender shares its runner's)."""
+        self.copier = None
+        """``StageRunner.copy_later`` (CUDA): a bulk piece's copy off the device goes with the stage's next
+        step; None: right away, on a side stream of the sender's."""
         self._index = {l: i for i, l in enumerate(kv.layers)}
         self._stream: torch.cuda.Stream | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -314,6 +317,10 @@ class ReplicaSender:
         src = job.kv_2LTKD[:, i:i + 1, a:b]
         if src.device.type != "cuda":
             return piece, src, None
+        if self.copier is not None:
+            host = self.buffers.take(tuple(src.shape), src.dtype)
+            ready, job.ready = job.ready, None
+            return piece, host, self.copier(src, host, ready)
         side = self._side()
         if job.ready is not None:
             side.wait_event(job.ready)

@@ -65,6 +65,8 @@ class StageFT:
         self.sender = ReplicaSender(me, runner.kv, ft.replica_lag, self._send_replica) if self.holder else None
         if self.sender is not None:
             self.sender.buffers = runner.host
+            if runner.device.type == "cuda":
+                self.sender.copier = runner.copy_later
         self.store = None
         if self.source:  # made ahead with the stage (a preloaded standby has it), else now
             self.store = runner.replica_store or replica_store_for(spec.cfg, layout, worker.me, runner.kv.spec, runner.device,
