@@ -13,7 +13,8 @@ import torch
 
 from dejavu_py.engine.plan import StepPlan
 from dejavu_py.ft.checkpoints import EMPTY, RoutingRecord, TokenStateRing, compact, routing_mismatches
-from dejavu_py.ft.replica import Coverage, ReplicaAck, ReplicaChunk, ReplicaStore, coalesce
+from dejavu_py.engine.attn_meta import slot_of
+from dejavu_py.ft.replica import Coverage, ReplicaAck, ReplicaChunk, ReplicaStore, coalesce, step_slots
 from dejavu_py.ft.replica_sender import ReplicaSender
 
 
@@ -186,3 +187,11 @@ def test_a_chunk_written_into_the_holder_s_file_is_acknowledged_by_that_write():
     assert sender.unacked[0] == [] and [m.acks() for m in sent] == [[(0, 0), (0, 1)], [(0, 2), (0, 3)]]
     assert not sent[0].inline and torch.all(sender.shm[:, :, 40] == 3.0) and torch.all(sender.shm[:, :, 43] == 4.0)
     assert sender.buffers.take((4,), torch.float32).data_ptr() == kv.data_ptr()
+
+
+@pytest.mark.parametrize("start_pos,num_tokens", [([0, 15, 16, 33], [1, 1, 1, 1]), ([0, 15, 30, 2], [20, 1, 4, 0])],
+                         ids=["decode", "mixed"])
+def test_step_slots_are_the_slots_of_each_written_position(start_pos, num_tokens):
+    tables = [[7, 3, 9], [1, 2], [4, 0, 5], [8, 6, 11]]
+    want = [slot_of(t, p, 16) for t, s, n in zip(tables, start_pos, num_tokens) for p in range(s, s + n)]
+    assert step_slots(tables, start_pos, num_tokens, 16) == want and len(want) == sum(num_tokens)

@@ -115,8 +115,11 @@ class Launched:
     step_kv: torch.Tensor | None = None
     """FT, a graph step: its new K/V [2, L, B, K, D] on the host, filled when ``event`` is done (see
     StageRunner.step_kv)."""
-    slots: list[int] = field(default_factory=list)
-    phys_slots: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
+    """FT: its sequences' block tables (sequence-table ids) as launched: its written slots are worked out
+    from them off the pipeline's chain (``StageRunner.ft_record``)."""
+    phys_tables: list[list[int]] | None = None
+    """The same on the device, when they differ (KV swapping)."""
     kv_copy: LateCopy | None = None
     """CUDA: how ``step_kv`` gets filled (its event, once queued, says when)."""
     record: StepFT | None = None
@@ -239,11 +242,10 @@ class StageRunner:
             elif self._routing_dev:  # an eager step: as the MoE layers reported it one by one
                 r = self._routing_dev
                 done.routing = self._routing_to_host([layer for layer, _, _ in r], stack_routing(r))
-            tables = [self._table(s) if s in self._scratch else self.seqs[s].block_table  # virtual ids
-                      for s in plan.seq_ids]
-            done.slots = step_slots(tables, plan.start_pos, plan.num_tokens, self.block_size)
-            done.phys_slots = (done.slots if self.swapper is None else step_slots(
-                [self._table(s) for s in plan.seq_ids], plan.start_pos, plan.num_tokens, self.block_size))
+            done.tables = [self._table(s) if s in self._scratch else self.seqs[s].block_table  # virtual ids
+                           for s in plan.seq_ids]
+            if self.swapper is not None:  # the partitions' places now
+                done.phys_tables = [self._table(s) for s in plan.seq_ids]
         if self.swapper is not None:
             self.swapper.prefetch((plan.mb + 1) % self.swapper.P)  # overlaps the next microbatch's turn
         if self.spec.has_head and plan.replay_until is None:  # a replayed step samples nothing
@@ -325,7 +327,10 @@ class StageRunner:
             for t in done.routing[1:]:
                 if t is not None:
                     self.host.give(t)
-            done.record = StepFT(routing, done.slots, done.phys_slots, done.step_kv, done.kv_copy)
+            plan, bs = done.plan, self.block_size
+            slots = step_slots(done.tables, plan.start_pos, plan.num_tokens, bs)
+            phys = slots if done.phys_tables is None else step_slots(done.phys_tables, plan.start_pos, plan.num_tokens, bs)
+            done.record = StepFT(routing, slots, phys, done.step_kv, done.kv_copy)
             r = done.record
             self.routing, self.slots, self.phys_slots, self.step_kv = r.routing, r.slots, r.phys_slots, r.step_kv
         return done.record

@@ -82,10 +82,12 @@ class ReplicaCoverage:
 
 
 def step_slots(tables: list[list[int]], start_pos: list[int], num_tokens: list[int], block_size: int) -> list[int]:
-    out: list[int] = []
-    for table, start, n in zip(tables, start_pos, num_tokens):
-        out.extend(slot_of(table, p, block_size) for p in range(start, start + n))
-    return out
+    """Cache slots of the positions a step wrote, sequence by sequence (``slot_of``, inlined: a decode step
+    of 64 sequences took 90 us through it)."""
+    bs = block_size
+    if all(n == 1 for n in num_tokens):
+        return [t[p // bs] * bs + p % bs for t, p in zip(tables, start_pos)]
+    return [t[p // bs] * bs + p % bs for t, s, n in zip(tables, start_pos, num_tokens) for p in range(s, s + n)]
 
 
 def covered_slots(tables: dict[int, list[int]], covered: dict[int, int], block_size: int) -> list[int]:
