@@ -188,7 +188,7 @@ def test_subprocess_front_end_error_is_one_line(ckpt, reqs, tmp_path):
     proc = dejavu(base(ckpt, reqs, tmp_path, "--nproc-per-node", "2", "--layers-per-stage", "3,3"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: --layers-per-stage 3,3: adds up to 6, the model has 4 layers"
+        "error: --layers-per-stage 3,3: adds up to 6, the model has 4 layers"
     ], proc.stderr
 
 

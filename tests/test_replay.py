@@ -12,7 +12,7 @@ from dejavu_py.engine.kv_cache import CacheSpec, KVCache
 from dejavu_py.engine.plan import SeqState, StepPlan
 from dejavu_py.engine.runner import StageRunner
 from dejavu_py.engine.split import split_stages
-from dejavu_py.ft.checkpoints import compact, routing_mismatches
+from dejavu_py.ft.checkpoints import routing_mismatches
 from dejavu_py.ft.replay import for_replay, replay_steps
 from dejavu_py.ft import replica_shm
 from dejavu_py.ft.replica import ReplicaStore, covered_slots

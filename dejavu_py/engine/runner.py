@@ -59,10 +59,11 @@ copy stream, while the next step computes (``LateCopy``)."""
 
 @dataclass
 class LateCopy:
-    """A graph step's K/V on its way to the host, queued when the next step is launched and started with
-    that step's kernels (``StageRunner._queue_late``): the copy engine moves it while this stage computes.
-    Right behind its own step it would hold up the stages sharing the GPU (their contexts take turns with
-    this one's copies), and no step waits for it (only the staging buffer's reuse, two steps later)."""
+    """A copy to the host queued when the next step is launched and started with that step's kernels
+    (``StageRunner._queue_late``): a graph step's K/V, or one another thread asked for (``copy_later``).
+    The copy engine moves it while this stage computes: right behind its own step it would hold up the
+    stages sharing the GPU (their contexts take turns with this one's copies), and no step waits for it
+    (only the reuse of a K/V staging buffer, two steps later)."""
 
     src: torch.Tensor
     """A device copy of the graph's record, in one of two buffers that alternate."""

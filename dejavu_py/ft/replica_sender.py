@@ -8,9 +8,10 @@ travels as one message. Across hosts the bytes travel with the message and the h
 
 A large chunk (a prompt's KV: hundreds of MB for a batch of prompts) goes as a *bulk* job, in pieces
 of one layer's token range (``PIECE_BYTES``), copied off the device two pieces ahead, with the stage's
-next steps (``copier``) where it has them. With the holder's file mapped, the steps' chunks that arrive meanwhile are written between two
-pieces, so no decode step waits for a prompt's replica; their messages follow the bulk's, in order
-(the holder's coverage grows as a prefix). Across hosts the pieces go in order, each its own message.
+next steps (``copier``) where it has them. With the holder's file mapped, the steps' chunks that arrive
+meanwhile are written between two pieces, so no decode step waits for a prompt's replica; their
+messages follow the bulk's, in order (the holder's coverage grows as a prefix). Across hosts the pieces
+go in order, each its own message.
 
 Legend: L = the source stage's layers, T = tokens of a chunk, K = KV heads, D = head dim.
 """
@@ -21,6 +22,7 @@ import dataclasses
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,6 +35,7 @@ from . import replica_shm
 from .replica import ReplicaAck, ReplicaChunk, coalesce
 
 _log = log.get(__name__)
+
 
 class Waitable(Protocol):
     """A CUDA event, or a copy another thread queues later (``engine.runner.LateCopy``)."""
@@ -96,7 +99,7 @@ class ReplicaSender:
         """Bumped whenever the holder changes: what was written for an older one is never announced."""
         self.buffers = HostBuffers(reuse=kv.device.type == "cuda")
         """Pinned buffers for K/V on the host, given back once written (a stage's sender shares its runner's)."""
-        self.copier = None
+        self.copier: Callable[[torch.Tensor, torch.Tensor, torch.cuda.Event | None], Waitable] | None = None
         """``StageRunner.copy_later`` (CUDA): a bulk piece's copy off the device goes with the stage's next
         step; None: right away, on a side stream of the sender's."""
         self._index = {l: i for i, l in enumerate(kv.layers)}

@@ -264,7 +264,7 @@ def _grouped_swiglu_ffn(
     rows_P: torch.Tensor, block_expert_B: torch.Tensor, cfg: Config,
 ) -> torch.Tensor:
     """The two GEMM launches: y_AD [A, D] float32, token-major rows, not yet weighted."""
-    T, (E, F2, D), B = x_TD.shape[0], w_gate_up_EFD.shape, block_expert_B.numel()
+    T, (_, F2, D), B = x_TD.shape[0], w_gate_up_EFD.shape, block_expert_B.numel()
     A, Fw = T * J, F2 // 2
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     consts = dict(

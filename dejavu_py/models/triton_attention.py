@@ -151,7 +151,7 @@ def decode_attention(
 ) -> None:
     """For each decode row b: out_THD[rows_B[b]] = attention of q_THD[rows_B[b]] over the cache slots
     ``slots_BW[b, :len_B[b]]`` (its whole context, the new token's K/V already written)."""
-    (T, H, DH), (B, W), K = q_THD.shape, slots_BW.shape, k_NKD.shape[1]
+    (_, H, DH), (B, W), K = q_THD.shape, slots_BW.shape, k_NKD.shape[1]
     assert q_THD.dtype in DTYPES and k_NKD.dtype == v_NKD.dtype and H % K == 0, (q_THD.dtype, k_NKD.dtype, H, K)
     assert DH & (DH - 1) == 0 and DH >= 16, f"head dim {DH}: a power of 2 from 16 expected"
     if B == 0:
