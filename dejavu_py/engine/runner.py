@@ -38,9 +38,11 @@ class DeviceWait:
             self.seconds += time.perf_counter() - t0
 
 
-def _record() -> torch.cuda.Event:
-    """An event recorded on the current stream."""
-    event = torch.cuda.Event()
+def _record(blocking: bool = False) -> torch.cuda.Event:
+    """An event recorded on the current stream. ``blocking``: a thread waiting for it sleeps instead of
+    spinning, for waits off the pipeline's chain (a thread spinning on the device slows every CUDA call
+    of the stage's own thread, launches included)."""
+    event = torch.cuda.Event(blocking=blocking)
     event.record()
     return event
 
@@ -289,7 +291,7 @@ class StageRunner:
             for late in lates:
                 if late.after is not None:
                     side.wait_event(late.after)
-            event = self._queue_copies([(late.src, late.dst) for late in lates])
+            event = self._queue_copies([(late.src, late.dst) for late in lates], blocking=True)  # waited for off the chain
         for late in lates:
             late.event = event
             late.queued.set()
@@ -302,11 +304,11 @@ class StageRunner:
 
     @staticmethod
     @torch.inference_mode()
-    def _queue_copies(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
+    def _queue_copies(copies: list[tuple[torch.Tensor, torch.Tensor]], blocking: bool = False) -> torch.cuda.Event:
         """(device source, host destination) copies on the current stream; the event marks them done."""
         for src, dst in copies:
             dst.copy_(src, non_blocking=True)
-        return _record()
+        return _record(blocking)
 
     def finish(self, done: Launched) -> torch.Tensor | StepResult:
         """Wait for a launched step; what ``step`` returns. Its FT record is taken apart (``ft_record``):

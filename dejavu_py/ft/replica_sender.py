@@ -331,7 +331,7 @@ class ReplicaSender:
         with torch.cuda.stream(side):
             host = self.buffers.take(tuple(src.shape), src.dtype)
             host.copy_(src, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # this thread sleeps on it: spinning would slow the stage's launches
             done.record()
         return piece, host, done
 

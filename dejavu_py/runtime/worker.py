@@ -15,6 +15,7 @@ import collections
 import gc
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -55,6 +56,11 @@ IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 """A receiver thread waits this long for its peer's next message; a dead peer is reported sooner by
 the transport, by the peer's supervisor or by its missing heartbeats."""
 
+GIL_SWITCH_S = 1e-4
+"""The interpreter's switch interval in a worker. The stage's thread lets the GIL go at every torch call;
+a background thread (replica sender and receiver, edge receivers) that takes it then keeps it until it
+blocks or this interval ends. Python's default, 5 ms, is longer than a decode step's whole launch."""
+
 
 @dataclass
 class WorkerSpec:
@@ -86,6 +92,7 @@ def run_member(spec: WorkerSpec, store, runner: StageRunner | None, takeover: bo
     log.setup(cfg.runtime.log_level, cfg.logs_dir / f"rank{spec.rank}-{m.name}.log", console_level="WARNING")
     log.set_identity(m.role, m.name, spec.rank)
     torch.set_num_threads(cfg.pipeline.threads)
+    sys.setswitchinterval(GIL_SWITCH_S)
     beating = start_beating(store, m.name, spec.generation, beat_interval(cfg.ft.hang_timeout_s))
     t0 = time.monotonic()
     try:
