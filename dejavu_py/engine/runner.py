@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import collections
-import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +10,7 @@ from .. import log
 from .attn_meta import SeqSlice, build_attn_meta
 from .decode_graphs import DecodeGraphs, stack_routing
 from .host_buffers import HostBuffers
+from .host_copies import DeviceWait, LateCopy, queue_copies, record_event
 from .kv_cache import KVCache
 from .plan import SeqState, StepPlan, StepResult
 from .sampler import sample
@@ -21,30 +20,6 @@ from .split import StageSpec
 from .swap import Swapper
 
 _log = log.get(__name__)
-
-
-class DeviceWait:
-    """Waits for a launched step's event with the GIL released, counting the time: reading a result back
-    (``tolist``, ``cpu``) would hold the GIL through the step's kernels (the stage's receiver and replica
-    threads need it), and would wait for the whole stream, the step launched behind it included."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    def __call__(self, event: torch.cuda.Event | None) -> None:
-        if event is not None:
-            t0 = time.perf_counter()
-            event.synchronize()
-            self.seconds += time.perf_counter() - t0
-
-
-def _record(blocking: bool = False) -> torch.cuda.Event:
-    """An event recorded on the current stream. ``blocking``: a thread waiting for it sleeps instead of
-    spinning, for waits off the pipeline's chain (a thread spinning on the device slows every CUDA call
-    of the stage's own thread, launches included)."""
-    event = torch.cuda.Event(blocking=blocking)
-    event.record()
-    return event
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -57,34 +32,6 @@ INLINE_COPY_BYTES = 256 << 10
 its stream, as its other copies do: the next step waits a few microseconds for it, less than the host
 time a late copy costs a small batch, whose stages are host-bound. Above it, it goes out later, on the
 copy stream, while the next step computes (``LateCopy``)."""
-
-
-@dataclass
-class LateCopy:
-    """A copy to the host queued when the next step is launched and started with that step's kernels
-    (``StageRunner._queue_late``): a graph step's K/V, or one another thread asked for (``copy_later``).
-    The copy engine moves it while this stage computes: right behind its own step it would hold up the
-    stages sharing the GPU (their contexts take turns with this one's copies), and no step waits for it
-    (only the reuse of a K/V staging buffer, two steps later)."""
-
-    src: torch.Tensor
-    """A device copy of the graph's record, in one of two buffers that alternate."""
-    dst: torch.Tensor
-    """Pinned host buffer (``StageRunner.host``)."""
-    event: torch.cuda.Event | None = None
-    """Recorded behind the copy once it is queued."""
-    after: torch.cuda.Event | None = None
-    """The copy waits for it too (``src`` computed on the device and not yet waited for)."""
-    queued: threading.Event = field(default_factory=threading.Event)
-    """Set once ``event`` is: another thread may wait for the bytes before the copy is queued."""
-
-    def synchronize(self, timeout_s: float | None = None) -> bool:
-        """Wait until ``dst`` holds the bytes (the copy is queued by the stage's thread, at its next launch
-        or ``StageRunner.flush_late``); False if it was not queued within ``timeout_s``."""
-        if not self.queued.wait(timeout_s):
-            return False
-        self.event.synchronize()
-        return True
 
 
 @dataclass
@@ -227,7 +174,7 @@ class StageRunner:
         static = self._static_ok(plan)
         if plan.forced is not None:
             self.model.routing_override = {layer: (torch.as_tensor(ids), torch.as_tensor(w)) for layer, ids, w in plan.forced}
-        start = _record() if lates else None  # this step's kernels begin here
+        start = record_event() if lates else None  # this step's kernels begin here
         try:
             out = self._decode_static(plan, x) if static else self._eager(plan, x)
         finally:
@@ -259,7 +206,7 @@ class StageRunner:
         if self.device.type == "cuda":
             if lates:
                 self._queue_late(lates, start)
-            done.event = self._queue_copies(self._copies)  # right behind the step, on its stream
+            done.event = queue_copies(self._copies)  # right behind the step, on its stream
             done.sources = [src for src, _ in self._copies]  # alive until the step is finished: the copies read them
             self._copies = []
         return done
@@ -291,7 +238,7 @@ class StageRunner:
             for late in lates:
                 if late.after is not None:
                     side.wait_event(late.after)
-            event = self._queue_copies([(late.src, late.dst) for late in lates], blocking=True)  # waited for off the chain
+            event = queue_copies([(late.src, late.dst) for late in lates], blocking=True)  # waited for off the chain
         for late in lates:
             late.event = event
             late.queued.set()
@@ -301,14 +248,6 @@ class StageRunner:
         lates = self._take_late()
         if lates:
             self._queue_late(lates, None)
-
-    @staticmethod
-    @torch.inference_mode()
-    def _queue_copies(copies: list[tuple[torch.Tensor, torch.Tensor]], blocking: bool = False) -> torch.cuda.Event:
-        """(device source, host destination) copies on the current stream; the event marks them done."""
-        for src, dst in copies:
-            dst.copy_(src, non_blocking=True)
-        return _record(blocking)
 
     def finish(self, done: Launched) -> torch.Tensor | StepResult:
         """Wait for a launched step; what ``step`` returns. Its FT record is taken apart (``ft_record``):

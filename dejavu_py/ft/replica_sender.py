@@ -38,7 +38,7 @@ _log = log.get(__name__)
 
 
 class Waitable(Protocol):
-    """A CUDA event, or a copy another thread queues later (``engine.runner.LateCopy``)."""
+    """A CUDA event, or a copy another thread queues later (``engine.host_copies.LateCopy``)."""
 
     def synchronize(self) -> object: ...
 
