@@ -219,12 +219,17 @@ def plot(paths: list[Path], png: Path) -> bool:
     return save_plot(lambda plt: draw(plt, docs), png, "bench.py", paths[0])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The model, checkpoint, work directory and batch sizes (shared with tools/bench_ft_cost.py)."""
     p.add_argument("--model-config", type=Path, help="a real model's config.json (configs/models/)")
     p.add_argument("--ckpt", type=Path, help="checkpoint directory (built from --model-config if absent)")
     p.add_argument("--work", type=Path, help="directory for request files and run dirs (default beside --ckpt)")
     p.add_argument("--batches", default="1,16,64", help="batch sizes (default 1,16,64)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_args(p)
     p.add_argument("--stages", default="1,2", help="pipeline stage counts on the GPU (default 1,2)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=128, help="generated tokens per request (default 128)")

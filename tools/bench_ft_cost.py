@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import gpu_name, run_dejavu  # noqa: E402
+from bench import add_run_args, gpu_name, run_dejavu  # noqa: E402
 from plotting import save_plot  # noqa: E402
 
 TARGET = 0.97
@@ -107,10 +107,7 @@ def draw(plt, doc: dict):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-config", type=Path, help="a real model's config.json (configs/models/)")
-    p.add_argument("--ckpt", type=Path, help="checkpoint directory (built from --model-config if absent)")
-    p.add_argument("--work", type=Path, help="directory for request files and run dirs (default beside --ckpt)")
-    p.add_argument("--batches", default="1,16,64", help="batch sizes (default 1,16,64)")
+    add_run_args(p)
     p.add_argument("--stages", type=int, default=2, help="pipeline stages, sharing the GPU (default 2)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--new-tokens", type=int, default=256, help="generated tokens per request (default 256)")
