@@ -197,7 +197,9 @@ class Recovery:
             for sid in recompute:  # its gap reaches back before the plan ring: recompute it from its tokens
                 sched.seqs[sid].num_cached = 0
                 info.redo.append(sched.seqs[sid])
-            c.send(x, Restore(states, drop_through, replica_from=holder, replay=len(plans)))
+            # the holder ships nothing when it covers nothing (no sequence in flight, or none replicated
+            # yet): a replacement told to wait for its chunk would wait forever
+            c.send(x, Restore(states, drop_through, replica_from=holder if cov.bytes else None, replay=len(plans)))
             self._send_replay(x, plans, set(states), stash, failed)
             replays[x] = len(plans)
             rec.notes.setdefault("replica_bytes", 0)
