@@ -14,7 +14,8 @@ import torch
 from dejavu_py.engine.plan import StepPlan
 from dejavu_py.ft.checkpoints import EMPTY, RoutingRecord, TokenStateRing, compact, routing_mismatches
 from dejavu_py.engine.attn_meta import slot_of
-from dejavu_py.ft.replica import Coverage, ReplicaAck, ReplicaChunk, ReplicaStore, coalesce, step_slots
+from dejavu_py.engine.attn_meta import step_slots
+from dejavu_py.ft.replica import Coverage, ReplicaAck, ReplicaChunk, ReplicaStore, coalesce
 from dejavu_py.ft.replica_sender import ReplicaSender
 
 

@@ -70,6 +70,16 @@ def slot_of(table: list[int], pos: int, block_size: int) -> int:
     return table[pos // block_size] * block_size + pos % block_size
 
 
+def step_slots(tables: list[list[int]], start_pos: list[int], num_tokens: list[int], block_size: int) -> list[int]:
+    """Cache slots of positions ``start_pos[i] .. start_pos[i] + num_tokens[i] - 1`` of each sequence, in
+    order: what a step wrote, or a prompt's KV chunk holds (``slot_of``, inlined: a decode step of 64
+    sequences took 90 us through it)."""
+    bs = block_size
+    if all(n == 1 for n in num_tokens):
+        return [t[p // bs] * bs + p % bs for t, p in zip(tables, start_pos)]
+    return [t[p // bs] * bs + p % bs for t, s, n in zip(tables, start_pos, num_tokens) for p in range(s, s + n)]
+
+
 def context_slots(table: list[int], length: int, block_size: int) -> list[int]:
     """Cache slots of positions ``0..length-1`` of a sequence."""
     return [slot_of(table, p, block_size) for p in range(length)]

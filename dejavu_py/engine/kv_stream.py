@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import torch
 
-from .attn_meta import slot_of
 from .kv_cache import KVCache
 from .plan import KVChunk, SeqState, StepPlan
 from .swap import Swapper
@@ -47,11 +46,9 @@ class KVReceiver:
         self._layers_seen: dict[int, set[int]] = {}
         self._bytes: dict[int, int] = {}
 
-    def apply(self, chunk: KVChunk, kv_2TKD: torch.Tensor) -> list[tuple[int, int]]:
-        """Write one chunk; returns (sequence, bytes) for those whose KV became complete."""
-        slots: list[int] = []
-        for table, start, n in zip(chunk.tables, chunk.start_pos, chunk.num_tokens):
-            slots.extend(slot_of(table, p, self.block_size) for p in range(start, start + n))
+    def apply(self, chunk: KVChunk, kv_2TKD: torch.Tensor, slots: list[int]) -> list[tuple[int, int]]:
+        """Write one chunk at its cache ``slots`` (``attn_meta.step_slots`` of its tables and positions);
+        returns (sequence, bytes) for those whose KV became complete."""
         k_TKD, v_TKD = kv_2TKD[0].to(self.kv.device), kv_2TKD[1].to(self.kv.device)
         if self.swapper is not None:  # the sequence's partition may be in host memory right now
             self.swapper.write(chunk.layer, slots, k_TKD, v_TKD)

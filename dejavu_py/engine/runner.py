@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import log
-from .attn_meta import SeqSlice, build_attn_meta
+from .attn_meta import SeqSlice, build_attn_meta, step_slots
 from .decode_graphs import DecodeGraphs, stack_routing
 from .host_buffers import HostBuffers
 from .host_copies import DeviceWait, LateCopy, queue_copies, record_event
@@ -15,7 +15,6 @@ from .kv_cache import KVCache
 from .plan import SeqState, StepPlan, StepResult
 from .sampler import sample
 from ..ft.checkpoints import EMPTY, RoutingRecord, compact
-from ..ft.replica import step_slots
 from .split import StageSpec
 from .swap import Swapper
 

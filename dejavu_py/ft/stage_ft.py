@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import log
-from ..engine.attn_meta import slot_of
 from ..engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult, StepRouting
 from .checkpoints import TokenStateRing, routing_mismatches
 from ..comm.store import get_json, has, put_json
@@ -194,12 +193,10 @@ class StageFT:
             self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, rec.slots, rec.phys_slots,
                               rec.step_kv, rec.kv_ready)
 
-    def on_prompt_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor) -> None:
-        """Token stage: the prompt KV that just arrived goes on to the replica as it is."""
+    def on_prompt_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor, slots: list[int]) -> None:
+        """Token stage: the prompt KV that just arrived (written at ``slots``) goes on to the replica as it is."""
         if self.sender is None:
             return
-        bs = self.w.spec.cfg.cache.block_size
-        slots = [slot_of(t, p, bs) for t, s, n in zip(chunk.tables, chunk.start_pos, chunk.num_tokens) for p in range(s, s + n)]
         msg = ReplicaChunk(self.w.me.name, -1, -1, [chunk.layer], chunk.seq_ids, chunk.start_pos, chunk.num_tokens, slots)
         self.sender.forward(msg, kv_2TKD.unsqueeze(1))
 

@@ -27,6 +27,7 @@ from ..comm.edge import Edge
 from ..comm.host_ring import RingRead
 from ..comm.store import StoreAddress, connect, get_json, put_json
 from ..config import RunConfig
+from ..engine.attn_meta import step_slots
 from ..engine.kv_stream import KVReceiver, KVStreamer
 from ..engine.plan import EdgeBroken, KVAck, KVChunk, Sampled, StepPlan, StepResult, Stop
 from ..engine.progress import LoopTimes
@@ -341,8 +342,9 @@ class Worker:
 
     def _take_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor | None) -> None:
         assert self.receiver is not None and kv_2TKD is not None
-        done = self.receiver.apply(chunk, kv_2TKD)
-        self.ft.on_prompt_kv(chunk, kv_2TKD)
+        slots = step_slots(chunk.tables, chunk.start_pos, chunk.num_tokens, self.spec.cfg.cache.block_size)
+        done = self.receiver.apply(chunk, kv_2TKD, slots)
+        self.ft.on_prompt_kv(chunk, kv_2TKD, slots)
         if done:
             self.send_coord(KVAck(self.me.name, [s for s, _ in done], [b for _, b in done]))
 
