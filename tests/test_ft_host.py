@@ -1,5 +1,5 @@
 """Fault tolerance's per-step host work, kept small: stacked routing records, replica chunks of several
-steps sent and acknowledged as one, per-sequence replica coverage."""
+steps sent and acknowledged as one, per-sequence replica coverage read off the slots' tags."""
 from __future__ import annotations
 
 import pickle
@@ -15,7 +15,8 @@ from dejavu_py.engine.plan import StepPlan
 from dejavu_py.ft.checkpoints import EMPTY, RoutingRecord, TokenStateRing, compact, routing_mismatches
 from dejavu_py.engine.attn_meta import slot_of
 from dejavu_py.engine.attn_meta import step_slots
-from dejavu_py.ft.replica import Coverage, ReplicaAck, ReplicaChunk, ReplicaStore, coalesce
+from dejavu_py.ft import replica_shm
+from dejavu_py.ft.replica import ReplicaAck, ReplicaChunk, ReplicaStore, coalesce, covered_by_tags, position_tags
 from dejavu_py.ft.replica_sender import ReplicaSender
 
 
@@ -53,18 +54,29 @@ def test_token_state_ring_counts_a_record_s_bytes():
     assert ring.stats()["checkpoint_host_bytes"] == _record().nbytes and ring.get(0, 1).routing.layers == (3, 4, 5)
 
 
-def test_coverage_one_number_per_sequence_until_layers_differ():
-    cov = Coverage(3)
-    cov.add(7, 0, 5)
-    cov.add(7, 5, 1)
-    cov.add(7, 9, 1)  # a gap: not a prefix any more
-    assert cov.of(7) == 6 and cov.seqs[7] == 6
-    cov.add(8, 0, 4, [0, 1])  # prompt KV, layer by layer
-    assert cov.of(8) == 0 and cov.seqs[8] == [4, 4, 0]
-    cov.add(8, 0, 4, [2])
-    assert cov.seqs[8] == 4  # every layer agrees again
-    cov.forget(8)
-    assert cov.of(8) == 0
+def test_coverage_is_the_prefix_of_positions_every_layer_holds():
+    """Tags name (sequence, position): a gap ends the prefix, a layer not written yet holds it back, and a
+    slot another sequence (or another position) wrote since does not count."""
+    bs, tables = 4, {7: [2, 0, 5], 8: [1, 3]}
+    tags = np.zeros((3, 6 * bs), dtype=np.int64)
+
+    def write(sid: int, start: int, n: int, layers=slice(None)) -> None:
+        slots = [tables[sid][p // bs] * bs + p % bs for p in range(start, start + n)]
+        tags[layers, slots] = position_tags([sid], [start], [n])
+
+    write(7, 0, 5)
+    write(7, 5, 1)
+    write(7, 9, 1)  # a gap: not a prefix any more
+    write(8, 0, 4, slice(0, 2))  # prompt KV, layer by layer
+    assert covered_by_tags(tags, tables, bs) == {7: 6, 8: 0}
+    write(8, 0, 4, slice(2, 3))
+    assert covered_by_tags(tags, tables, bs) == {7: 6, 8: 4}
+    tags[1, 2 * bs + 1] = position_tags([8], [1], [1])[0]  # sequence 7's block 2 reused by 8 in one layer
+    assert covered_by_tags(tags, tables, bs)[7] == 1
+    assert covered_by_tags(tags, {9: [4]}, bs) == {9: 0}
+    full = {7: [2]}
+    write(7, 0, 4)
+    assert covered_by_tags(tags, full, bs) == {7: 4}  # every position of its table
 
 
 def _fake_kv(layers=(0, 1)) -> SimpleNamespace:
@@ -128,12 +140,16 @@ def test_a_coalesced_chunk_covers_each_sequence_in_turn(tmp_path):
     kv = [torch.full((2, 2, 2, 1, 2), float(s)) for s in range(3)]
     merged, data = coalesce(steps, kv)
     store.apply(merged, data)
-    assert store.coverage([5, 6, 7]) == {5: 3, 6: 3, 7: 0}
+    tables = {5: [2], 6: [6], 7: [1]}  # block size 5: positions 0.. of 5 at slots 10.., of 6 at 30..
+    assert store.coverage(tables, 5) == {5: 3, 6: 3, 7: 0}
+    assert store.coverage({5: [3, 2]}, 5) == {5: 0}  # another table: those slots are not its positions 0..
     assert torch.equal(store.read([12, 32]), torch.full((2, 2, 2, 1, 2), 2.0))
     assert merged.acks() == [(0, 0), (0, 1), (0, 2)]
     bulk = ReplicaChunk("s0", -1, -1, [1], [9], [0], [4], [0, 1, 2, 3])
     store.apply(bulk, torch.zeros(2, 1, 4, 1, 2))  # one layer only
-    assert store.coverage([9]) == {9: 0} and bulk.acks() == []
+    assert store.coverage({9: [0]}, 5) == {9: 0} and bulk.acks() == []
+    assert store.bytes == store.nbytes(2 * 6 + 4, 1)  # slot-layers tagged
+
 
 
 @pytest.mark.parametrize("lag,batch", [(1, 1), (2, 1), (4, 2), (8, 4)])
@@ -171,13 +187,14 @@ def test_host_buffers_off_on_a_cpu_stage():
 
 
 def test_a_chunk_written_into_the_holder_s_file_is_acknowledged_by_that_write():
-    """Same host: no acknowledgement comes back from the holder, yet back-pressure lets the stage on, and
-    the step's host buffer goes back for the next step."""
+    """Same host: no acknowledgement comes back from the holder, yet back-pressure lets the stage on; the
+    slots' tags go in with the bytes, so no message goes at all; the step's host buffer goes back for the
+    next step."""
     from dejavu_py.engine.host_buffers import HostBuffers
 
     sent: list[ReplicaChunk] = []
     sender = ReplicaSender("s0", _fake_kv(), lag=4, send=lambda m, kv: sent.append(m))
-    sender.attach(torch.zeros(2, 2, 64, 1, 2), None)
+    sender.attach(replica_shm.Replica(torch.zeros(2, 2, 64, 1, 2), torch.zeros(2, 64, dtype=torch.int64)), None)
     sender.buffers = HostBuffers(reuse=True, pin=False)
     kv = sender.buffers.take((2, 2, 1, 1, 2), torch.float32).fill_(3.0)
     sender.chunk(*_chunk_args(0), written=kv)
@@ -185,8 +202,11 @@ def test_a_chunk_written_into_the_holder_s_file_is_acknowledged_by_that_write():
         sender.chunk(*_chunk_args(i), written=torch.full((2, 2, 1, 1, 2), 4.0))
     assert sender.wait_for(0, timeout_s=10)  # 4 steps queued, lag 4: only the writes free them
     sender.flush()
-    assert sender.unacked[0] == [] and [m.acks() for m in sent] == [[(0, 0), (0, 1)], [(0, 2), (0, 3)]]
-    assert not sent[0].inline and torch.all(sender.shm[:, :, 40] == 3.0) and torch.all(sender.shm[:, :, 43] == 4.0)
+    assert sender.unacked[0] == [] and sent == []
+    kv_, tags = sender.shm
+    assert torch.all(kv_[:, :, 40] == 3.0) and torch.all(kv_[:, :, 43] == 4.0)
+    assert covered_by_tags(tags.numpy(), {5: [5]}, 8) == {5: 4}  # slot 40 + i holds position i
+
     assert sender.buffers.take((4,), torch.float32).data_ptr() == kv.data_ptr()
 
 

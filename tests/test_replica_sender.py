@@ -1,6 +1,6 @@
 """The replica sender's bulk jobs: a prompt's KV (hundreds of MB on a GPU) goes in pieces, and the
 decode steps' chunks that arrive meanwhile are written and acknowledged between two pieces instead of
-waiting behind it; the holder still hears of them in order."""
+waiting behind it; the holder reads what it holds off the slots' tags, whatever the order."""
 from __future__ import annotations
 
 import threading
@@ -10,14 +10,22 @@ from types import SimpleNamespace
 import torch
 
 from dejavu_py.ft import replica_shm
-from dejavu_py.ft.replica import ReplicaChunk, ReplicaStore
+from dejavu_py.ft.replica import ReplicaChunk, ReplicaStore, covered_by_tags
 from dejavu_py.ft.replica_sender import ReplicaSender, _token_range, pieces
 
 L, K, D, N = 2, 1, 4, 64
 PIECE = 2 * K * D * 4 * 4  # four tokens of one layer (float32), a decode step's chunk of two sequences
 
 
-def _sender(sent: list, shm: torch.Tensor | None, piece_bytes: int = PIECE) -> ReplicaSender:
+def _replica() -> replica_shm.Replica:
+    return replica_shm.Replica(torch.zeros(2, L, N, K, D), torch.zeros(L, N, dtype=torch.int64))
+
+
+TABLES = {1: [1], 2: [2]}
+"""Block size 8: slot = 8 * id + position (``_prompt``)."""
+
+
+def _sender(sent: list, shm: replica_shm.Replica | None, piece_bytes: int = PIECE) -> ReplicaSender:
     kv = SimpleNamespace(layers=[0, 1], device=torch.device("cpu"))
     s = ReplicaSender("s0", kv, lag=2, send=lambda m, t: sent.append((m, t)), piece_bytes=piece_bytes)
     s.attach(shm, None)
@@ -39,20 +47,21 @@ def test_pieces_cover_each_layer_in_token_ranges_and_know_their_sequences():
     assert _token_range(msg, 6, 7) == {"seq_ids": [2], "start_pos": [2], "num_tokens": [1]}
 
 
-def test_steps_chunks_are_written_between_a_bulk_job_s_pieces_and_announced_after_it(monkeypatch):
+def test_steps_chunks_are_written_between_a_bulk_job_s_pieces_and_nothing_is_sent(monkeypatch):
     writes: list[int] = []
     real = replica_shm.write_chunk
 
-    def slow(target, index, layers, slots, kv):
+    def slow(target, index, layers, slots, kv, tags):
         writes.append(len(layers))  # 1: a bulk piece, 2: a step's chunk
         if len(layers) == 1:
             time.sleep(0.02)
-        real(target, index, layers, slots, kv)
+        real(target, index, layers, slots, kv, tags)
 
     monkeypatch.setattr(replica_shm, "write_chunk", slow)
     sent: list = []
-    shm = torch.zeros(2, L, N, K, D)
-    sender = _sender(sent, shm)
+    replica = _replica()
+    shm = replica.kv_2LNKD
+    sender = _sender(sent, replica)
     msg, kv = _prompt({1: 4, 2: 3})
     sender.forward(msg, kv)
     for step in (1, 2, 3):  # decode steps of both sequences, lag 2: each must be acknowledged to go on
@@ -62,9 +71,9 @@ def test_steps_chunks_are_written_between_a_bulk_job_s_pieces_and_announced_afte
     assert sender.wait_for(0, timeout_s=10)
     sender.flush()
     assert writes.index(2) < len(writes) - 1 - writes[::-1].index(1)  # a step's chunk before the last piece
-    assert [m.inline for m, _ in sent] == [False, False] and sent[0][0].slots == msg.slots
-    assert sent[1][0].acks() == [(0, 1), (0, 2), (0, 3)]  # in order, after the bulk's own message
+    assert sent == []  # the holder's file says it all
     assert torch.equal(shm[:, :, msg.slots], kv) and torch.all(shm[:, :, 14] == -3.0)
+    assert covered_by_tags(replica.tags_LN.numpy(), TABLES, 8) == {1: 7, 2: 6}  # prompts and the 3 steps
     assert sender.unacked[0] == [] and sender.stats()["replica_bulk_jobs"] == 1
 
 
@@ -78,23 +87,25 @@ def test_across_hosts_a_bulk_job_s_pieces_rebuild_the_replica_and_the_last_is_ac
     store = ReplicaStore("s0", range(L), N, K, D, torch.float32, False)
     for m, t in sent:
         store.apply(m, t)
-    assert store.coverage([1, 2]) == {1: 4, 2: 3}
+    assert store.coverage(TABLES, 8) == {1: 4, 2: 3}
     assert torch.equal(store.read(msg.slots), kv)
 
 
-def test_a_bulk_job_for_a_holder_that_was_replaced_is_never_announced(monkeypatch):
+def test_a_bulk_job_for_a_holder_that_was_replaced_is_dropped(monkeypatch):
     gate = threading.Event()
     real = replica_shm.write_chunk
     monkeypatch.setattr(replica_shm, "write_chunk", lambda *a: (gate.wait(10), real(*a)))
     sent: list = []
-    sender = _sender(sent, torch.zeros(2, L, N, K, D))
+    replica = _replica()
+    sender = _sender(sent, replica)
     msg, kv = _prompt({1: 4, 2: 3})
     sender.forward(msg, kv)
     time.sleep(0.05)  # the first piece is being written
     sender.reset()  # the holder died: its file and what we wrote there are gone
     gate.set()
     sender.flush()
-    assert sent == []
+    assert sent == [] and sender.unacked.get(0, []) == []
+    assert covered_by_tags(replica.tags_LN.numpy(), TABLES, 8) == {1: 0, 2: 0}  # the rest was dropped
 
 
 class _LateBytes:
@@ -110,8 +121,9 @@ class _LateBytes:
 
 def test_a_large_host_chunk_is_written_only_once_its_bytes_are_in():
     sent: list = []
-    shm = torch.zeros(2, L, N, K, D)
-    sender = _sender(sent, shm)
+    replica = _replica()
+    shm = replica.kv_2LNKD
+    sender = _sender(sent, replica)
     msg, kv = _prompt({1: 4, 2: 3})  # larger than a piece: a bulk job
     sender.forward(msg, kv.zero_(), ready=_LateBytes(kv, 7.0))
     sender.flush()

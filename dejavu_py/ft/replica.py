@@ -7,11 +7,12 @@ consecutive steps as one (``coalesce``); the holder acknowledges the (microbatch
 covers, and a stage waits before running ahead of its replica by more than ``--replica-lag`` steps of
 a microbatch.
 
-Holder side (``ReplicaStore``): a host copy of the source's cache (same block layout) plus, per
-sequence, how many leading positions it holds in every layer. At recovery it ships the blocks of the
-sequences in flight to the replacement and says how far each sequence is covered; what is missing is
-replayed. When the copy is a shared-memory file (replica_shm.py) a source and a replacement on the
-holder's host write and read it directly; only the bookkeeping crosses the replica edge.
+Holder side (``ReplicaStore``): a host copy of the source's cache (same block layout) plus, per layer and
+slot, a tag naming the sequence and position whose K/V the slot holds (``position_tags``). At recovery it
+reads off the tags how many leading positions of each sequence in flight it holds in every layer
+(``covered_by_tags``), ships those to the replacement, and what is missing is replayed. When the copy is
+a shared-memory file (replica_shm.py) a source and a replacement on the holder's host write and read it
+directly, tags included: nothing crosses the replica edge while the pipeline runs.
 
 Legend: L = the source stage's layers, T = tokens of a chunk, K = KV heads, D = head dim, N = slots.
 """
@@ -23,6 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..engine.attn_meta import slot_of
@@ -51,6 +53,31 @@ class ReplicaChunk:
     def acks(self) -> list[tuple[int, int]]:
         """The (microbatch, step) pairs the holder acknowledges once it holds this chunk."""
         return self.steps or ([(self.mb, self.step)] if self.mb >= 0 else [])
+
+    def tags(self) -> np.ndarray:
+        """The tag of each of its slots (``position_tags``)."""
+        return position_tags(self.seq_ids, self.start_pos, self.num_tokens)
+
+
+def position_tags(seq_ids: list[int], start_pos: list[int], num_tokens: list[int]) -> np.ndarray:
+    """int64 tags of positions ``start_pos[i] .. + num_tokens[i] - 1`` of each sequence, in order:
+    ``seq_id << 32 | (position + 1)``, never 0 (an unwritten slot)."""
+    if all(n == 1 for n in num_tokens):
+        return (np.asarray(seq_ids, dtype=np.int64) << 32) | (np.asarray(start_pos, dtype=np.int64) + 1)
+    parts = [(sid << 32) + np.arange(start + 1, start + n + 1, dtype=np.int64)
+             for sid, start, n in zip(seq_ids, start_pos, num_tokens)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def covered_by_tags(tags_LN: np.ndarray, tables: dict[int, list[int]], block_size: int) -> dict[int, int]:
+    """Leading positions of each sequence (its block table in ``tables``) whose K/V every layer holds."""
+    out = {}
+    for sid, table in tables.items():
+        slots = (np.asarray(table, dtype=np.int64)[:, None] * block_size + np.arange(block_size)).reshape(-1)
+        want = (sid << 32) + np.arange(1, len(slots) + 1, dtype=np.int64)
+        held = (tags_LN[:, slots] == want).all(axis=0)
+        out[sid] = len(held) if held.all() else int(held.argmin())
+    return out
 
 
 def coalesce(chunks: list[ReplicaChunk], kv: list[torch.Tensor] | None) -> tuple[ReplicaChunk, torch.Tensor | None]:
@@ -86,38 +113,6 @@ def covered_slots(tables: dict[int, list[int]], covered: dict[int, int], block_s
     return [slot_of(tables[s], p, block_size) for s in sorted(tables) for p in range(covered.get(s, 0))]
 
 
-class Coverage:
-    """Leading positions of each sequence a replica holds, per layer: one number while every layer holds
-    the same (a decode step's chunk covers them all: O(1) per sequence), a list by layer index while
-    they differ (prompt KV arrives layer by layer)."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.num_layers = num_layers
-        self.seqs: dict[int, int | list[int]] = {}
-
-    def add(self, sid: int, start: int, n: int, which: list[int] | None = None) -> None:
-        """Positions ``start .. start + n - 1`` arrived in the layers ``which`` (None: all); they extend
-        a layer's prefix only where it reaches ``start``."""
-        cur = self.seqs.get(sid, 0)
-        if isinstance(cur, int) and which is None:
-            if start <= cur:
-                self.seqs[sid] = max(cur, start + n)
-            return
-        per_layer = [cur] * self.num_layers if isinstance(cur, int) else cur
-        for i in range(self.num_layers) if which is None else which:
-            if start <= per_layer[i]:
-                per_layer[i] = max(per_layer[i], start + n)
-        self.seqs[sid] = per_layer[0] if min(per_layer) == max(per_layer) else per_layer
-
-    def forget(self, sid: int) -> None:
-        self.seqs.pop(sid, None)
-
-    def of(self, sid: int) -> int:
-        """Leading positions held in every layer."""
-        cur = self.seqs.get(sid, 0)
-        return cur if isinstance(cur, int) else min(cur)
-
-
 class ReplicaStore:
     """The replica of one source stage's cache, in host memory: one buffer [2, L, N, K, D], a shared
     file when ``path`` is given (replica_shm.py), else pinned memory."""
@@ -126,13 +121,13 @@ class ReplicaStore:
                  dtype: torch.dtype, pin: bool, path: Path | None = None) -> None:
         self.source, self.layers, self.path = source, list(layers), path
         shape = (2, len(self.layers), spec_slots, kv_heads, head_dim)
-        # Uninitialised on purpose: ``covered`` says what is valid, and zero-filling GBs of pinned memory
-        # would lengthen every replacement's start.
-        self.kv_2LNKD = replica_shm.create(path, shape, dtype) if path else torch.empty(shape, dtype=dtype, pin_memory=pin)
+        # The K/V uninitialised on purpose: the tags say what is valid, and zero-filling GBs of pinned
+        # memory would lengthen every replacement's start.
+        self.replica = replica_shm.create(path, shape, dtype) if path else replica_shm.Replica(
+            torch.empty(shape, dtype=dtype, pin_memory=pin), torch.zeros(shape[1:3], dtype=torch.int64))
+        self.kv_2LNKD = self.replica.kv_2LNKD
         self.index = {l: i for i, l in enumerate(self.layers)}
-        self.covered = Coverage(len(self.layers))
         self.lock = threading.Lock()
-        self.bytes = 0
 
     def describe(self, holder: str) -> replica_shm.ReplicaShm | None:
         """What the source needs to write into this replica itself (None: not a shared file)."""
@@ -141,28 +136,24 @@ class ReplicaStore:
         return replica_shm.ReplicaShm(holder, socket.gethostname(), str(self.path), tuple(self.kv_2LNKD.shape),
                                       str(self.kv_2LNKD.dtype).removeprefix("torch."))
 
-    def apply(self, c: ReplicaChunk, kv: torch.Tensor | None) -> None:
-        """A chunk from the source: its K/V (unless the source wrote it into our file) and coverage."""
+    def apply(self, c: ReplicaChunk, kv: torch.Tensor) -> None:
+        """A chunk whose K/V came over the replica edge (a source on another host)."""
         with self.lock:
-            if c.inline:
-                replica_shm.write_chunk(self.kv_2LNKD, self.index, c.layers, c.slots, kv.to("cpu"))
-            which = None if len(c.layers) == len(self.layers) else [self.index[layer] for layer in c.layers]
-            for sid, start, n in zip(c.seq_ids, c.start_pos, c.num_tokens):
-                self.covered.add(sid, start, n, which)
-            self.bytes += self.nbytes(len(c.slots), len(c.layers))
+            replica_shm.write_chunk(self.replica, self.index, c.layers, c.slots, kv.to("cpu"), c.tags())
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of K/V held (slots tagged, layer by layer)."""
+        return self.nbytes(int(self.replica.tags_LN.count_nonzero()), 1)
 
     def nbytes(self, slots: int, layers: int) -> int:
         """Bytes of K and V of ``slots`` slots in ``layers`` layers."""
         return slots * layers * self.kv_2LNKD[:, 0, 0].numel() * self.kv_2LNKD.element_size()
 
-    def coverage(self, seq_ids: list[int]) -> dict[int, int]:
+    def coverage(self, tables: dict[int, list[int]], block_size: int) -> dict[int, int]:
+        """Leading positions of each of these sequences held in every layer (``covered_by_tags``)."""
         with self.lock:
-            return {s: self.covered.of(s) for s in seq_ids}
-
-    def forget(self, seq_ids: list[int]) -> None:
-        with self.lock:
-            for s in seq_ids:
-                self.covered.forget(s)
+            return covered_by_tags(self.replica.tags_LN.numpy(), tables, block_size)
 
     def read(self, slots: list[int]) -> torch.Tensor:
         """[2, L, T, K, D]: the replica at these slots (a copy)."""

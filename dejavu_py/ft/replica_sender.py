@@ -2,16 +2,17 @@
 
 The step's thread only queues work on the device (a copy into pinned host memory, an event); the
 sender thread waits for it and delivers. A decode step's chunk is a few MB: when the holder's file is
-mapped here (same host) it is written there at once and counts as acknowledged by that write (its
-bytes are in the holder's memory, which outlives this process); the bookkeeping of a few steps
-travels as one message. Across hosts the bytes travel with the message and the holder acknowledges.
+mapped here (same host) it is written there at once, its slots' tags behind it, and counts as
+acknowledged by that write (its bytes are in the holder's memory, which outlives this process); no
+message goes. Across hosts the bytes travel with a message, a few steps' chunks as one, and the holder
+acknowledges.
 
 A large chunk (a prompt's KV: hundreds of MB for a batch of prompts) goes as a *bulk* job, in pieces
 of one layer's token range (``PIECE_BYTES``), copied off the device two pieces ahead, with the stage's
 next steps (``copier``) where it has them. With the holder's file mapped, the steps' chunks that arrive
-meanwhile are written between two pieces, so no decode step waits for a prompt's replica; their
-messages follow the bulk's, in order (the holder's coverage grows as a prefix). Across hosts the pieces
-go in order, each its own message.
+meanwhile are written between two pieces, so no decode step waits for a prompt's replica (the tags
+make a sequence's coverage a prefix whatever the order). Across hosts the pieces go in order, each its
+own message.
 
 Legend: L = the source stage's layers, T = tokens of a chunk, K = KV heads, D = head dim.
 """
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .. import log
@@ -56,15 +58,15 @@ class _Bulk:
     """Device or host; owned by the job (nobody writes it any more)."""
     ready: torch.cuda.Event | None
     """Recorded behind the kernels that computed ``kv_2LTKD`` (device)."""
-    shm: torch.Tensor | None
+    shm: replica_shm.Replica | None
     """The holder's file as mapped when the job began (None: the pieces travel over the edge)."""
     epoch: int
     pieces: collections.deque = field(default_factory=collections.deque)
     """(layer index, first token, end token) still to copy off the device."""
     copying: collections.deque = field(default_factory=collections.deque)
     """(piece, host tensor [2, 1, T, K, D], event) copied or being copied."""
-    after: list[ReplicaChunk] = field(default_factory=list)
-    """Steps' chunks written meanwhile: their messages follow this job's."""
+    tags: np.ndarray | None = None
+    """The tag of each of its tokens (written into the holder's file with the pieces)."""
 
 
 def pieces(kv_2LTKD: torch.Tensor, piece_bytes: int) -> list[tuple[int, int, int]]:
@@ -92,7 +94,7 @@ class ReplicaSender:
         self.enabled = True
         self.bytes = self.chunks = self.shm_chunks = self.bulk_jobs = 0
         self.wait_s = 0.0
-        self.shm: torch.Tensor | None = None
+        self.shm: replica_shm.Replica | None = None
         """The holder's replica file, mapped, when it is on this host: chunks are written there."""
         self.shm_path: str | None = None
         self.epoch = 0
@@ -105,14 +107,14 @@ class ReplicaSender:
         self._index = {l: i for i, l in enumerate(kv.layers)}
         self._stream: torch.cuda.Stream | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._held: list[tuple[ReplicaChunk, torch.Tensor | None, int]] = []
-        """Steps' chunks waiting to go as one message (K/V None: written into the holder's file already)."""
+        self._held: list[tuple[ReplicaChunk, torch.Tensor, int]] = []
+        """Steps' chunks waiting to go as one message (across hosts)."""
         self._deadline = 0.0
         self._bulk: collections.deque[_Bulk] = collections.deque()
         threading.Thread(target=self._run, name=f"replica-send-{me}", daemon=True).start()
 
     # -- the step's thread -------------------------------------------------------------------------
-    def attach(self, shm: torch.Tensor | None, path: str | None) -> None:
+    def attach(self, shm: replica_shm.Replica | None, path: str | None) -> None:
         """The holder's file, mapped (None: the holder is on another host)."""
         self.epoch += 1
         self.shm, self.shm_path = shm, path
@@ -228,15 +230,12 @@ class ReplicaSender:
             self._start_bulk(msg, kv, ready if kv.device.type == "cuda" else None)
             return
         shm = self.shm
-        if shm is not None:  # written now: acknowledged now; the message may wait
-            replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv)
+        if shm is not None:  # written now, tags and all: acknowledged now, nothing to tell the holder
+            replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv, msg.tags())
             if ready is not None or msg.mb >= 0:  # copied into the buffers here, or a step's from the runner's
                 self.buffers.give(kv)
             self.shm_chunks += 1
             self.acked(ReplicaAck(self.me, msg.acks()))
-            kv = None
-        if self._bulk and shm is not None:
-            self._bulk[-1].after.append(msg)
             return
         self._held.append((msg, kv, self.epoch))
         if len(self._held) == 1:
@@ -248,15 +247,14 @@ class ReplicaSender:
         """The held chunks as one message (in order; those of an older holder are dropped)."""
         held = [(m, k) for m, k, epoch in self._held if epoch == self.epoch]
         self._held.clear()
-        runs: list[list[tuple[ReplicaChunk, torch.Tensor | None]]] = []
-        for m, k in held:  # one message per run of chunks of the same layers, sent the same way
-            if runs and runs[-1][0][0].layers == m.layers and (runs[-1][0][1] is None) == (k is None):
+        runs: list[list[tuple[ReplicaChunk, torch.Tensor]]] = []
+        for m, k in held:  # one message per run of chunks of the same layers
+            if runs and runs[-1][0][0].layers == m.layers:
                 runs[-1].append((m, k))
             else:
                 runs.append([(m, k)])
         for run in runs:
-            inline = run[0][1] is not None
-            self._send_chunk(*coalesce([m for m, _ in run], [k for _, k in run] if inline else None))
+            self._send_chunk(*coalesce([m for m, _ in run], [k for _, k in run]))
 
     def _send_chunk(self, msg: ReplicaChunk, kv: torch.Tensor | None) -> None:
         try:
@@ -272,7 +270,8 @@ class ReplicaSender:
     # -- bulk jobs -------------------------------------------------------------------------------
     def _start_bulk(self, msg: ReplicaChunk, kv: torch.Tensor, ready) -> None:
         self._deliver()  # what came before goes before
-        job = _Bulk(msg, kv, ready, self.shm, self.epoch, collections.deque(pieces(kv, self.piece_bytes)))
+        job = _Bulk(msg, kv, ready, self.shm, self.epoch, collections.deque(pieces(kv, self.piece_bytes)),
+                    tags=msg.tags() if self.shm is not None else None)
         self.bulk_jobs += 1
         if job.shm is not None:
             self._bulk.append(job)  # piece by piece, between the steps' chunks
@@ -297,7 +296,7 @@ class ReplicaSender:
             done.synchronize()
         layer, slots = job.msg.layers[i], job.msg.slots[a:b]
         if job.shm is not None:
-            replica_shm.write_chunk(job.shm, self._index, [layer], slots, host)
+            replica_shm.write_chunk(job.shm, self._index, [layer], slots, host, job.tags[a:b])
         else:
             last = not job.pieces and not job.copying  # acknowledged with the last piece
             part = dataclasses.replace(job.msg, layers=[layer], slots=slots, **_token_range(job.msg, a, b),
@@ -308,11 +307,7 @@ class ReplicaSender:
         if job.pieces or job.copying or job.shm is None:
             return
         self._bulk.popleft()
-        self._send_chunk(dataclasses.replace(job.msg, inline=False), None)
         self.acked(ReplicaAck(self.me, job.msg.acks()))
-        if job.after:
-            self._held.extend((m, None, job.epoch) for m in job.after)
-            self._deliver()
 
     def _copy_off(self, job: _Bulk, piece: tuple[int, int, int]) -> tuple:
         """(piece, its K/V on the host, event when copied): a device piece copied on the side stream."""

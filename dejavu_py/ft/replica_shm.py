@@ -2,11 +2,12 @@
 
 A holder keeps the replica it holds in a file of a RAM-backed directory (``--replica-shm-dir``,
 /dev/shm by default) and tells its source where (``ReplicaShm``). A source on the same host then
-writes its K/V into that file itself and sends the holder only what it wrote (slots, positions), so
-no replica byte crosses a socket; a replacement on the holder's host maps the file and copies its
-KV straight to its device. Across hosts the bytes still travel over the replica edge, into the same
-file. The file outlives a dead source (that is the point) and is removed when its holder is replaced
-and at the end of the run.
+writes its K/V into that file itself, each slot's tag (the sequence and position it now holds) behind
+its bytes, and sends the holder nothing: no replica byte and no message crosses a socket, and the holder
+reads what it holds off the tags when asked (``replica.covered_by_tags``). A replacement on the holder's
+host maps the file and copies its KV straight to its device. Across hosts the bytes still travel over the
+replica edge, into the same file. The file outlives a dead source (that is the point) and is removed when
+its holder is replaced and at the end of the run.
 
 Legend: L = the source stage's layers, N = cache slots, T = slots of a chunk, K = KV heads, D = head dim.
 """
@@ -21,6 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +44,15 @@ class ReplicaShm:
     dtype: str
 
 
+class Replica(NamedTuple):
+    """A replica's buffers (one file's two parts, or host memory)."""
+
+    kv_2LNKD: torch.Tensor
+    tags_LN: torch.Tensor
+    """int64: per layer and slot, the tag of the position whose K/V the slot holds (0: none yet;
+    ``replica.position_tags``). Written after the bytes: a tag never vouches for bytes not yet there."""
+
+
 def _run_tag(run_dir: Path) -> str:
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
 
@@ -52,34 +63,38 @@ def replica_path(shm_dir: str | Path, run_dir: Path, holder: str) -> Path:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return math.prod(shape) * dtype.itemsize
+    """The file's size: the K/V, then the tags (one int64 per layer and slot)."""
+    return math.prod(shape) * dtype.itemsize + math.prod(shape[1:3]) * 8
 
 
-def _map(fd: int, shape: tuple[int, ...], dtype: torch.dtype, populate: bool) -> torch.Tensor:
-    """A tensor over a shared mapping of the open file (the tensor keeps the mapping alive)."""
+def _map(fd: int, shape: tuple[int, ...], dtype: torch.dtype, populate: bool) -> Replica:
+    """Tensors over a shared mapping of the open file (they keep the mapping alive)."""
     flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
     try:
         mm = mmap.mmap(fd, _nbytes(shape, dtype), flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-    return torch.frombuffer(mm, dtype=dtype, count=math.prod(shape)).view(shape)
+    raw = torch.frombuffer(mm, dtype=torch.uint8)
+    data = math.prod(shape) * dtype.itemsize
+    return Replica(raw[:data].view(dtype).view(shape), raw[data:].view(torch.int64).view(shape[1:3]))
 
 
-def create(path: Path, shape: tuple[int, ...], dtype: torch.dtype, threads: int = 8) -> torch.Tensor:
+def create(path: Path, shape: tuple[int, ...], dtype: torch.dtype, threads: int = 8) -> Replica:
     """A new replica file, mapped, every page written now by a few threads: a page first touched in a
     step costs a fault and a zeroing there (3 ms a step at batch 64), and mapping a file whose pages
     exist with populated page tables (``attach``) is 15x faster than one whose pages do not."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     os.ftruncate(fd, _nbytes(shape, dtype))
     t = _map(fd, shape, dtype, populate=False)
-    flat = t.view(-1)
+    flat = t.kv_2LNKD.view(-1)
     step = -(-flat.numel() // threads)
     with ThreadPoolExecutor(threads) as pool:  # zero_ leaves the GIL: the threads fault in parallel
         list(pool.map(lambda a: flat[a:a + step].zero_(), range(0, flat.numel(), step)))
+    t.tags_LN.zero_()
     return t
 
 
-def attach(msg: ReplicaShm) -> torch.Tensor | None:
+def attach(msg: ReplicaShm) -> Replica | None:
     """Map a holder's replica file, if it is on this host and still there. Its pages are faulted in as
     they are touched (``prefault`` does it ahead, in the background)."""
     if msg.host != socket.gethostname() or not os.path.exists(msg.path):
@@ -160,15 +175,25 @@ def _np(t: torch.Tensor):
     return t.view(_INT_OF_SIZE[t.element_size()]).numpy()
 
 
-def write_chunk(target_2LNKD: torch.Tensor, index: dict[int, int], layers: list[int], slots: list[int],
-                kv_2LTKD: torch.Tensor) -> None:
-    """Write a chunk's K/V (host memory) into a replica mapping at its slots: a small chunk in one copy, a
-    large one split over ``COPY_THREADS``. numpy's fancy assignment copies each slot's row [K, D] as one
-    block (17 GB/s on one core here, 6x torch's index_copy_, which copies element by element) and leaves
-    the interpreter's lock while it runs."""
+def write_chunk(target: Replica, index: dict[int, int], layers: list[int], slots: list[int],
+                kv_2LTKD: torch.Tensor, tags_T: np.ndarray) -> None:
+    """Write a chunk's K/V (host memory) into a replica at its slots, then the slots' tags (``tags_T``,
+    one per slot) in those layers: a small chunk in one copy, a large one split over ``COPY_THREADS``.
+    numpy's fancy assignment copies each slot's row [K, D] as one block (17 GB/s on one core here, 6x
+    torch's index_copy_, which copies element by element) and leaves the interpreter's lock while it runs."""
     idx_T = np.asarray(slots, dtype=np.int64)
-    target, kv = _np(target_2LNKD), _np(kv_2LTKD.to(target_2LNKD.dtype).contiguous())
-    T = len(slots)
+    _write_kv(_np(target.kv_2LNKD), index, layers, idx_T, _np(kv_2LTKD.to(target.kv_2LNKD.dtype).contiguous()))
+    tags = target.tags_LN.numpy()
+    at = [index[layer] for layer in layers]
+    if at == list(range(at[0], at[0] + len(at))):
+        tags[at[0]:at[0] + len(at), idx_T] = tags_T
+    else:
+        for j in at:
+            tags[j, idx_T] = tags_T
+
+
+def _write_kv(target, index: dict[int, int], layers: list[int], idx_T: np.ndarray, kv) -> None:
+    T = len(idx_T)
     at = [index[layer] for layer in layers]
     pooled = kv.nbytes >= POOL_BYTES and COPY_THREADS > 1
     if not pooled and at == list(range(at[0], at[0] + len(at))):

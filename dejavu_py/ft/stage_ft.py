@@ -84,7 +84,7 @@ class StageFT:
             runner.enable_recording()
 
     # -- edges -----------------------------------------------------------------------------------
-    def connect(self, generation: int, peers: list[str] | None = None) -> tuple[dict, torch.Tensor | None, str | None]:
+    def connect(self, generation: int, peers: list[str] | None = None) -> tuple[dict, replica_shm.Replica | None, str | None]:
         """Replica edges (to the holder and from the source), built after the main edges, and the
         holder's replica file mapped when it is on this host (its edge is up: it has published it)."""
         from ..comm.edge import Edge
@@ -102,12 +102,12 @@ class StageFT:
             _log.info("replica for %s: %s", self.holder, "its shared file" if mapped is not None else "over the replica edge")
         return edges, mapped, where.get("path") if mapped is not None else None
 
-    def install(self, got: tuple[dict, torch.Tensor | None, str | None]) -> None:
+    def install(self, got: tuple[dict, replica_shm.Replica | None, str | None]) -> None:
         edges, mapped, path = got
         if self.sender is not None and self.holder in edges:
             self.sender.attach(mapped, path)
             if mapped is not None:  # a replacement's restore reads it all soon; steps write a new page each
-                replica_shm.prefault(mapped)
+                replica_shm.prefault(mapped.kv_2LNKD)
         for peer, edge in edges.items():
             old = self.rep_edges.pop(peer, None)
             if old is not None:
@@ -135,9 +135,9 @@ class StageFT:
                 self.sender.acked(msg)
             elif isinstance(msg, ReplicaChunk) and msg.source == self.w.me.name:
                 self.w.inbox.put((peer, msg, t))  # our own KV coming back: the main loop writes it
-            elif isinstance(msg, ReplicaChunk) and self.store is not None:
+            elif isinstance(msg, ReplicaChunk) and self.store is not None:  # from a source on another host
                 self.store.apply(msg, t)
-                if msg.acks() and msg.inline:  # else the source's own write into our file acknowledged it
+                if msg.acks():
                     try:
                         edge.send(ReplicaAck(msg.source, msg.acks()))
                     except Exception:  # the source died; its replacement will be told what we hold
@@ -221,11 +221,12 @@ class StageFT:
 
         if chunk.shm_path is not None:  # the holder's file: the one we replicate into, already mapped
             shape = (2, len(chunk.layers), *runner.kv.k_NKD[chunk.layers[0]].shape)
-            mapped = self.sender.shm if self.sender is not None and self.sender.shm_path == chunk.shm_path else \
+            replica = self.sender.shm if self.sender is not None and self.sender.shm_path == chunk.shm_path else \
                 replica_shm.attach(ReplicaShm("", socket.gethostname(), chunk.shm_path, shape,
                                               str(runner.model.dtype).removeprefix("torch.")))
-            if mapped is None:
+            if replica is None:
                 raise RuntimeError(f"replica file {chunk.shm_path} is gone: cannot restore the KV")
+            mapped = replica.kv_2LNKD
             if runner.swapper is not None:  # virtual slots: gather them
                 for i, layer in enumerate(chunk.layers):
                     kv_2TKD = mapped[:, i].index_select(1, torch.tensor(slots, dtype=torch.long))
@@ -263,8 +264,9 @@ class StageFT:
     def _ship_replica(self, q: ReplicaQuery) -> None:
         """Tell the coordinator the coverage first (it plans the replay meanwhile), then ship the KV:
         the file's name to a replacement on this host, else the bytes."""
-        covered = self.store.coverage(list(q.tables)) if self.store is not None else {}
-        slots = covered_slots(q.tables, covered, self.w.spec.cfg.cache.block_size)
+        bs = self.w.spec.cfg.cache.block_size
+        covered = self.store.coverage(q.tables, bs) if self.store is not None else {}
+        slots = covered_slots(q.tables, covered, bs)
         nbytes = self.store.nbytes(len(slots), len(self.store.layers)) if slots else 0
         self.w.send_coord(ReplicaCoverage(q.source, covered, nbytes))
         if not slots:
