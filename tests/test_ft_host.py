@@ -216,3 +216,20 @@ def test_step_slots_are_the_slots_of_each_written_position(start_pos, num_tokens
     tables = [[7, 3, 9], [1, 2], [4, 0, 5], [8, 6, 11]]
     want = [slot_of(t, p, 16) for t, s, n in zip(tables, start_pos, num_tokens) for p in range(s, s + n)]
     assert step_slots(tables, start_pos, num_tokens, 16) == want and len(want) == sum(num_tokens)
+
+
+def test_a_stage_s_routing_records_ride_with_the_next_plan_it_sends_on():
+    """Behind those of the stages before it; a replay's plan, which stops before the last stage, takes none."""
+    from dejavu_py.engine.plan import StepRouting
+    from dejavu_py.ft.stage_ft import StageFT
+
+    ft = StageFT.__new__(StageFT)  # only its outbox is used here
+    ft.outbox = [StepRouting(0, 3, "s1", "r3"), StepRouting(1, 4, "s1", "r4")]
+    replay = StepPlan(0, 5, [1], [9], [1], [7], [True], replay_until="s2")
+    ft.relay(replay)
+    assert replay.relayed == [] and len(ft.outbox) == 2
+    plan = StepPlan(0, 6, [1], [9], [1], [7], [True], relayed=[StepRouting(0, 3, "s0", "up")])
+    ft.relay(plan)
+    assert [(r.stage, r.step) for r in plan.relayed] == [("s0", 3), ("s1", 3), ("s1", 4)] and ft.outbox == []
+    ft.relay(plan)
+    assert len(plan.relayed) == 3

@@ -121,9 +121,9 @@ def test_plans_follow_the_one_in_flight():
 
 
 def test_stage_routing_joins_its_step_in_either_order():
-    """Stages send their routing on their own (``StepRouting``): before the step's result comes back or
-    after it, it ends in that step's plan in the history, beside the last stage's; a record of a plan
-    that is no longer in flight (dropped at a failure) is not kept."""
+    """A stage's routing record (``StepRouting``), before the step's result comes back or after it, ends
+    in that step's plan in the history, beside the last stage's; a record of a plan that is no longer in
+    flight (dropped at a failure) is not kept."""
     reqs = [Request(line=1, id="a", input_ids=[5, 6], max_new_tokens=4, sampling=SamplingParams())]
     sched = Scheduler(SchedulerConfig(max_batch_size=4, max_batch_tokens=64), BlockManager(40, 4), 1,
                       frozenset(), depth=2)
@@ -140,3 +140,22 @@ def test_stage_routing_joins_its_step_in_either_order():
     sched.drop_inflight()
     sched.on_routing(StepRouting(0, third.step, "s0", ["stale"]))
     assert not sched._routing and all(p.step != third.step for p in sched.history[0])
+
+
+def test_routing_relayed_with_a_later_result_joins_its_step_even_if_that_result_is_dropped():
+    """The stages before the last send their records down the pipeline with later plans
+    (``StepPlan.relayed``); the last stage's result brings them. A result the scheduler drops (its plan
+    was in flight at a failure) still delivers the records of the earlier steps it carries."""
+    reqs = [Request(line=1, id="a", input_ids=[5, 6], max_new_tokens=8, sampling=SamplingParams())]
+    sched = Scheduler(SchedulerConfig(max_batch_size=4, max_batch_tokens=64), BlockManager(40, 4), 1,
+                      frozenset(), depth=2)
+    sched.add(Sequence(0, reqs[0]))
+    first, second = sched.schedule(0), sched.schedule(0)
+    sched.on_result(StepResult(0, first.step, [0], [11], routing={"s2": ["a2"]}))
+    sched.on_result(StepResult(0, second.step, [0], [12], routing={"s2": ["b2"]},
+                               relayed=[StepRouting(0, first.step, "s0", ["a0"]), StepRouting(0, first.step, "s1", ["a1"])]))
+    third = sched.schedule(0)
+    sched.drop_inflight()
+    sched.on_result(StepResult(0, third.step, [0], [13], relayed=[StepRouting(0, second.step, "s0", ["b0"])]))
+    done = {p.step: p.routing for p in sched.history[0]}
+    assert done == {first.step: {"s0": ["a0"], "s1": ["a1"], "s2": ["a2"]}, second.step: {"s0": ["b0"], "s2": ["b2"]}}

@@ -34,7 +34,7 @@ from .block_manager import BlockManager
 from .colocated import ColocatedDriver
 from .disagg import DisaggDriver
 from .output import Timings, error_record, request_error_record, success_record, write_outputs
-from .plan import EdgeBroken, StepCounter, StepResult, StepRouting, Stop
+from .plan import EdgeBroken, StepCounter, StepResult, Stop
 from .prefill_scheduler import PrefillScheduler
 from .progress import LoopTimes, ProgressBar, RunSummary
 from .request import Request, RequestLimits, load_requests
@@ -255,9 +255,6 @@ class Coordinator:
                 continue
             if isinstance(msg, LATE_RECOVERY_MESSAGES):  # answers to a recovery that already moved on
                 _log.debug("late %s from %s", type(msg).__name__, source)
-                continue
-            if isinstance(msg, StepRouting):
-                driver.decode_scheduler.on_routing(msg)
                 continue
             finished = driver.on_message(source, msg)
             if isinstance(msg, StepResult):

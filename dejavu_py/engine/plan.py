@@ -73,6 +73,9 @@ class StepPlan:
     scratch_seqs: list[int] = field(default_factory=list)
     """Recovery: sequences of a replayed step that have finished since. They keep their rows (the step's
     numerics stay identical) but their K/V goes to the scratch block: their blocks may be another's now."""
+    relayed: list[StepRouting] = field(default_factory=list)
+    """Fault tolerance: the stages before this one's routing of earlier steps, riding with the plan down
+    the pipeline to the last stage, whose result takes them to the coordinator (no message of their own)."""
 
     @property
     def total_tokens(self) -> int:
@@ -90,13 +93,16 @@ class StepResult:
     token_ids: list[int]
     """The sampled next token of each."""
     routing: dict[str, Any] = field(default_factory=dict)
-    """The last stage's MoE routing of the step (see StepPlan.routing; the others send ``StepRouting``)."""
+    """The last stage's MoE routing of the step (see StepPlan.routing)."""
+    relayed: list[StepRouting] = field(default_factory=list)
+    """The other stages' routing of earlier steps (``StepPlan.relayed``)."""
 
 
 @dataclass
 class StepRouting:
-    """Fault tolerance: a stage's MoE routing of a step, to the coordinator as soon as the step is
-    finished: a replay of the step needs it, and the stage may die before its replica has the step."""
+    """Fault tolerance: a stage's MoE routing of a step, for the coordinator's history: a replay of the
+    step routes as recorded and checks against it. It travels down the pipeline with a later plan
+    (``StepPlan.relayed``) and reaches the coordinator with the last stage's result."""
 
     mb: int
     step: int

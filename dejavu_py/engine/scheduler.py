@@ -157,7 +157,9 @@ class Scheduler:
     # -- results -------------------------------------------------------------------------------
     def on_result(self, result: StepResult) -> list[Sequence]:
         """Apply a step's sampled tokens; returns the sequences that finished with it. A result of a
-        plan dropped by a recovery is ignored."""
+        plan dropped by a recovery is ignored, but not the other stages' routing records it brings."""
+        for rec in result.relayed:
+            self.on_routing(rec)
         queue = self.inflight.get(result.mb)
         if not queue or queue[0].step != result.step:
             return []

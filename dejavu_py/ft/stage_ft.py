@@ -1,8 +1,9 @@
 """Fault tolerance inside a decode-pipeline stage worker (colocated or token stage).
 
 Per step: wait if the KV replica lags too far (back-pressure); once the step is finished and its
-output on its way, send its MoE routing to the coordinator (the last stage: with its result), record
-its token-state checkpoint and stream its K/V to the replica holder, in the worker's idle time. On
+output on its way, keep its MoE routing for the coordinator (it rides down the pipeline with the next
+plan this stage sends on; the last stage's goes with its result), record its token-state checkpoint and
+stream its K/V to the replica holder, in the worker's idle time. On
 the replica edges a receiver thread keeps the replica of the ring predecessor and passes
 acknowledgements back. At recovery it answers the coordinator: ship a replica to a
 replacement, re-replicate to a replaced holder, tell which steps it can feed a replay from, feed it;
@@ -75,6 +76,8 @@ class StageFT:
             where = self.store.describe(me)  # published even when empty: it replaces a dead holder's
             put_json(worker.store, replica_shm.key(me), dataclasses.asdict(where) if where else {})
         self.rep_edges: dict = {}
+        self.outbox: list[StepRouting] = []
+        """This stage's routing records not yet sent on (``relay``)."""
         self.replay_left = -1
         self.replayed = 0
         self.mismatches = 0
@@ -170,6 +173,7 @@ class StageFT:
         if plan.replay_until != self.w.me.name:
             if isinstance(out, StepResult):
                 out.routing = {self.w.me.name: self.w.runner.ft_record(done).routing}
+                out.relayed = plan.relayed
             return False
         self.keep_step(done, out)
         if plan.forced is not None:
@@ -180,18 +184,24 @@ class StageFT:
 
     def keep_step(self, done: Launched, out) -> None:
         """Off the chain (in the worker's idle time, see ``Worker.kept``): a stage other than the last
-        sends its routing to the coordinator (a replay of the step needs it if this stage dies before its
-        replica has the step, so it goes first), then checkpoints the step's token state and sends its
-        K/V to the replica."""
+        keeps its routing for the next plan it sends on (``relay``), then checkpoints the step's token
+        state and sends its K/V to the replica."""
         if not self.active:
             return
         plan, rec = done.plan, self.w.runner.ft_record(done)
         if plan.replay_until != self.w.me.name and not isinstance(out, StepResult):
-            self.w.send_coord(StepRouting(plan.mb, plan.step, self.w.me.name, rec.routing))
+            self.outbox.append(StepRouting(plan.mb, plan.step, self.w.me.name, rec.routing))
         self.ring.record(plan.mb, plan.step, plan.seq_ids, out if isinstance(out, torch.Tensor) else None, rec.routing)
         if self.sender is not None:
             self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, rec.slots, rec.phys_slots,
                               rec.step_kv, rec.kv_ready)
+
+    def relay(self, plan: StepPlan) -> None:
+        """Before ``plan`` goes on to the next stage: this stage's routing records go with it (a replay's
+        plan ends before the last stage: nothing rides on it)."""
+        if self.outbox and plan.replay_until is None:
+            plan.relayed = plan.relayed + self.outbox
+            self.outbox = []
 
     def on_prompt_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor, slots: list[int]) -> None:
         """Token stage: the prompt KV that just arrived (written at ``slots``) goes on to the replica as it is."""

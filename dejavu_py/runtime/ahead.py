@@ -139,6 +139,8 @@ class RunAhead:
         if out is None:
             return None
         peer, msg, shape, dtype = out
+        if msg is plan:  # activations to the next stage: FT's routing records ride along
+            self.w.ft.relay(plan)
         edge = self.w.edges.get(peer)
         seq = edge.reserve(math.prod(shape) * dtype.itemsize) if edge is not None else None
         if seq is not None:

@@ -305,6 +305,7 @@ class Worker:
             if isinstance(out, StepResult):
                 self.send_to(self.me.next, out)
             elif not done.forwarded:
+                self.ft.relay(done.plan)
                 self.send_to(self.me.next, done.plan, out)
             self.times.mark("send")
             if self.ft.active:
