@@ -7,6 +7,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from dejavu_py.ft import replica_shm
@@ -149,3 +150,21 @@ def test_a_holder_replaced_during_a_bulk_job_across_hosts_leaves_the_sender_work
     flushed.start()
     flushed.join(10)
     assert not flushed.is_alive() and len(sent) < 4  # the rest of the job was dropped, the thread lives on
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pieces are copied off a device")
+@pytest.mark.parametrize("shared", [True, False], ids=["holder-file", "over-the-edge"])
+def test_a_piece_s_host_buffer_goes_back_only_once_nothing_reads_it(shared):
+    """Written into the holder's file, a piece's pinned buffer is free at once; sent over the edge it is
+    not (the send is asynchronous: the next piece's copy would overwrite bytes still on the wire)."""
+    from dejavu_py.engine.host_buffers import HostBuffers
+
+    sent: list = []
+    sender = _sender(sent, _replica() if shared else None)
+    sender.kv = SimpleNamespace(layers=[0, 1], device=torch.device("cuda"))
+    sender.buffers = HostBuffers(reuse=True)
+    msg, kv = _prompt({1: 4, 2: 3})
+    sender.forward(msg, kv.cuda())
+    sender.flush()
+    returned = sum(len(v) for v in sender.buffers._free.values())
+    assert (returned > 0) == shared and len(sent) == (0 if shared else 4)

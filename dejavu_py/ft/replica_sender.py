@@ -302,8 +302,8 @@ class ReplicaSender:
             part = dataclasses.replace(job.msg, layers=[layer], slots=slots, **_token_range(job.msg, a, b),
                                        **({} if last else {"mb": -1, "step": -1, "steps": []}))
             self._send_chunk(part, host)
-        if done is not None:
-            self.buffers.give(host)
+        if done is not None and job.shm is not None:  # a piece sent over the edge may still be on the wire:
+            self.buffers.give(host)  # the send holds it until delivered, then the allocator takes it back
         if job.pieces or job.copying or job.shm is None:
             return
         self._bulk.popleft()
