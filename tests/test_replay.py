@@ -51,7 +51,7 @@ def state(blocks: list[int]) -> SeqState:
 def _send(store: ReplicaStore, shared: bool):
     def send(msg, kv) -> None:
         assert not shared, "a source writing into the holder's file sends nothing"
-        assert msg.inline and kv is not None
+        assert msg.shm_path is None and kv is not None
         store.apply(msg, kv)
     return send
 

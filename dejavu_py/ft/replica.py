@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.attn_meta import slot_of
+from ..engine.attn_meta import step_slots
 from . import replica_shm
 
 @dataclass
@@ -43,8 +43,6 @@ class ReplicaChunk:
     start_pos: list[int]
     num_tokens: list[int]
     slots: list[int]
-    inline: bool = True
-    """The K/V travels with the message; False: the source already wrote it into the holder's file."""
     shm_path: str | None = None
     """Restore on the holder's host: the replacement reads its K/V from this replica file."""
     steps: list[tuple[int, int]] = field(default_factory=list)
@@ -80,15 +78,14 @@ def covered_by_tags(tags_LN: np.ndarray, tables: dict[int, list[int]], block_siz
     return out
 
 
-def coalesce(chunks: list[ReplicaChunk], kv: list[torch.Tensor] | None) -> tuple[ReplicaChunk, torch.Tensor | None]:
+def coalesce(chunks: list[ReplicaChunk], kv: list[torch.Tensor]) -> tuple[ReplicaChunk, torch.Tensor]:
     """One chunk for consecutive decode steps' chunks (same layers), in order: a sequence in several
-    of them covers its positions in turn. ``kv``: their K/V [2, L, T, K, D] to concatenate (None: in
-    the holder's file already)."""
+    of them covers its positions in turn. ``kv``: their K/V [2, L, T, K, D], concatenated."""
     merged = dataclasses.replace(
         chunks[-1], seq_ids=[s for c in chunks for s in c.seq_ids], start_pos=[p for c in chunks for p in c.start_pos],
         num_tokens=[n for c in chunks for n in c.num_tokens], slots=[s for c in chunks for s in c.slots],
-        inline=kv is not None, steps=[st for c in chunks for st in c.acks()])
-    return merged, (torch.cat(kv, dim=2) if kv is not None and len(kv) > 1 else kv[0] if kv else None)
+        steps=[st for c in chunks for st in c.acks()])
+    return merged, torch.cat(kv, dim=2) if len(kv) > 1 else kv[0]
 
 
 @dataclass
@@ -110,7 +107,8 @@ class ReplicaCoverage:
 
 def covered_slots(tables: dict[int, list[int]], covered: dict[int, int], block_size: int) -> list[int]:
     """Slots of the covered leading positions of these sequences, sequence by sequence."""
-    return [slot_of(tables[s], p, block_size) for s in sorted(tables) for p in range(covered.get(s, 0))]
+    sids = sorted(tables)
+    return step_slots([tables[s] for s in sids], [0] * len(sids), [covered.get(s, 0) for s in sids], block_size)
 
 
 class ReplicaStore:

@@ -256,7 +256,7 @@ class ReplicaSender:
         for run in runs:
             self._send_chunk(*coalesce([m for m, _ in run], [k for _, k in run]))
 
-    def _send_chunk(self, msg: ReplicaChunk, kv: torch.Tensor | None) -> None:
+    def _send_chunk(self, msg: ReplicaChunk, kv: torch.Tensor) -> None:
         try:
             self._send(msg, kv)
         except Exception as e:  # the holder is gone: the coordinator's recovery re-replicates

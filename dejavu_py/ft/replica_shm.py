@@ -182,9 +182,9 @@ def write_chunk(target: Replica, index: dict[int, int], layers: list[int], slots
     numpy's fancy assignment copies each slot's row [K, D] as one block (17 GB/s on one core here, 6x
     torch's index_copy_, which copies element by element) and leaves the interpreter's lock while it runs."""
     idx_T = np.asarray(slots, dtype=np.int64)
-    _write_kv(_np(target.kv_2LNKD), index, layers, idx_T, _np(kv_2LTKD.to(target.kv_2LNKD.dtype).contiguous()))
-    tags = target.tags_LN.numpy()
     at = [index[layer] for layer in layers]
+    _write_kv(_np(target.kv_2LNKD), at, idx_T, _np(kv_2LTKD.to(target.kv_2LNKD.dtype).contiguous()))
+    tags = target.tags_LN.numpy()
     if at == list(range(at[0], at[0] + len(at))):
         tags[at[0]:at[0] + len(at), idx_T] = tags_T
     else:
@@ -192,16 +192,16 @@ def write_chunk(target: Replica, index: dict[int, int], layers: list[int], slots
             tags[j, idx_T] = tags_T
 
 
-def _write_kv(target, index: dict[int, int], layers: list[int], idx_T: np.ndarray, kv) -> None:
+def _write_kv(target, at: list[int], idx_T: np.ndarray, kv) -> None:
+    """The K/V part of ``write_chunk`` (``at``: the replica's layer index of each of the chunk's layers)."""
     T = len(idx_T)
-    at = [index[layer] for layer in layers]
     pooled = kv.nbytes >= POOL_BYTES and COPY_THREADS > 1
     if not pooled and at == list(range(at[0], at[0] + len(at))):
         target[:, at[0]:at[0] + len(at)][:, :, idx_T] = kv  # every layer at once
         return
     parts = max(1, min(COPY_THREADS, T // 64)) if pooled else 1  # token ranges per layer
     bounds = [T * p // parts for p in range(parts + 1)]
-    jobs = [(at[i], i, a, b) for i in range(len(layers)) for a, b in zip(bounds, bounds[1:])]
+    jobs = [(at[i], i, a, b) for i in range(len(at)) for a, b in zip(bounds, bounds[1:])]
 
     def copy(job: tuple[int, int, int, int]) -> None:
         j, i, a, b = job

@@ -284,7 +284,7 @@ class StageFT:
         sids = sorted(q.tables)
         chunk = ReplicaChunk(q.source, -1, -1, self.store.layers, sids, [0] * len(sids), [covered.get(s, 0) for s in sids], slots)
         if self.store.path is not None and self._same_host(q.to):
-            self.rep_edges[q.to].send(dataclasses.replace(chunk, inline=False, shm_path=str(self.store.path)))
+            self.rep_edges[q.to].send(dataclasses.replace(chunk, shm_path=str(self.store.path)))
         else:
             self.rep_edges[q.to].send(chunk, self.store.read(slots))
 
