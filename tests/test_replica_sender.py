@@ -166,5 +166,53 @@ def test_a_piece_s_host_buffer_goes_back_only_once_nothing_reads_it(shared):
     msg, kv = _prompt({1: 4, 2: 3})
     sender.forward(msg, kv.cuda())
     sender.flush()
-    returned = sum(len(v) for v in sender.buffers._free.values())
+    returned = len(sender.buffers._free)
     assert (returned > 0) == shared and len(sent) == (0 if shared else 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pieces are copied off a device")
+def test_a_stage_waiting_on_back_pressure_queues_the_copies_a_bulk_job_asks_for():
+    """Across hosts a bulk job's pieces go before the steps' chunks, and each piece's copy off the device
+    waits for the stage's thread to queue it (with its next launch). A stage blocked on back-pressure
+    launches nothing: unless it queues them while it waits, nothing moves until the wait times out."""
+    from dejavu_py.engine.host_buffers import HostBuffers
+    from dejavu_py.engine.host_copies import LateCopy, queue_copies
+    from dejavu_py.ft.replica import ReplicaAck
+
+    asked: list[LateCopy] = []
+    lock = threading.Lock()
+
+    def copy_later(src, dst, after):  # StageRunner.copy_later: queued by the stage's thread later
+        late = LateCopy(src, dst, after=after)
+        with lock:
+            asked.append(late)
+        return late
+
+    def flush_late():  # StageRunner.flush_late
+        with lock:
+            lates = asked[:]
+            asked.clear()
+        for late in lates:
+            if late.after is not None:
+                torch.cuda.current_stream().wait_event(late.after)
+            late.event = queue_copies([(late.src, late.dst)], blocking=True)
+            late.queued.set()
+
+    sent: list = []
+
+    def holder(m, t):  # across hosts: the holder acknowledges what it got
+        sent.append(m)
+        if m.acks():
+            sender.acked(ReplicaAck("s0", m.acks()))
+
+    sender = ReplicaSender("s0", SimpleNamespace(layers=[0, 1], device=torch.device("cuda")), lag=2, send=holder,
+                           piece_bytes=PIECE)
+    sender.buffers, sender.copier, sender.flusher = HostBuffers(reuse=True), copy_later, flush_late
+    msg, kv = _prompt({1: 4, 2: 3})
+    sender.forward(msg, kv.cuda())  # step 0 of microbatch 0: a bulk job of 4 pieces
+    sender.chunk(0, 1, [1, 2], [4, 3], [1, 1], [12, 19], written=torch.ones(2, L, 2, K, D))
+    t0 = time.monotonic()
+    assert sender.wait_for(0, timeout_s=5)  # 2 steps unacknowledged: full until the job is through
+    assert time.monotonic() - t0 < 2.5
+    sender.flush()
+    assert [m.acks() for m in sent] == [[]] * 3 + [[(0, 0)], [(0, 1)]]

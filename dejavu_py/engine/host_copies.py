@@ -61,6 +61,10 @@ class LateCopy:
     queued: threading.Event = field(default_factory=threading.Event)
     """Set once ``event`` is: another thread may wait for the bytes before the copy is queued."""
 
+    def query(self) -> bool:
+        """Whether ``dst`` holds the bytes now (without waiting)."""
+        return self.queued.is_set() and self.event.query()
+
     def synchronize(self, timeout_s: float | None = None) -> bool:
         """Wait until ``dst`` holds the bytes (the copy is queued by the stage's thread, at its next launch
         or ``StageRunner.flush_late``); False if it was not queued within ``timeout_s``."""

@@ -66,7 +66,7 @@ class StageFT:
         if self.sender is not None:
             self.sender.buffers = runner.host
             if runner.device.type == "cuda":
-                self.sender.copier = runner.copy_later
+                self.sender.copier, self.sender.flusher = runner.copy_later, runner.flush_late
         self.store = None
         if self.source:  # made ahead with the stage (a preloaded standby has it), else now
             self.store = runner.replica_store or replica_store_for(spec.cfg, layout, worker.me, runner.kv.spec, runner.device,
@@ -157,8 +157,6 @@ class StageFT:
     # -- per step --------------------------------------------------------------------------------
     def before_step(self, plan: StepPlan) -> None:
         if self.sender is not None and plan.replay_until is None and plan.mb >= 0:
-            if self.sender.full(plan.mb):  # the sender may be waiting for the last step's K/V copy
-                self.w.runner.flush_late()
             if not self.sender.wait_for(plan.mb, self.w.spec.cfg.ft.hang_timeout_s):
                 _log.warning("replica holder %s is %d steps behind on microbatch %d; going on", self.holder,
                              len(self.sender.unacked.get(plan.mb, [])), plan.mb)
