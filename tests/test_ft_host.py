@@ -157,7 +157,7 @@ def test_coalescing_leaves_half_the_lag_free(lag, batch):
     assert ReplicaSender("s0", _fake_kv(), lag=lag, send=lambda m, kv: None).batch == batch
 
 
-def test_host_buffers_hand_a_buffer_out_again_for_any_shape_that_fits():
+def test_host_buffers_hand_a_buffer_out_again_for_any_shape_and_dtype_that_fits():
     from dejavu_py.engine.host_buffers import HostBuffers
 
     pool = HostBuffers(reuse=True, pin=False, keep=2)
@@ -168,10 +168,16 @@ def test_host_buffers_hand_a_buffer_out_again_for_any_shape_that_fits():
     assert b.data_ptr() == a.data_ptr() and pool.allocated == 1
     c = pool.take((2, 3, 4), torch.float32)  # b is not back: a new one
     assert c.data_ptr() != b.data_ptr() and pool.allocated == 2
-    assert pool.take((4,), torch.int16).dtype == torch.int16 and pool.allocated == 3  # by dtype
-    for t in (b, c, pool.take((1,), torch.float32)):
+    pool.give(c)
+    d = pool.take((48,), torch.int16)  # bytes are bytes: c's buffer again
+    assert d.dtype == torch.int16 and d.data_ptr() == c.data_ptr() and pool.allocated == 2
+    for t in (b, d, pool.take((1,), torch.float32)):
         pool.give(t)
-    assert len(pool._free[torch.float32]) == 2  # keeps at most ``keep``
+    assert len(pool._free) == 2  # keeps at most ``keep``
+    flat = HostBuffers(reuse=True, pin=False)
+    record = flat.take((64,), torch.uint8)
+    flat.give(record[16:].view(torch.float32)[2:])  # any view of a buffer taken: the whole buffer goes back
+    assert flat.take((64,), torch.uint8).data_ptr() == record.data_ptr()
     other = HostBuffers(reuse=True, pin=False)
     other.give(torch.zeros(2, 4, 3, dtype=torch.int16))  # not from take (a bulk chunk's): flattened
     assert other.take((3, 5), torch.int16).shape == (3, 5) and other.allocated == 0
@@ -202,7 +208,7 @@ def test_a_chunk_written_into_the_holder_s_file_is_acknowledged_by_that_write():
         sender.chunk(*_chunk_args(i), written=torch.full((2, 2, 1, 1, 2), 4.0))
     assert sender.wait_for(0, timeout_s=10)  # 4 steps queued, lag 4: only the writes free them
     sender.flush()
-    assert sender.unacked[0] == [] and sent == []
+    assert sender.unacked.get(0, []) == [] and sent == []
     kv_, tags = sender.shm
     assert torch.all(kv_[:, :, 40] == 3.0) and torch.all(kv_[:, :, 43] == 4.0)
     assert covered_by_tags(tags.numpy(), {5: [5]}, 8) == {5: 4}  # slot 40 + i holds position i
@@ -233,3 +239,58 @@ def test_a_stage_s_routing_records_ride_with_the_next_plan_it_sends_on():
     assert [(r.stage, r.step) for r in plan.relayed] == [("s0", 3), ("s1", 3), ("s1", 4)] and ft.outbox == []
     ft.relay(plan)
     assert len(plan.relayed) == 3
+
+
+class _Copy:
+    """A step's K/V copy to the host still in flight until ``land``: then its bytes are in."""
+
+    def __init__(self, kv: torch.Tensor) -> None:
+        self.kv, self.landed = kv, threading.Event()
+
+    def land(self, value: float) -> None:
+        self.kv.fill_(value)
+        self.landed.set()
+
+    def query(self) -> bool:
+        return self.landed.is_set()
+
+    def synchronize(self) -> None:
+        self.landed.wait(10)
+
+
+def test_a_step_s_chunk_already_on_the_host_is_written_by_the_stage_s_thread_the_others_by_the_sender():
+    """Same host: a chunk whose bytes are in is in the holder's file when ``chunk`` returns (no thread
+    takes the interpreter's lock from the stage's for it); one whose copy is still on its way goes to the
+    sender thread, written once it lands, and back-pressure counts only that one."""
+    sent: list[ReplicaChunk] = []
+    sender = ReplicaSender("s0", _fake_kv(), lag=4, send=lambda m, kv: sent.append(m))
+    sender.attach(replica_shm.Replica(torch.zeros(2, 2, 64, 1, 2), torch.zeros(2, 64, dtype=torch.int64)), None)
+    late = _Copy(torch.zeros(2, 2, 1, 1, 2))
+    sender.chunk(*_chunk_args(0), written=late.kv, ready=late)
+    sender.chunk(*_chunk_args(1), written=torch.full((2, 2, 1, 1, 2), 5.0))
+    kv_, tags = sender.shm
+    assert torch.all(kv_[:, :, 41] == 5.0) and sender.unacked[0] == [0]  # step 1 written, step 0 waits
+    assert covered_by_tags(tags.numpy(), {5: [5]}, 8) == {5: 0}  # position 0 not in yet
+    late.land(7.0)
+    sender.flush()
+    assert torch.all(kv_[:, :, 40] == 7.0) and sender.unacked[0] == [] and sent == []
+    assert covered_by_tags(tags.numpy(), {5: [5]}, 8) == {5: 2}
+
+
+def test_a_step_record_in_one_buffer_comes_apart_on_the_host_as_its_rows():
+    """A small graph step's record goes to the host in one copy of its buffer (K/V, then routing); taken
+    apart there, the first rows (the real ones of a padded batch bucket) are the step's K/V and routing."""
+    from dejavu_py.engine.decode_graphs import StepRecord, stack_routing
+
+    B, Bb, K, D, E = 3, 4, 2, 8, 5
+    g = torch.Generator().manual_seed(0)
+    written = [(torch.randn(Bb, K, D, generator=g), torch.randn(Bb, K, D, generator=g)) for _ in range(3)]
+    routed = [(layer, torch.randint(0, E, (Bb, 2), generator=g), torch.rand(Bb, 2, generator=g)) for layer in (4, 6)]
+    rec = StepRecord.build([4, 6], routed, written, torch.bfloat16)
+    assert rec.flat.dtype == torch.uint8 and rec.flat.numel() == 2 * 3 * Bb * K * D * 2 + 2 * 2 * Bb * 2 * 4
+    kv, routing = rec.on_host(rec.flat.clone(), B)
+    want_kv = torch.stack((torch.stack([k for k, _ in written]), torch.stack([v for _, v in written]))).bfloat16()
+    assert torch.equal(kv, want_kv[:, :, :B]) and torch.equal(routing, stack_routing(routed)[:, :, :B])
+    assert kv.untyped_storage().data_ptr() == routing.untyped_storage().data_ptr()  # one buffer: back with the K/V
+    record = compact((rec.layers, routing), copy=True)
+    assert record.layers == (4, 6) and (record.ids == np.stack([i[:B].numpy() for _, i, _ in routed])).all()

@@ -21,6 +21,7 @@ R = MoE layers of the stage, L = its layers, K = top-k (routing) or KV heads (ca
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from dataclasses import dataclass
 
@@ -68,27 +69,61 @@ def width_buckets(max_len: int, block_size: int) -> list[int]:
     return out + [top]
 
 
-def stack_routing(routed: list[tuple[int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def stack_routing(routed: list[tuple[int, torch.Tensor, torch.Tensor]], out: torch.Tensor | None = None) -> torch.Tensor:
     """(layer, ids_BK, weights_BK) of each MoE layer as one float32 tensor [2, R, B, K]: expert ids (exact
-    in float32) then weights, in the layers' order."""
-    return torch.stack((torch.stack([i for _, i, _ in routed]).to(torch.float32),
-                        torch.stack([w for _, _, w in routed]).to(torch.float32)))
+    in float32) then weights, in the layers' order (into ``out`` when given: three kernels in all)."""
+    ids = torch.stack([i for _, i, _ in routed])
+    weights = [w for _, _, w in routed]
+    if out is None:
+        return torch.stack((ids.to(torch.float32), torch.stack(weights).to(torch.float32)))
+    out[0].copy_(ids)
+    if weights[0].dtype == torch.float32:
+        torch.stack(weights, out=out[1])
+    else:
+        out[1].copy_(torch.stack(weights))
+    return out
 
 
 @dataclass
 class StepRecord:
-    """What a decode step routed and wrote, stacked over the stage's layers."""
+    """What a decode step routed and wrote, stacked over the stage's layers, in one device buffer."""
 
     layers: list[int]
     """The MoE layers, in the order of ``routing_2RBK``."""
     routing_2RBK: torch.Tensor | None
-    """Top-k expert ids (as float32: exact) and their weights, one float32 tensor: one copy to the host."""
+    """Top-k expert ids (as float32: exact) and their weights, one float32 tensor (a view of ``flat``)."""
     kv_2LBKD: torch.Tensor
-    """The new K and V of every layer of the stage (in cache order), as written to the cache."""
+    """The new K and V of every layer of the stage (in cache order), as written to the cache (a view of
+    ``flat``)."""
+    flat: torch.Tensor
+    """uint8: the K/V, then the routing: a small record goes to the host in one copy (``on_host``)."""
+
+    @staticmethod
+    def build(layers: list[int], routed: list, written: list, dtype: torch.dtype) -> StepRecord:
+        """Stack a step's routing and K/V into a new buffer (inside a capture: the graph's)."""
+        k0 = written[0][0]
+        kv_shape = (2, len(written), *k0.shape)
+        kv_bytes = math.prod(kv_shape) * dtype.itemsize
+        r_shape = (2, len(routed), *routed[0][1].shape) if routed else None
+        flat = torch.empty(kv_bytes + (math.prod(r_shape) * 4 if routed else 0), dtype=torch.uint8, device=k0.device)
+        kv_2LBKD = flat[:kv_bytes].view(dtype).view(kv_shape)
+        torch.stack([k.to(dtype) for k, _ in written] + [v.to(dtype) for _, v in written],
+                    out=kv_2LBKD.view(2 * len(written), *k0.shape))
+        routing = stack_routing(routed, flat[kv_bytes:].view(torch.float32).view(r_shape)) if routed else None
+        return StepRecord(layers, routing, kv_2LBKD, flat)
 
     def rows(self, batch: int) -> StepRecord:
         routing = None if self.routing_2RBK is None else self.routing_2RBK[:, :, :batch]
-        return StepRecord(self.layers, routing, self.kv_2LBKD[:, :, :batch])
+        return StepRecord(self.layers, routing, self.kv_2LBKD[:, :, :batch], self.flat)
+
+    def on_host(self, flat: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The first ``batch`` rows of the K/V and of the routing, as views of ``flat``: a host copy of
+        this record's buffer (both views keep it alive, and it goes back with the K/V's)."""
+        kv_bytes = self.kv_2LBKD.numel() * self.kv_2LBKD.element_size()
+        kv = flat[:kv_bytes].view(self.kv_2LBKD.dtype).view(self.kv_2LBKD.shape)[:, :, :batch]
+        if self.routing_2RBK is None:
+            return kv, None
+        return kv, flat[kv_bytes:].view(torch.float32).view(self.routing_2RBK.shape)[:, :, :batch]
 
 
 UPLOAD_SLOTS = 8
@@ -195,11 +230,10 @@ class DecodeGraphs:
         self._last = (Bb, W)
         return entry[1][:B].clone()  # the buffer is overwritten by the next replay
 
-    def last_record(self, batch: int) -> StepRecord | None:
-        """The record of the last step for its first ``batch`` rows (device tensors; a replay overwrites
+    def last_record(self) -> StepRecord | None:
+        """The record of the last step, of its whole batch bucket (device tensors; a replay overwrites
         them: copy before the next one)."""
-        rec = self._eager_record if self._last is None else self.records.get(self._last)
-        return None if rec is None else rec.rows(batch)
+        return self._eager_record if self._last is None else self.records.get(self._last)
 
     def _forward(self, Bb: int, W: int) -> torch.Tensor:
         meta = decode_meta(self.tables_BM[:Bb, : W // self.block_size], self.ctx_B[:Bb], W, self.block_size)
@@ -218,10 +252,7 @@ class DecodeGraphs:
         finally:
             self.model.routing_sink, self.kv.on_update = sink, on_update
         dtype = self.kv.k_NKD[self.kv.layers[0]].dtype
-        kv_2LBKD = torch.stack((torch.stack([k for k, _ in written]), torch.stack([v for _, v in written]))).to(dtype)
-        if not routed:
-            return out, StepRecord([], None, kv_2LBKD)
-        return out, StepRecord([layer for layer, _, _ in routed], stack_routing(routed), kv_2LBKD)
+        return out, StepRecord.build([layer for layer, _, _ in routed], routed, written, dtype)
 
     def _capture(self, Bb: int, W: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream, then capture; the inputs are the current step's, so the K/V the

@@ -61,6 +61,10 @@ class Launched:
     routing: tuple = ([], None)
     """FT: (MoE layers, ids and weights [2, R, T, K] float32) on the host, filled when ``event`` is done (a
     buffer of ``StageRunner.host``)."""
+    small_record: tuple | None = None
+    """FT, a graph step whose record is small (``INLINE_COPY_BYTES``): (the graph's ``StepRecord``, a host
+    copy of its whole buffer), filled when ``event`` is done: one copy at launch instead of two, and no
+    slicing on the device; ``ft_record`` takes it apart into ``routing`` and ``step_kv``."""
     step_kv: torch.Tensor | None = None
     """FT, a graph step: its new K/V [2, L, B, K, D] on the host, filled when ``event`` is done (see
     StageRunner.step_kv)."""
@@ -180,8 +184,11 @@ class StageRunner:
             self.model.routing_override = None
         done = Launched(plan, out)
         if self.record_routing:
-            rec = self.graphs.last_record(len(plan.seq_ids)) if static else None
-            if rec is not None:
+            rec = self.graphs.last_record() if static else None
+            if rec is not None and rec.flat.is_cuda and rec.flat.numel() <= INLINE_COPY_BYTES:
+                done.small_record = (rec, self._to_host(rec.flat, copy=True))  # one copy; taken apart later
+            elif rec is not None:
+                rec = rec.rows(len(plan.seq_ids))
                 kv = rec.kv_2LBKD
                 if kv.is_cuda and kv.numel() * kv.element_size() > INLINE_COPY_BYTES:
                     done.step_kv, done.kv_copy = self._late_kv(kv)
@@ -264,10 +271,15 @@ class StageRunner:
         """The FT record of a finished step (taken once: its host buffers go back), for the checkpoint and
         the replica; also kept as the runner's last one (``routing``, ``slots``, ``phys_slots``, ``step_kv``)."""
         if done.record is None:
-            routing = compact(done.routing, copy=self.host.reuse)
-            for t in done.routing[1:]:
-                if t is not None:
-                    self.host.give(t)
+            if done.small_record is not None:  # one host buffer: it goes back with the K/V (the replica's)
+                rec, flat = done.small_record
+                done.step_kv, routing_2RBK = rec.on_host(flat, len(done.plan.seq_ids))
+                routing = compact((rec.layers, routing_2RBK), copy=True)
+            else:
+                routing = compact(done.routing, copy=self.host.reuse)
+                for t in done.routing[1:]:
+                    if t is not None:
+                        self.host.give(t)
             plan, bs = done.plan, self.block_size
             slots = step_slots(done.tables, plan.start_pos, plan.num_tokens, bs)
             phys = slots if done.phys_tables is None else step_slots(done.phys_tables, plan.start_pos, plan.num_tokens, bs)
