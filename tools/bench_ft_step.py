@@ -30,15 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dejavu_py.engine.decode_graphs import DecodeGraphs  # noqa: E402
-from dejavu_py.engine.kv_cache import CacheSpec, KVCache  # noqa: E402
+from dejavu_py.engine.kv_cache import KVCache  # noqa: E402
 from dejavu_py.engine.runner import StageRunner  # noqa: E402
-from dejavu_py.engine.split import split_stages  # noqa: E402
 from dejavu_py.ft.checkpoints import TokenStateRing  # noqa: E402
 from dejavu_py.ft.replica import ReplicaStore  # noqa: E402
 from dejavu_py.ft.replica_sender import ReplicaSender  # noqa: E402
-from dejavu_py.models.config import load_model_config  # noqa: E402
-from dejavu_py.models.loader import load_stage  # noqa: E402
-from profile_decode import plan_for  # noqa: E402
+from profile_decode import first_stage, plan_for  # noqa: E402
 
 PHASES = ("launch", "finish", "record", "checkpoint", "replica", "wait")
 
@@ -120,12 +117,7 @@ def measure(stage: Stage, batch: int, a, step0: int) -> dict[str, float]:
 def bench(a) -> dict:
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
-    mcfg = load_model_config(a.ckpt)
-    spec = split_stages(mcfg.num_layers, a.stages)[0]
-    dtype = getattr(torch, a.dtype)
-    model = load_stage(a.ckpt, spec, dtype, dev)
-    blocks = max(a.batches) * -(-(a.ctx + 1) // a.block_size) + 8
-    kv = KVCache(CacheSpec(blocks, a.block_size, mcfg.num_kv_heads, mcfg.head_dim), spec.layers, dtype, dev)
+    spec, model, kv = first_stage(a.ckpt, a.stages, getattr(torch, a.dtype), dev, max(a.batches), a.ctx, a.block_size)
     with tempfile.TemporaryDirectory(dir=a.shm_dir) as shm:
         stages = {"off": Stage(model, kv, spec, a, False, Path(shm)), "on": Stage(model, kv, spec, a, True, Path(shm))}
         rows = []

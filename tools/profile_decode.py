@@ -50,6 +50,18 @@ def plan_for(batch: int, ctx: int, block_size: int, step: int) -> tuple[StepPlan
     return plan, states
 
 
+def first_stage(ckpt: Path, stages: int, dtype: torch.dtype, dev: torch.device, max_batch: int, ctx: int,
+                block_size: int):
+    """(spec, model, KV cache) of the first of ``stages`` stages, with blocks for ``max_batch`` rows of
+    ``ctx`` tokens each (every row its own blocks, ``plan_for``)."""
+    mcfg = load_model_config(ckpt)
+    spec = split_stages(mcfg.num_layers, stages)[0]
+    model = load_stage(ckpt, spec, dtype, dev)
+    blocks = max_batch * -(-(ctx + 1) // block_size) + 8
+    kv = KVCache(CacheSpec(blocks, block_size, mcfg.num_kv_heads, mcfg.head_dim), spec.layers, dtype, dev)
+    return spec, model, kv
+
+
 def time_graph(graphs: DecodeGraphs, tables, ctx_lens, x, iters: int) -> float:
     graphs.run(tables, ctx_lens, x)
     entry = graphs.graphs[graphs._last]
@@ -109,12 +121,8 @@ def main() -> int:
     a = ap.parse_args()
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
-    mcfg = load_model_config(a.ckpt)
-    spec = split_stages(mcfg.num_layers, 1)[0]
-    model = load_stage(a.ckpt, spec, torch.bfloat16, dev)
     batches = [int(b) for b in a.batches.split(",")]
-    blocks = max(batches) * -(-(a.ctx + 1) // a.block_size) + 8
-    kv = KVCache(CacheSpec(blocks, a.block_size, mcfg.num_kv_heads, mcfg.head_dim), spec.layers, torch.bfloat16, dev)
+    spec, model, kv = first_stage(a.ckpt, 1, torch.bfloat16, dev, max(batches), a.ctx, a.block_size)
     graphs = DecodeGraphs(model, kv, a.block_size, max(batches), 512, capture=True)
     runner = StageRunner(model, kv, spec, a.block_size, dev, graphs)
     rows = []

@@ -82,7 +82,7 @@ def step_slots(tables: list[list[int]], start_pos: list[int], num_tokens: list[i
 
 def context_slots(table: list[int], length: int, block_size: int) -> list[int]:
     """Cache slots of positions ``0..length-1`` of a sequence."""
-    return [slot_of(table, p, block_size) for p in range(length)]
+    return step_slots([table], [0], [length], block_size)
 
 
 def build_attn_meta(seqs: list[SeqSlice], block_size: int, device: torch.device | str = "cpu") -> AttnMeta:

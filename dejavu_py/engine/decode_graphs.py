@@ -105,7 +105,8 @@ class StepRecord:
         kv_shape = (2, len(written), *k0.shape)
         kv_bytes = math.prod(kv_shape) * dtype.itemsize
         r_shape = (2, len(routed), *routed[0][1].shape) if routed else None
-        flat = torch.empty(kv_bytes + (math.prod(r_shape) * 4 if routed else 0), dtype=torch.uint8, device=k0.device)
+        r_bytes = math.prod(r_shape) * torch.float32.itemsize if routed else 0
+        flat = torch.empty(kv_bytes + r_bytes, dtype=torch.uint8, device=k0.device)
         kv_2LBKD = flat[:kv_bytes].view(dtype).view(kv_shape)
         torch.stack([k.to(dtype) for k, _ in written] + [v.to(dtype) for _, v in written],
                     out=kv_2LBKD.view(2 * len(written), *k0.shape))

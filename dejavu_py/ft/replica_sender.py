@@ -161,12 +161,16 @@ class ReplicaSender:
             return False
         if ready is not None and not ready.query():
             return False
-        replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv, msg.tags())
+        self._write(shm, msg, kv)
         self.buffers.give(kv)
         self.bytes += kv.numel() * kv.element_size()
         self.chunks += 1
-        self.shm_chunks += 1
         return True
+
+    def _write(self, shm: replica_shm.Replica, msg: ReplicaChunk, kv: torch.Tensor) -> None:
+        """A chunk into the holder's file, tags and all: nothing to tell the holder."""
+        replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv, msg.tags())
+        self.shm_chunks += 1
 
     def forward(self, msg: ReplicaChunk, kv_2LTKD: torch.Tensor, ready: Waitable | None = None) -> None:
         """Send a chunk whose K/V is already in hand (e.g. prompt KV that just arrived), or on the host once
@@ -278,11 +282,10 @@ class ReplicaSender:
             self._start_bulk(msg, kv, ready if kv.device.type == "cuda" else None)
             return
         shm = self.shm
-        if shm is not None:  # written now, tags and all: acknowledged now, nothing to tell the holder
-            replica_shm.write_chunk(shm, self._index, msg.layers, msg.slots, kv, msg.tags())
+        if shm is not None:  # written now: acknowledged now
+            self._write(shm, msg, kv)
             if ready is not None or msg.mb >= 0:  # copied into the buffers here, or a step's from the runner's
                 self.buffers.give(kv)
-            self.shm_chunks += 1
             self.acked(ReplicaAck(self.me, msg.acks()))
             return
         self._held.append((msg, kv, self.epoch))
