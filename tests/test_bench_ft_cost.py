@@ -29,3 +29,17 @@ def test_a_failed_run_is_reported_and_left_out_of_its_pair():
     assert got["errors"] == ["boom"]
     assert got["pair_ratios"] == pytest.approx([0.98])
     assert got["meets_target"] is True
+
+
+def test_the_split_tells_the_steps_after_the_prompts_from_the_steady_ones(tmp_path):
+    import json
+
+    import bench
+
+    (tmp_path / "timeline-1.json").write_text(json.dumps({"step_ms": [300.0] + [9.0] * 29 + [6.0, 6.2, 6.1]}))
+    split = bench.step_split(tmp_path)
+    assert split == {"early_steps": 29, "early_ms": 261.0, "rest_steps": 3, "rest_median_ms": 6.1}
+    runs = [{"ft": "off", "decode_tok_s": 100.0, "steps": {"early_ms": 200.0, "rest_median_ms": 6.0}},
+            {"ft": "on", "decode_tok_s": 95.0, "steps": split}]
+    got = bench_ft_cost.summarize(runs)
+    assert got["early_extra_ms"] == 61.0 and got["steady_step_ratio"] == pytest.approx(6.0 / 6.1, abs=1e-4)

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -91,7 +92,22 @@ def run_dejavu(ckpt: Path, work: Path, batch: int, stages: int, a) -> dict:
     return {"engine": "dejavu", "stages": stages, "batch": batch, "ttft_s": ttft, "tpot_s": sum(tpot) / len(tpot),
             "prefill_tok_s": batch * a.prompt_len / ttft, "decode_tok_s": batch / (sum(tpot) / len(tpot)),
             "job_wall_s": time.time() - t0,
-            "loop_ms": json.loads((run_dir / "summary.json").read_text()).get("loop_ms")}  # host vs device per step
+            "loop_ms": json.loads((run_dir / "summary.json").read_text()).get("loop_ms"),  # host vs device per step
+            "steps": step_split(run_dir)}
+
+
+EARLY_STEPS = 30
+"""Decode steps right after the prompts (their one-time costs: with FT on, the prompts' K/V replica)."""
+
+
+def step_split(run_dir: Path) -> dict:
+    """The coordinator's decode steps (RUN_DIR/timeline-1.json; the first step is the prefill's): the time
+    of the first ``EARLY_STEPS`` and the median of the rest, so that a one-time cost and a cost every step
+    pays can be told apart."""
+    step_ms = json.loads((run_dir / "timeline-1.json").read_text()).get("step_ms") or []
+    early, rest = step_ms[1:EARLY_STEPS], step_ms[EARLY_STEPS:]
+    return {"early_steps": len(early), "early_ms": round(sum(early), 2), "rest_steps": len(rest),
+            "rest_median_ms": round(statistics.median(rest), 4) if rest else None}
 
 
 def wait_gpu_free(timeout_s: float = 60) -> None:

@@ -11,8 +11,10 @@ a machine warming up or slowing down over the runs weighs on both alike), after 
 A run is the same as one of tools/bench.py: B requests admitted at once, end-of-sequence ignored, decode
 tokens/s from the outputs' timings. Reported per batch size: every run's tokens/s, the median of each
 mode, the ratio of the medians (FT on / FT off; the target is 0.97 or more), and the ratio of each
-adjacent off/on pair (their spread shows the noise). The JSON carries each run's per-step loop times
-(host and device time of each stage), and a PNG beside it shows the ratios.
+adjacent off/on pair (their spread shows the noise); and where the difference lies: the extra time of
+the first 30 decode steps (right after the prompts: a one-time cost, with FT on their K/V's replica) and
+the ratio of the median step after them (the cost every step pays). The JSON carries each run's per-step
+loop times (host and device time of each stage), and a PNG beside it shows the ratios.
 """
 from __future__ import annotations
 
@@ -50,6 +52,12 @@ def summarize(runs: list[dict]) -> dict:
             next(r["decode_tok_s"] for r in p if r["ft"] == "on") / next(r["decode_tok_s"] for r in p if r["ft"] == "off")
             for p in pairs if all("decode_tok_s" in r for r in p) and {r["ft"] for r in p} == {"off", "on"}]
         out["meets_target"] = out["ratio_of_medians"] >= TARGET
+        split = {m: [r["steps"] for r in runs if r["ft"] == m and r.get("steps", {}).get("rest_median_ms")]
+                 for m in ("off", "on")}
+        if split["off"] and split["on"]:  # where the difference is: right after the prompts, or every step
+            med = {m: {k: statistics.median(x[k] for x in v) for k in ("early_ms", "rest_median_ms")} for m, v in split.items()}
+            out["early_extra_ms"] = round(med["on"]["early_ms"] - med["off"]["early_ms"], 2)
+            out["steady_step_ratio"] = round(med["off"]["rest_median_ms"] / med["on"]["rest_median_ms"], 4)
     errors = [r["error"] for r in runs if "error" in r]
     if errors:
         out["errors"] = errors

@@ -114,6 +114,25 @@ def measure(stage: Stage, batch: int, a, step0: int) -> dict[str, float]:
     return {k: v * 1e6 / a.iters for k, v in t.items()}
 
 
+def kernels(stage: Stage, batch: int, a, step0: int, steps: int = 40) -> dict:
+    """The device's work per step (torch.profiler over ``steps`` steps run as ``measure`` runs them): each
+    kernel and copy's microseconds and count per step, largest first, and their sum."""
+    from torch.profiler import ProfilerActivity, profile
+
+    plans = [plan_for(batch, a.ctx, a.block_size, step0 + i)[0] for i in range(steps)]
+    stage.run(plans[:4], dict.fromkeys(PHASES, 0.0))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        stage.run(plans[4:], dict.fromkeys(PHASES, 0.0))
+        stage.runner.flush_late()
+        torch.cuda.synchronize()
+    n = steps - 4
+    rows = sorted(((e.key, e.count / n, e.device_time_total / n) for e in prof.key_averages() if e.device_time_total > 0),
+                  key=lambda r: -r[2])
+    return {"device_us": round(sum(r[2] for r in rows), 1),
+            "top": [[k[:90], round(c, 2), round(us, 2)] for k, c, us in rows[:25]]}
+
+
 def bench(a) -> dict:
     dev = torch.device("cuda", 0)
     torch.cuda.set_device(dev)
@@ -133,6 +152,8 @@ def bench(a) -> dict:
                    "ft_extra_us": round(total["on"] - total["off"], 1),
                    "ratio_on_off": round(total["on"] / total["off"], 3),
                    "rounds_total_us": {m: [round(sum(x.values()), 1) for x in rs] for m, rs in rounds.items()}}
+            if a.kernels:
+                row["kernels"] = {m: kernels(stages[m], b, a, 900_000 + 1_000 * len(rows)) for m in ("off", "on")}
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("batch", "step_host_us", "ft_extra_us", "ratio_on_off")}), flush=True)
     return {"gpu": torch.cuda.get_device_name(dev), "model": a.ckpt.name, "stages": a.stages, "stage_layers": len(spec.layers),
@@ -153,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=16, help="KV block size (default 16)")
     ap.add_argument("--dtype", default="bfloat16", help="weights and compute (default bfloat16)")
     ap.add_argument("--shm-dir", default="/dev/shm", help="where the replica file goes (default /dev/shm)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also profile the device's kernels and copies per step in each mode (torch.profiler)")
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -380,6 +380,7 @@ class Coordinator:
                "resumed_from_journal": len(self.journal.finished) - sum(1 for s in seqs if s.status is Status.FINISHED)}
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
         attempt = self.journal.attempts + 1
-        (self.cfg.run_dir / f"timeline-{attempt}.json").write_text(json.dumps({"samples": self.timeline}) + "\n")
+        (self.cfg.run_dir / f"timeline-{attempt}.json").write_text(
+            json.dumps({"samples": self.timeline, "step_ms": self.loop_times.step_ms()}) + "\n")
         self._write_ft_stats()
         _log.info("%s", self.summary.line())

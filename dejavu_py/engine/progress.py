@@ -92,6 +92,10 @@ class LoopTimes:
         self._per_step.append(self._now)
         self._now = {}
 
+    def step_ms(self) -> list[float]:
+        """Each step's whole time (its phases together), in order: where a run's slow steps are."""
+        return [round(1e3 * sum(d.values()), 3) for d in self._per_step]
+
     def per_step_ms(self) -> dict:
         """Median ms per step of each phase (``<phase>_ms``), and the means (``mean``: a phase that is
         cheap in most steps and long in a few shows there)."""

@@ -50,6 +50,7 @@ from .ahead import RunAhead, StepDone, runs_ahead
 from .devices import data_backend, placement, resolve_device
 from .layout import COORD, Layout, Member
 from .stage_load import load_runner
+from .trace import StepTrace
 
 _log = log.get(__name__)
 
@@ -213,7 +214,9 @@ class Worker:
     def serve(self) -> int:
         steps = 0
         self.times = LoopTimes()  # from the first message on: connecting is no step's cost
+        trace = StepTrace(self.me.name)
         while True:
+            trace.at(steps)
             self.times.mark("busy")  # whatever the last message cost, if not a step
             if self.kept and self.inbox.empty():  # idle: a finished step's FT bookkeeping
                 self._keep(1)
