@@ -241,6 +241,45 @@ def test_a_stage_s_routing_records_ride_with_the_next_plan_it_sends_on():
     assert len(plan.relayed) == 3
 
 
+def test_host_buffers_reserved_ahead_serve_the_sizes_they_were_reserved_for():
+    """Reserved large buffers stay for large requests (a small one gets a small buffer of its own), and
+    all of them are kept, however many."""
+    from dejavu_py.engine.host_buffers import HostBuffers
+
+    pool = HostBuffers(reuse=True, pin=False, keep=2)
+    pool.reserve([4 << 20, 4 << 20, 16 << 20])
+    assert pool.reserved == 3 and pool.allocated == 0 and len(pool._free) == 3
+    small = pool.take((1000,), torch.uint8)
+    assert pool.allocated == 1
+    big = [pool.take((4 << 20,), torch.uint8), pool.take((3 << 20,), torch.uint8), pool.take((16 << 20,), torch.uint8)]
+    assert pool.allocated == 1 and sorted(b.untyped_storage().nbytes() >> 20 for b in big) == [4, 4, 16]
+    for t in (small, *big):
+        pool.give(t)
+    assert len(pool._free) == 4
+
+
+def test_a_stage_reserves_the_host_buffers_its_fault_tolerance_takes_while_serving():
+    """A decode step's K/V at the largest batch for the replica lag and the steps in flight, the prompts'
+    routing, and (with a replica holder) the prompt replica's pieces; nothing with FT off."""
+    from dejavu_py import cli
+    from dejavu_py.engine.kv_cache import CacheSpec
+    from dejavu_py.ft.replica_sender import PIECE_BYTES
+    from dejavu_py.ft.stage_ft import host_reservation
+    from dejavu_py.runtime.layout import build_layout
+
+    mcfg = SimpleNamespace(num_experts_per_tok=8, is_moe_layer=lambda i: i % 2 == 0)
+    spec = CacheSpec(100, 16, 4, 64)
+    args = ["--model", "m", "--prompts", "p", "--stages", "2", "--max-batch-size", "32", "--max-batch-tokens", "512",
+            "--replica-lag", "4"]
+    for ft, want in (("on", True), ("off", False)):
+        cfg, _ = cli.parse([*args, "--ft", ft])
+        layout = build_layout(cfg, 6, 2)
+        me = layout.by_name("s0")
+        sizes = host_reservation(cfg, layout, me, mcfg, spec, [0, 1, 2], torch.bfloat16)
+        step_kv, routing = 2 * 3 * 32 * 4 * 64 * 2, 2 * 2 * 512 * 8 * 4
+        assert sorted(sizes) == (sorted([step_kv] * 7 + [routing] * 2 + [PIECE_BYTES] * 3) if want else [])
+
+
 class _Copy:
     """A step's K/V copy to the host still in flight until ``land``: then its bytes are in."""
 

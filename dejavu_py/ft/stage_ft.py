@@ -25,7 +25,7 @@ from ..comm.store import get_json, has, put_json
 from . import replica_shm
 from .messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
 from .replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaStore, covered_slots
-from .replica_sender import ReplicaSender
+from .replica_sender import PIECE_BYTES, ReplicaSender
 from .replica_shm import ReplicaShm
 
 if TYPE_CHECKING:
@@ -49,6 +49,24 @@ def replica_store_for(cfg: RunConfig, layout: Layout, me: Member, spec: CacheSpe
     path = replica_shm.replica_path(shm_dir, cfg.run_dir, me.name) if shm_dir else None
     return ReplicaStore(source, layout.by_name(source).stage.layers, (blocks + 1) * spec.block_size, spec.num_kv_heads,
                         spec.head_dim, dtype, device.type == "cuda", path)
+
+
+def host_reservation(cfg: RunConfig, layout: Layout, me: Member, mcfg, spec: CacheSpec, layers: list[int],
+                     dtype: torch.dtype) -> list[int]:
+    """The pinned host buffers (bytes) this stage's fault tolerance takes while serving, to be reserved
+    when the stage is built (``HostBuffers.reserve``): a decode step's K/V at the largest batch, for every
+    step the replica may lag and the few in flight; an eager step's routing (the prompts); and the pieces
+    of a prompt's replica in flight. Empty when FT is off for the stage."""
+    if not (cfg.ft.enabled and me.role in ("stage", "token")):
+        return []
+    elem = dtype.itemsize
+    step_kv = 2 * len(layers) * cfg.scheduler.max_batch_size * spec.num_kv_heads * spec.head_dim * elem
+    moe = sum(mcfg.is_moe_layer(i) for i in layers)
+    routing = 2 * moe * cfg.scheduler.max_batch_tokens * max(mcfg.num_experts_per_tok, 1) * 4 if moe else 0
+    sizes = [step_kv] * (cfg.ft.replica_lag + 3) + [routing] * 2
+    if layout.replica_holder(me.name) is not None:
+        sizes += [PIECE_BYTES] * 3  # two copied ahead, one being written
+    return sizes
 
 
 class StageFT:
@@ -307,7 +325,7 @@ class StageFT:
         _log.info("re-replicated %d sequences to %s", len(sids), msg.to)
 
     def stats(self) -> dict:
-        out = {**self.ring.stats()}
+        out = {**self.ring.stats(), "host_buffers_allocated": self.w.runner.host.allocated}
         if self.sender is not None:
             out.update(self.sender.stats())
         if self.store is not None:

@@ -12,7 +12,7 @@ from ..engine.decode_graphs import DecodeGraphs, capturable
 from ..engine.kv_cache import CacheSpec, KVCache
 from ..engine.runner import StageRunner
 from ..engine.swap import Swapper
-from ..ft.stage_ft import replica_store_for
+from ..ft.stage_ft import host_reservation, replica_store_for
 from .devices import resolve_dtype
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ def load_runner(spec: WorkerSpec, device: torch.device) -> tuple[StageRunner, fl
     runner = StageRunner(model, kv, stage, cfg.cache.block_size, device, None, swapper)
     runner.replica_store = replica_store
     if device.type == "cuda":  # compile the fused MoE kernels for every block-size regime now
+        runner.host.reserve(host_reservation(cfg, spec.layout, spec.member, mcfg, cache, stage.layers, dtype))  # see HostBuffers
         runner.warmup(sorted({1, 16, min(256, cfg.scheduler.max_batch_tokens), cfg.scheduler.max_batch_tokens}))
     graphs = None
     decodes = spec.member.role != "prompt"
