@@ -2,6 +2,7 @@
 steps sent and acknowledged as one, per-sequence replica coverage read off the slots' tags."""
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import threading
 import time
@@ -239,6 +240,33 @@ def test_a_stage_s_routing_records_ride_with_the_next_plan_it_sends_on():
     assert [(r.stage, r.step) for r in plan.relayed] == [("s0", 3), ("s1", 3), ("s1", 4)] and ft.outbox == []
     ft.relay(plan)
     assert len(plan.relayed) == 3
+
+
+def test_the_last_stage_s_result_takes_its_records_of_earlier_steps_and_keeps_this_one_s_for_the_next():
+    """Taking a step's record apart is off the chain on the last stage too: its result takes the records
+    relayed to it and its own kept ones; this step's is kept in the idle time, for the next result. A
+    large record (a batch of prompts') goes to the coordinator on its own instead."""
+    from dejavu_py.engine.plan import StepResult, StepRouting
+    from dejavu_py.ft.stage_ft import RELAY_BYTES, StageFT
+
+    ft = StageFT.__new__(StageFT)
+    records = []
+    ft.active, ft.sender, ft.outbox = True, None, [StepRouting(0, 4, "s1", "r4")]
+    ft.ring = SimpleNamespace(record=lambda *a: records.append(a))
+    ft.w = SimpleNamespace(me=SimpleNamespace(name="s1"), runner=None)  # no record is taken on the chain
+    plan = StepPlan(0, 5, [1], [9], [1], [7], [True], relayed=[StepRouting(0, 4, "s0", "up")])
+    result = StepResult(0, 5, [1], [9])
+    done = SimpleNamespace(plan=plan)
+    assert ft.after_step(done, result) is False
+    assert [(r.stage, r.step) for r in result.relayed] == [("s0", 4), ("s1", 4)] and ft.outbox == []
+    small, large = SimpleNamespace(nbytes=RELAY_BYTES), SimpleNamespace(nbytes=RELAY_BYTES + 1)
+    coord: list = []
+    ft.w.runner, ft.w.send_coord = SimpleNamespace(ft_record=lambda done: SimpleNamespace(routing=small)), coord.append
+    ft.keep_step(done, result)
+    assert [(r.stage, r.step, r.routing) for r in ft.outbox] == [("s1", 5, small)] and len(records) == 1
+    ft.w.runner = SimpleNamespace(ft_record=lambda done: SimpleNamespace(routing=large))  # a batch of prompts'
+    ft.keep_step(SimpleNamespace(plan=dataclasses.replace(plan, step=6)), result)
+    assert len(ft.outbox) == 1 and [(r.stage, r.step, r.routing) for r in coord] == [("s1", 6, large)]
 
 
 def test_host_buffers_reserved_ahead_serve_the_sizes_they_were_reserved_for():

@@ -122,20 +122,20 @@ def test_plans_follow_the_one_in_flight():
 
 def test_stage_routing_joins_its_step_in_either_order():
     """A stage's routing record (``StepRouting``), before the step's result comes back or after it, ends
-    in that step's plan in the history, beside the last stage's; a record of a plan that is no longer in
-    flight (dropped at a failure) is not kept."""
+    in that step's plan in the history; a record of a plan that is no longer in flight (dropped at a
+    failure) is not kept."""
     reqs = [Request(line=1, id="a", input_ids=[5, 6], max_new_tokens=4, sampling=SamplingParams())]
     sched = Scheduler(SchedulerConfig(max_batch_size=4, max_batch_tokens=64), BlockManager(40, 4), 1,
                       frozenset(), depth=2)
     sched.add(Sequence(0, reqs[0]))
     first, second = sched.schedule(0), sched.schedule(0)
     sched.on_routing(StepRouting(0, first.step, "s0", ["early"]))
-    sched.on_result(StepResult(0, first.step, [0], [11], routing={"s1": ["last"]}))
-    sched.on_result(StepResult(0, second.step, [0], [12], routing={"s1": ["last2"]}))
+    sched.on_result(StepResult(0, first.step, [0], [11]))
+    sched.on_result(StepResult(0, second.step, [0], [12]))
     sched.on_routing(StepRouting(0, second.step, "s0", ["late"]))
     done = {p.step: p.routing for p in sched.history[0]}
-    assert done[first.step] == {"s0": ["early"], "s1": ["last"]}
-    assert done[second.step] == {"s0": ["late"], "s1": ["last2"]}
+    assert done[first.step] == {"s0": ["early"]}
+    assert done[second.step] == {"s0": ["late"]}
     third = sched.schedule(0)
     sched.drop_inflight()
     sched.on_routing(StepRouting(0, third.step, "s0", ["stale"]))
@@ -143,19 +143,39 @@ def test_stage_routing_joins_its_step_in_either_order():
 
 
 def test_routing_relayed_with_a_later_result_joins_its_step_even_if_that_result_is_dropped():
-    """The stages before the last send their records down the pipeline with later plans
-    (``StepPlan.relayed``); the last stage's result brings them. A result the scheduler drops (its plan
-    was in flight at a failure) still delivers the records of the earlier steps it carries."""
+    """Every stage's record of a step reaches the coordinator with a later result: the stages before
+    the last send theirs down the pipeline with later plans (``StepPlan.relayed``), the last stage keeps
+    its own for its next result. A result the scheduler drops (its plan was in flight at a failure)
+    still delivers the records of the earlier steps it carries."""
     reqs = [Request(line=1, id="a", input_ids=[5, 6], max_new_tokens=8, sampling=SamplingParams())]
     sched = Scheduler(SchedulerConfig(max_batch_size=4, max_batch_tokens=64), BlockManager(40, 4), 1,
                       frozenset(), depth=2)
     sched.add(Sequence(0, reqs[0]))
     first, second = sched.schedule(0), sched.schedule(0)
-    sched.on_result(StepResult(0, first.step, [0], [11], routing={"s2": ["a2"]}))
-    sched.on_result(StepResult(0, second.step, [0], [12], routing={"s2": ["b2"]},
-                               relayed=[StepRouting(0, first.step, "s0", ["a0"]), StepRouting(0, first.step, "s1", ["a1"])]))
+    sched.on_result(StepResult(0, first.step, [0], [11]))
+    sched.on_result(StepResult(0, second.step, [0], [12], relayed=[
+        StepRouting(0, first.step, "s0", ["a0"]), StepRouting(0, first.step, "s1", ["a1"]),
+        StepRouting(0, first.step, "s2", ["a2"])]))
     third = sched.schedule(0)
     sched.drop_inflight()
-    sched.on_result(StepResult(0, third.step, [0], [13], relayed=[StepRouting(0, second.step, "s0", ["b0"])]))
+    sched.on_result(StepResult(0, third.step, [0], [13], relayed=[StepRouting(0, second.step, "s0", ["b0"]),
+                                                                  StepRouting(0, second.step, "s2", ["b2"])]))
     done = {p.step: p.routing for p in sched.history[0]}
     assert done == {first.step: {"s0": ["a0"], "s1": ["a1"], "s2": ["a2"]}, second.step: {"s0": ["b0"], "s2": ["b2"]}}
+
+
+def test_a_large_routing_record_sent_on_its_own_joins_its_step():
+    """A batch of prompts' record goes to the coordinator as a message of its own (off the pipeline's
+    chain); the driver files it with its step as if it had come with a result."""
+    from dejavu_py.engine.colocated import ColocatedDriver
+    from dejavu_py.runtime.layout import Member
+
+    reqs = [Request(line=1, id="a", input_ids=[5, 6], max_new_tokens=8, sampling=SamplingParams())]
+    sched = Scheduler(SchedulerConfig(max_batch_size=4, max_batch_tokens=64), BlockManager(40, 4), 1,
+                      frozenset(), depth=2)
+    sched.add(Sequence(0, reqs[0]))
+    driver = ColocatedDriver(sched, (Member("s0", "stage", 0, None, "coordinator", "coordinator"),), lambda to, msg: None)
+    first = sched.schedule(0)
+    assert driver.on_message("s0", StepRouting(0, first.step, "s0", ["prompt"])) == []
+    assert driver.on_message("s0", StepResult(0, first.step, [0], [11])) == []
+    assert sched.history[0][-1].routing == {"s0": ["prompt"]}

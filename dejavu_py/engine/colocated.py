@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..runtime.layout import Member
-from .plan import StepResult
+from .plan import StepResult, StepRouting
 from .scheduler import Scheduler
 from ..ft.messages import RecoverInfo
 from .sequence import Sequence
@@ -38,6 +38,9 @@ class ColocatedDriver:
     def on_message(self, source: str, msg: object) -> list[Sequence]:
         if isinstance(msg, StepResult) and source == self.pipeline[-1].name:
             return self.sched.on_result(msg)
+        if isinstance(msg, StepRouting):  # a large record (a prompt's), sent off the pipeline's chain
+            self.sched.on_routing(msg)
+            return []
         raise RuntimeError(f"unexpected {type(msg).__name__} from {source}")
 
     def on_member_lost(self, name: str, why: str) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from .. import log
 from ..runtime.layout import Member
-from .plan import KVAck, StepResult, Stop
+from .plan import KVAck, StepResult, StepRouting, Stop
 from ..ft.messages import RecoverInfo
 from .colocated import recompute_notes
 from .prefill_scheduler import PrefillScheduler
@@ -60,6 +60,9 @@ class DisaggDriver:
             return self._acked(msg)
         if isinstance(msg, StepResult) and source == self.token[-1].name:
             return self.decode.on_result(msg)
+        if isinstance(msg, StepRouting):  # a token stage's large record (a prompt's), off the chain
+            self.decode.on_routing(msg)
+            return []
         raise RuntimeError(f"unexpected {type(msg).__name__} from {source}")
 
     def _prefilled(self, seqs: list[Sequence]) -> list[Sequence]:

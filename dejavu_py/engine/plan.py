@@ -92,17 +92,17 @@ class StepResult:
     """Sequences that sampled, in plan order."""
     token_ids: list[int]
     """The sampled next token of each."""
-    routing: dict[str, Any] = field(default_factory=dict)
-    """The last stage's MoE routing of the step (see StepPlan.routing)."""
     relayed: list[StepRouting] = field(default_factory=list)
-    """The other stages' routing of earlier steps (``StepPlan.relayed``)."""
+    """Routing records of earlier steps: the other stages' (``StepPlan.relayed``) and the last stage's own
+    (kept off the chain, in its idle time, so they go with its next result)."""
 
 
 @dataclass
 class StepRouting:
     """Fault tolerance: a stage's MoE routing of a step, for the coordinator's history: a replay of the
     step routes as recorded and checks against it. It travels down the pipeline with a later plan
-    (``StepPlan.relayed``) and reaches the coordinator with the last stage's result."""
+    (``StepPlan.relayed``) and reaches the coordinator with the last stage's result; a large one (a
+    prompt's) goes to the coordinator as a message of its own (``ft.stage_ft.RELAY_BYTES``)."""
 
     mb: int
     step: int

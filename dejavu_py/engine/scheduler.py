@@ -168,7 +168,7 @@ class Scheduler:
             del self.inflight[result.mb]
         elif queue[0].follows == plan.step:
             _fill_placeholders(queue[0], result.token_ids)
-        plan.routing = {**self._routing.pop(plan.step, {}), **result.routing}
+        plan.routing = self._routing.pop(plan.step, {})
         self.history[result.mb].append(plan)
         finished = []
         for sid, n in zip(plan.seq_ids, plan.num_tokens):

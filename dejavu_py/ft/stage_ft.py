@@ -2,7 +2,7 @@
 
 Per step: wait if the KV replica lags too far (back-pressure); once the step is finished and its
 output on its way, keep its MoE routing for the coordinator (it rides down the pipeline with the next
-plan this stage sends on; the last stage's goes with its result), record its token-state checkpoint and
+plan this stage sends on; the last stage's with its next result), record its token-state checkpoint and
 stream its K/V to the replica holder, in the worker's idle time. On
 the replica edges a receiver thread keeps the replica of the ring predecessor and passes
 acknowledgements back. At recovery it answers the coordinator: ship a replica to a
@@ -36,6 +36,12 @@ if TYPE_CHECKING:
     from ..runtime.worker import Worker
 
 _log = log.get(__name__)
+
+RELAY_BYTES = 64 << 10
+"""A step's routing record up to this size (a decode step's: 24 KB at batch 64 on OLMoE's shapes) rides
+to the coordinator with the pipeline's next messages. A larger one (a batch of prompts': MBs) goes to the
+coordinator on its own, from the idle time: riding along, its pickling and unpickling at every hop
+lengthened the first decode step after the prompts by tens of ms."""
 
 
 def replica_store_for(cfg: RunConfig, layout: Layout, me: Member, spec: CacheSpec, device: torch.device,
@@ -181,15 +187,17 @@ class StageFT:
 
     def after_step(self, done: Launched, out) -> bool:
         """What fault tolerance does on the pipeline's chain once a step is finished: the last stage's
-        routing goes with its result. True when this stage ends a replay: the step is kept and its
-        routing checked now, and nothing goes on. The rest waits for ``keep_step``."""
+        result takes the routing records relayed to it and its own of earlier steps (taking this step's
+        record apart here would lengthen the chain: 0.1 ms at batch 1). True when this stage ends a
+        replay: the step is kept and its routing checked now, and nothing goes on. The rest waits for
+        ``keep_step``."""
         if not self.active:
             return False
         plan = done.plan
         if plan.replay_until != self.w.me.name:
             if isinstance(out, StepResult):
-                out.routing = {self.w.me.name: self.w.runner.ft_record(done).routing}
-                out.relayed = plan.relayed
+                out.relayed = plan.relayed + self.outbox
+                self.outbox = []
             return False
         self.keep_step(done, out)
         if plan.forced is not None:
@@ -199,14 +207,19 @@ class StageFT:
         return True
 
     def keep_step(self, done: Launched, out) -> None:
-        """Off the chain (in the worker's idle time, see ``Worker.kept``): a stage other than the last
-        keeps its routing for the next plan it sends on (``relay``), then checkpoints the step's token
-        state and sends its K/V to the replica."""
+        """Off the chain (in the worker's idle time, see ``Worker.kept``): keep the step's routing for the
+        next plan this stage sends on (``relay``; the last stage: its next result), or send a large one
+        (a prompt's) to the coordinator now; then checkpoint the step's token state and send its K/V to
+        the replica."""
         if not self.active:
             return
         plan, rec = done.plan, self.w.runner.ft_record(done)
-        if plan.replay_until != self.w.me.name and not isinstance(out, StepResult):
-            self.outbox.append(StepRouting(plan.mb, plan.step, self.w.me.name, rec.routing))
+        if plan.replay_until != self.w.me.name:
+            record = StepRouting(plan.mb, plan.step, self.w.me.name, rec.routing)
+            if rec.routing.nbytes > RELAY_BYTES:
+                self.w.send_coord(record)
+            else:
+                self.outbox.append(record)
         self.ring.record(plan.mb, plan.step, plan.seq_ids, out if isinstance(out, torch.Tensor) else None, rec.routing)
         if self.sender is not None:
             self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, rec.slots, rec.phys_slots,
