@@ -38,7 +38,8 @@ def test_the_split_tells_the_steps_after_the_prompts_from_the_steady_ones(tmp_pa
 
     (tmp_path / "timeline-1.json").write_text(json.dumps({"step_ms": [300.0] + [9.0] * 29 + [6.0, 6.2, 6.1]}))
     split = bench.step_split(tmp_path)
-    assert split == {"early_steps": 29, "early_ms": 261.0, "rest_steps": 3, "rest_median_ms": 6.1}
+    assert split == {"early_steps": 29, "early_ms": 261.0, "rest_steps": 3, "rest_median_ms": 6.1,
+                     "early_step_ms": [9.0] * 29}
     runs = [{"ft": "off", "decode_tok_s": 100.0, "steps": {"early_ms": 200.0, "rest_median_ms": 6.0}},
             {"ft": "on", "decode_tok_s": 95.0, "steps": split}]
     got = bench_ft_cost.summarize(runs)

@@ -107,7 +107,8 @@ def step_split(run_dir: Path) -> dict:
     step_ms = json.loads((run_dir / "timeline-1.json").read_text()).get("step_ms") or []
     early, rest = step_ms[1:EARLY_STEPS], step_ms[EARLY_STEPS:]
     return {"early_steps": len(early), "early_ms": round(sum(early), 2), "rest_steps": len(rest),
-            "rest_median_ms": round(statistics.median(rest), 4) if rest else None}
+            "rest_median_ms": round(statistics.median(rest), 4) if rest else None,
+            "early_step_ms": [round(x, 2) for x in early]}
 
 
 def wait_gpu_free(timeout_s: float = 60) -> None:

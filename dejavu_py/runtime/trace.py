@@ -2,7 +2,8 @@
 
     DEJAVU_TRACE_DIR=traces DEJAVU_TRACE_STEPS=100:120 python -m dejavu_py ...
 
-Each stage worker records its host calls and its device's kernels and copies (torch.profiler) from its
+Each stage worker records its host calls (with their shapes and Python stacks: who allocated what) and
+its device's kernels and copies (torch.profiler) from its
 step 100 to its step 120 and writes ``traces/<stage>.json`` (Chrome trace format). The stages' device
 timestamps share one clock: their traces can be laid side by side to see how stages sharing a GPU take
 turns. Off (no cost) unless both variables are set.
@@ -40,7 +41,7 @@ class StepTrace:
             from torch.profiler import ProfilerActivity, profile
 
             cuda = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
-            self.prof = profile(activities=[ProfilerActivity.CPU, *cuda])
+            self.prof = profile(activities=[ProfilerActivity.CPU, *cuda], record_shapes=True, with_stack=True)
             self.prof.__enter__()
         elif self.prof is not None and steps >= self.end:
             self.prof.__exit__(None, None, None)
