@@ -31,7 +31,8 @@ class HostBuffers:
         self.pin = reuse if pin is None else pin
         self.keep = keep
         """Buffers kept; more given back are freed."""
-        self._free: list[torch.Tensor] = []
+        self._free: list[tuple[int, torch.Tensor]] = []
+        """(bytes, buffer)."""
         self._lock = threading.Lock()
         self.allocated = 0
         """Buffers ``take`` had to allocate (none fitted): each a page-locked allocation while serving."""
@@ -49,7 +50,7 @@ class HostBuffers:
             return
         bufs = [torch.empty(n, dtype=torch.uint8, pin_memory=self.pin) for n in sizes if n > 0]
         with self._lock:
-            self._free.extend(bufs)
+            self._free.extend((b.numel(), b) for b in bufs)
             self.keep = max(self.keep, len(self._free) + 8)
         self.reserved += len(bufs)
 
@@ -58,13 +59,18 @@ class HostBuffers:
         if not self.reuse:
             return torch.empty(shape, dtype=dtype)
         nbytes = n * dtype.itemsize
-        with self._lock:
-            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes and
-                    (nbytes >= self.SMALL_BYTES or b.numel() <= self.SPARE_RATIO * max(nbytes, 1))]
-            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else None
+        limit = None if nbytes >= self.SMALL_BYTES else self.SPARE_RATIO * max(nbytes, 1)
+        with self._lock:  # sizes as ints: this runs in a step's launch, a few times a step
+            best = -1
+            for i, (size, _) in enumerate(self._free):
+                if nbytes <= size and (limit is None or size <= limit) and (best < 0 or size < self._free[best][0]):
+                    best = i
+            buf = self._free.pop(best)[1] if best >= 0 else None
         if buf is None:
             buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
             self.allocated += 1
+        if dtype == torch.uint8 and len(shape) == 1 and buf.numel() == nbytes:
+            return buf  # a step's whole record, as a rule: no views to make
         return buf[:nbytes].view(dtype).view(shape)
 
     def give(self, t: torch.Tensor) -> None:
@@ -75,7 +81,7 @@ class HostBuffers:
         buf = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
         with self._lock:
             if len(self._free) < self.keep:
-                self._free.append(buf)
+                self._free.append((buf.numel(), buf))
 
     def copy_of(self, t: torch.Tensor) -> torch.Tensor:
         """A host copy of device tensor ``t`` queued behind the kernels that compute it."""
