@@ -37,6 +37,7 @@ class HostBuffers:
         self.allocated = 0
         """Buffers ``take`` had to allocate (none fitted): each a page-locked allocation while serving."""
         self.reserved = 0
+        """Buffers ``reserve`` allocated up front (when the stage was built)."""
 
     SMALL_BYTES = 1 << 20
     """A request under this size is not given a free buffer more than ``SPARE_RATIO`` times larger (a

@@ -186,20 +186,22 @@ def write_chunk(target: Replica, index: dict[int, int], layers: list[int], slots
     torch's index_copy_, which copies element by element) and leaves the interpreter's lock while it runs."""
     idx_T = np.asarray(slots, dtype=np.int64)
     at = [index[layer] for layer in layers]
-    _write_kv(_np(target.kv_2LNKD), at, idx_T, _np(kv_2LTKD.to(target.kv_2LNKD.dtype).contiguous()))
+    run = at == list(range(at[0], at[0] + len(at)))  # consecutive layers of the replica: one slice
+    _write_kv(_np(target.kv_2LNKD), at, run, idx_T, _np(kv_2LTKD.to(target.kv_2LNKD.dtype).contiguous()))
     tags = target.tags_LN.numpy()
-    if at == list(range(at[0], at[0] + len(at))):
+    if run:
         tags[at[0]:at[0] + len(at), idx_T] = tags_T
     else:
         for j in at:
             tags[j, idx_T] = tags_T
 
 
-def _write_kv(target, at: list[int], idx_T: np.ndarray, kv) -> None:
-    """The K/V part of ``write_chunk`` (``at``: the replica's layer index of each of the chunk's layers)."""
+def _write_kv(target, at: list[int], run: bool, idx_T: np.ndarray, kv) -> None:
+    """The K/V part of ``write_chunk`` (``at``: the replica's layer index of each of the chunk's layers;
+    ``run``: they are consecutive)."""
     T = len(idx_T)
     pooled = kv.nbytes >= POOL_BYTES and COPY_THREADS > 1
-    if not pooled and at == list(range(at[0], at[0] + len(at))):
+    if not pooled and run:
         target[:, at[0]:at[0] + len(at)][:, :, idx_T] = kv  # every layer at once
         return
     parts = max(1, min(COPY_THREADS, T // 64)) if pooled else 1  # token ranges per layer

@@ -71,7 +71,7 @@ def host_reservation(cfg: RunConfig, layout: Layout, me: Member, mcfg, spec: Cac
     routing = 2 * moe * cfg.scheduler.max_batch_tokens * max(mcfg.num_experts_per_tok, 1) * 4 if moe else 0
     sizes = [step_kv] * (cfg.ft.replica_lag + 3) + [routing] * 2
     if layout.replica_holder(me.name) is not None:
-        sizes += [PIECE_BYTES] * 3  # two copied ahead, one being written
+        sizes += [PIECE_BYTES] * (ReplicaSender.AHEAD + 1)  # those copied ahead, and the one being written
     return sizes
 
 

@@ -42,8 +42,10 @@ def load_runner(spec: WorkerSpec, device: torch.device) -> tuple[StageRunner, fl
     _log.info("loaded %d layers (%s) and a %d-token KV cache in %.2fs", stage.num_layers, dtype, cache.capacity_tokens, load_s)
     runner = StageRunner(model, kv, stage, cfg.cache.block_size, device, None, swapper)
     runner.replica_store = replica_store
-    if device.type == "cuda":  # compile the fused MoE kernels for every block-size regime now
-        runner.host.reserve(host_reservation(cfg, spec.layout, spec.member, mcfg, cache, stage.layers, dtype))  # see HostBuffers
+    if device.type == "cuda":
+        # FT's pinned buffers now: a page-locked allocation while serving stalls the stage (see HostBuffers)
+        runner.host.reserve(host_reservation(cfg, spec.layout, spec.member, mcfg, cache, stage.layers, dtype))
+        # compile the fused MoE kernels for every block-size regime now
         runner.warmup(sorted({1, 16, min(256, cfg.scheduler.max_batch_tokens), cfg.scheduler.max_batch_tokens}))
     graphs = None
     decodes = spec.member.role != "prompt"
