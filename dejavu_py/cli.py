@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from .config import (
+from dejavu_py.config import (
     CacheConfig,
     FTConfig,
     GenerationConfig,
@@ -28,7 +28,7 @@ from .config import (
     RuntimeConfig,
     SchedulerConfig,
 )
-from .errors import UserError
+from dejavu_py.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _int_list(text: str) -> list[int]:
-    from .engine.split import parse_layers_per_stage
+    from dejavu_py.engine.split import parse_layers_per_stage
 
     return parse_layers_per_stage(text)
 
@@ -218,18 +218,18 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .comm.store import RankInfo
+    from dejavu_py.comm.store import RankInfo
 
     info = RankInfo.from_env()
     try:
         cfg, ns = parse(argv)
         if info.launcher == "single" and ns.nproc_per_node and ns.nproc_per_node > 1:
-            from .runtime.launch import launch_local
+            from dejavu_py.runtime.launch import launch_local
 
             return launch_local(cfg, ns.nproc_per_node, sys.argv[1:] if argv is None else argv)
         if ns.nproc_per_node and info.launcher != "single" and ns.nproc_per_node != info.world_size:
             raise UserError(f"--nproc-per-node {ns.nproc_per_node}: the launcher started {info.world_size} processes")
-        from .runtime.rank import run_rank
+        from dejavu_py.runtime.rank import run_rank
 
         code = run_rank(cfg, info, lambda e: print(f"error: {e}", file=sys.stderr, flush=True))
         # A rank process ends here, without running C++ static destructors: threads of the

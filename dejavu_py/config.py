@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from dejavu_py.errors import UserError
 
 
 def _positive(flag: str, value: int | float | None, allow_none: bool = False) -> None:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import log
-from .host_ring import HostRing, RingRead
+from dejavu_py import log
+from dejavu_py.comm.host_ring import HostRing, RingRead
 
 _log = log.get(__name__)
 _TAG = 0

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import stream_sync
+from dejavu_py.comm import stream_sync
 
 HEADER = 4096
 SLOTS = 4

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import uuid
 
-from .store import RankInfo, StoreAddress, free_port
+from dejavu_py.comm.store import RankInfo, StoreAddress, free_port
 
 
 def share_store_address(info: RankInfo, timeout_s: float) -> tuple[StoreAddress, bool]:
@@ -16,7 +16,7 @@ def share_store_address(info: RankInfo, timeout_s: float) -> tuple[StoreAddress,
         mpi4py.rc.finalize = False
         from mpi4py import MPI
     except ImportError:
-        from ..errors import UserError
+        from dejavu_py.errors import UserError
 
         raise UserError("launched by mpirun but mpi4py is not installed: pip install mpi4py") from None
     comm = MPI.COMM_WORLD

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models import triton_attention
+from dejavu_py.models import triton_attention
 
 
 @dataclass

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..runtime.layout import Member
-from .plan import StepResult, StepRouting
-from .scheduler import Scheduler
-from ..ft.messages import RecoverInfo
-from .sequence import Sequence
+from dejavu_py.runtime.layout import Member
+from dejavu_py.engine.plan import StepResult, StepRouting
+from dejavu_py.engine.scheduler import Scheduler
+from dejavu_py.ft.messages import RecoverInfo
+from dejavu_py.engine.sequence import Sequence
 
 
 def recompute_notes(dropped: int, redo: list[Sequence]) -> dict:

@@ -17,30 +17,30 @@ import queue
 import threading
 import time
 
-from .. import log
-from ..comm.edge import Edge
-from ..comm.store import StoreAddress, connect, get_json, has
-from ..config import RunConfig
-from ..errors import PipelineError, UserError
-from ..ft.journal import Journal, fingerprint
-from ..ft.messages import Rebuilt, Replayed, ReplayHave
-from ..ft.recovery import Recovery
-from ..ft.replica import ReplicaCoverage
-from ..ft.watch import MemberLost, watch
-from ..runtime import workers_file
-from ..runtime.layout import COORD, Layout
-from ..runtime.supervisor import exit_key
-from .block_manager import BlockManager
-from .colocated import ColocatedDriver
-from .disagg import DisaggDriver
-from .output import Timings, error_record, request_error_record, success_record, write_outputs
-from .plan import EdgeBroken, StepCounter, StepResult, Stop
-from .prefill_scheduler import PrefillScheduler
-from .progress import LoopTimes, ProgressBar, RunSummary
-from .request import Request, RequestLimits, load_requests
-from .scheduler import Scheduler
-from .sequence import Sequence, Status
-from .tokenizer import load_tokenizer
+from dejavu_py import log
+from dejavu_py.comm.edge import Edge
+from dejavu_py.comm.store import StoreAddress, connect, get_json, has
+from dejavu_py.config import RunConfig
+from dejavu_py.errors import PipelineError, UserError
+from dejavu_py.ft.journal import Journal, fingerprint
+from dejavu_py.ft.messages import Rebuilt, Replayed, ReplayHave
+from dejavu_py.ft.recovery import Recovery
+from dejavu_py.ft.replica import ReplicaCoverage
+from dejavu_py.ft.watch import MemberLost, watch
+from dejavu_py.runtime import workers_file
+from dejavu_py.runtime.layout import COORD, Layout
+from dejavu_py.runtime.supervisor import exit_key
+from dejavu_py.engine.block_manager import BlockManager
+from dejavu_py.engine.colocated import ColocatedDriver
+from dejavu_py.engine.disagg import DisaggDriver
+from dejavu_py.engine.output import Timings, error_record, request_error_record, success_record, write_outputs
+from dejavu_py.engine.plan import EdgeBroken, StepCounter, StepResult, Stop
+from dejavu_py.engine.prefill_scheduler import PrefillScheduler
+from dejavu_py.engine.progress import LoopTimes, ProgressBar, RunSummary
+from dejavu_py.engine.request import Request, RequestLimits, load_requests
+from dejavu_py.engine.scheduler import Scheduler
+from dejavu_py.engine.sequence import Sequence, Status
+from dejavu_py.engine.tokenizer import load_tokenizer
 
 _log = log.get(__name__)
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import log
-from .attn_meta import decode_meta
-from .kv_cache import KVCache
+from dejavu_py import log
+from dejavu_py.engine.attn_meta import decode_meta
+from dejavu_py.engine.kv_cache import KVCache
 
 _log = log.get(__name__)
 
@@ -44,7 +44,7 @@ def capturable(model_cfg, dtype: torch.dtype) -> bool:
     if not model_cfg.is_moe:
         return True
     try:
-        from ..models import fused_moe
+        from dejavu_py.models import fused_moe
 
         if fused_moe.available():
             return True

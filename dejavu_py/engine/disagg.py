@@ -8,14 +8,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .. import log
-from ..runtime.layout import Member
-from .plan import KVAck, StepResult, StepRouting, Stop
-from ..ft.messages import RecoverInfo
-from .colocated import recompute_notes
-from .prefill_scheduler import PrefillScheduler
-from .scheduler import Scheduler
-from .sequence import Sequence
+from dejavu_py import log
+from dejavu_py.runtime.layout import Member
+from dejavu_py.engine.plan import KVAck, StepResult, StepRouting, Stop
+from dejavu_py.ft.messages import RecoverInfo
+from dejavu_py.engine.colocated import recompute_notes
+from dejavu_py.engine.prefill_scheduler import PrefillScheduler
+from dejavu_py.engine.scheduler import Scheduler
+from dejavu_py.engine.sequence import Sequence
 
 _log = log.get(__name__)
 

@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from .kv_cache import KVCache
-from .plan import KVChunk, SeqState, StepPlan
-from .swap import Swapper
+from dejavu_py.engine.kv_cache import KVCache
+from dejavu_py.engine.plan import KVChunk, SeqState, StepPlan
+from dejavu_py.engine.swap import Swapper
 
 
 class KVStreamer:

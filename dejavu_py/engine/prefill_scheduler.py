@@ -9,10 +9,10 @@ from __future__ import annotations
 import collections
 import time
 
-from ..config import SchedulerConfig
-from .block_manager import BlockManager
-from .plan import StepCounter, StepPlan, StepResult
-from .sequence import Sequence, Status
+from dejavu_py.config import SchedulerConfig
+from dejavu_py.engine.block_manager import BlockManager
+from dejavu_py.engine.plan import StepCounter, StepPlan, StepResult
+from dejavu_py.engine.sequence import Sequence, Status
 
 
 class PrefillScheduler:

@@ -6,17 +6,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import log
-from .attn_meta import SeqSlice, build_attn_meta, step_slots
-from .decode_graphs import DecodeGraphs, stack_routing
-from .host_buffers import HostBuffers
-from .host_copies import DeviceWait, LateCopy, queue_copies, record_event
-from .kv_cache import KVCache
-from .plan import SeqState, StepPlan, StepResult
-from .sampler import sample
-from ..ft.checkpoints import EMPTY, RoutingRecord, compact
-from .split import StageSpec
-from .swap import Swapper
+from dejavu_py import log
+from dejavu_py.engine.attn_meta import SeqSlice, build_attn_meta, step_slots
+from dejavu_py.engine.decode_graphs import DecodeGraphs, stack_routing
+from dejavu_py.engine.host_buffers import HostBuffers
+from dejavu_py.engine.host_copies import DeviceWait, LateCopy, queue_copies, record_event
+from dejavu_py.engine.kv_cache import KVCache
+from dejavu_py.engine.plan import SeqState, StepPlan, StepResult
+from dejavu_py.engine.sampler import sample
+from dejavu_py.ft.checkpoints import EMPTY, RoutingRecord, compact
+from dejavu_py.engine.split import StageSpec
+from dejavu_py.engine.swap import Swapper
 
 _log = log.get(__name__)
 

@@ -19,10 +19,10 @@ import collections
 import math
 import time
 
-from ..config import SchedulerConfig
-from .block_manager import BlockManager
-from .plan import SeqState, StepCounter, StepPlan, StepResult, StepRouting
-from .sequence import Sequence, Status
+from dejavu_py.config import SchedulerConfig
+from dejavu_py.engine.block_manager import BlockManager
+from dejavu_py.engine.plan import SeqState, StepCounter, StepPlan, StepResult, StepRouting
+from dejavu_py.engine.sequence import Sequence, Status
 
 
 class Scheduler:

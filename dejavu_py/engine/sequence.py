@@ -5,8 +5,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from .plan import SeqState
-from .request import Request
+from dejavu_py.engine.plan import SeqState
+from dejavu_py.engine.request import Request
 
 
 class Status(enum.Enum):

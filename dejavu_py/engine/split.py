@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import UserError
+from dejavu_py.errors import UserError
 
 
 @dataclass(frozen=True)

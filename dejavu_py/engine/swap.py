@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from .. import log
-from .kv_cache import KVCache
+from dejavu_py import log
+from dejavu_py.engine.kv_cache import KVCache
 
 _log = log.get(__name__)
 

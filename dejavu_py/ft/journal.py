@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import log
-from ..errors import UserError
+from dejavu_py import log
+from dejavu_py.errors import UserError
 
 _log = log.get(__name__)
 

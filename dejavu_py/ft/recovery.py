@@ -21,21 +21,21 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .. import log
-from ..comm.edge import Edge
-from ..comm.store import get_json, has, put_json
-from ..engine.plan import EdgeBroken
-from ..runtime.layout import COORD
-from ..runtime.supervisor import exit_key
-from . import commands
-from .heartbeat import last_beat
-from .messages import Rebuilt, Recover, ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery, Restore
-from .replay import for_replay, replay_steps
-from .replica import ReplicaCoverage
-from .watch import MemberLost
+from dejavu_py import log
+from dejavu_py.comm.edge import Edge
+from dejavu_py.comm.store import get_json, has, put_json
+from dejavu_py.engine.plan import EdgeBroken
+from dejavu_py.runtime.layout import COORD
+from dejavu_py.runtime.supervisor import exit_key
+from dejavu_py.ft import commands
+from dejavu_py.ft.heartbeat import last_beat
+from dejavu_py.ft.messages import Rebuilt, Recover, ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery, Restore
+from dejavu_py.ft.replay import for_replay, replay_steps
+from dejavu_py.ft.replica import ReplicaCoverage
+from dejavu_py.ft.watch import MemberLost
 
 if TYPE_CHECKING:
-    from ..engine.coordinator import Coordinator
+    from dejavu_py.engine.coordinator import Coordinator
 
 _log = log.get(__name__)
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.attn_meta import step_slots
-from . import replica_shm
+from dejavu_py.engine.attn_meta import step_slots
+from dejavu_py.ft import replica_shm
 
 @dataclass
 class ReplicaChunk:

@@ -30,11 +30,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .. import log
-from ..engine.host_buffers import HostBuffers
-from ..engine.kv_cache import KVCache
-from . import replica_shm
-from .replica import ReplicaAck, ReplicaChunk, coalesce
+from dejavu_py import log
+from dejavu_py.engine.host_buffers import HostBuffers
+from dejavu_py.engine.kv_cache import KVCache
+from dejavu_py.ft import replica_shm
+from dejavu_py.ft.replica import ReplicaAck, ReplicaChunk, coalesce
 
 _log = log.get(__name__)
 

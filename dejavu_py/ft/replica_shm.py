@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .. import log
+from dejavu_py import log
 
 _log = log.get(__name__)
 

@@ -18,22 +18,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import log
-from ..engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult, StepRouting
-from .checkpoints import TokenStateRing, routing_mismatches
-from ..comm.store import get_json, has, put_json
-from . import replica_shm
-from .messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
-from .replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaStore, covered_slots
-from .replica_sender import PIECE_BYTES, ReplicaSender
-from .replica_shm import ReplicaShm
+from dejavu_py import log
+from dejavu_py.engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult, StepRouting
+from dejavu_py.ft.checkpoints import TokenStateRing, routing_mismatches
+from dejavu_py.comm.store import get_json, has, put_json
+from dejavu_py.ft import replica_shm
+from dejavu_py.ft.messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
+from dejavu_py.ft.replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaStore, covered_slots
+from dejavu_py.ft.replica_sender import PIECE_BYTES, ReplicaSender
+from dejavu_py.ft.replica_shm import ReplicaShm
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
-    from ..engine.kv_cache import CacheSpec
-    from ..engine.runner import Launched
-    from ..runtime.layout import Layout, Member
-    from ..runtime.worker import Worker
+    from dejavu_py.config import RunConfig
+    from dejavu_py.engine.kv_cache import CacheSpec
+    from dejavu_py.engine.runner import Launched
+    from dejavu_py.runtime.layout import Layout, Member
+    from dejavu_py.runtime.worker import Worker
 
 _log = log.get(__name__)
 
@@ -114,8 +114,8 @@ class StageFT:
     def connect(self, generation: int, peers: list[str] | None = None) -> tuple[dict, replica_shm.Replica | None, str | None]:
         """Replica edges (to the holder and from the source), built after the main edges, and the
         holder's replica file mapped when it is on this host (its edge is up: it has published it)."""
-        from ..comm.edge import Edge
-        from ..comm.store import connect
+        from dejavu_py.comm.edge import Edge
+        from dejavu_py.comm.store import connect
 
         wanted = self.w.spec.layout.replica_peers_of(self.w.me.name) if self.active else []
         if peers is not None:
@@ -318,7 +318,7 @@ class StageFT:
             self.rep_edges[q.to].send(chunk, self.store.read(slots))
 
     def _same_host(self, member: str) -> bool:
-        from ..runtime.worker import member_key  # the worker imports this module
+        from dejavu_py.runtime.worker import member_key  # the worker imports this module
 
         key = member_key(member)
         return has(self.w.store, key) and get_json(self.w.store, key).get("host") == socket.gethostname()

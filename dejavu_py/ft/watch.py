@@ -8,9 +8,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..comm.store import get_json, has
-from ..runtime.supervisor import EXIT_COUNT_KEY, exit_key
-from .heartbeat import last_beat
+from dejavu_py.comm.store import get_json, has
+from dejavu_py.runtime.supervisor import EXIT_COUNT_KEY, exit_key
+from dejavu_py.ft.heartbeat import last_beat
 
 
 @dataclass

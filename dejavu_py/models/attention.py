@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..engine.attn_meta import AttnMeta, paged_attention
-from ..engine.kv_cache import KVCache
-from . import triton_ops
-from .config import ModelConfig
-from .layers import RMSNorm, apply_rotary_qk
+from dejavu_py.engine.attn_meta import AttnMeta, paged_attention
+from dejavu_py.engine.kv_cache import KVCache
+from dejavu_py.models import triton_ops
+from dejavu_py.models.config import ModelConfig
+from dejavu_py.models.layers import RMSNorm, apply_rotary_qk
 
 
 class Attention(nn.Module):

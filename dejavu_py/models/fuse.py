@@ -65,8 +65,8 @@ def foldable(moe: nn.Module) -> bool:
     """Whether an MoE block takes the folded path (``fold_moe``): its experts on CUDA (or the Triton
     interpreter), the fused kernels installed and chosen, a shared expert (if any) a whole number of
     experts wide; env DEJAVU_FOLD_MOE=0 keeps the unfolded modules."""
-    from . import fused_moe
-    from .moe import requested_kernel
+    from dejavu_py.models import fused_moe
+    from dejavu_py.models.moe import requested_kernel
 
     w = moe.experts.gate_up_proj
     if os.environ.get("DEJAVU_FOLD_MOE", "1").strip() == "0" or not fused_moe.available():
@@ -108,9 +108,9 @@ def fold_moe(moe: nn.Module) -> None:
 def fuse_projections(model: nn.Module) -> int:
     """Fuse every attention's q/k/v and every dense SwiGLU MLP's gate/up (the shared expert's too), and
     fold the MoE blocks that can be (``fold_moe``); returns how many modules were fused."""
-    from .attention import Attention
-    from .layers import DenseMLP
-    from .moe import SparseMoE
+    from dejavu_py.models.attention import Attention
+    from dejavu_py.models.layers import DenseMLP
+    from dejavu_py.models.moe import SparseMoE
 
     n = 0
     for module in list(model.modules()):

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import triton_ops
-from .config import RopeConfig
+from dejavu_py.models import triton_ops
+from dejavu_py.models.config import RopeConfig
 
 
 class RMSNorm(nn.Module):

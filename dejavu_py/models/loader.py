@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .. import log
-from ..engine.split import StageSpec
-from ..errors import CheckpointError
-from .config import ModelConfig, load_model_config
-from .fuse import fuse_projections
-from .model import StageModel
+from dejavu_py import log
+from dejavu_py.engine.split import StageSpec
+from dejavu_py.errors import CheckpointError
+from dejavu_py.models.config import ModelConfig, load_model_config
+from dejavu_py.models.fuse import fuse_projections
+from dejavu_py.models.model import StageModel
 
 _log = log.get(__name__)
 

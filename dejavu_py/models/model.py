@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..engine.attn_meta import AttnMeta
-from ..engine.kv_cache import KVCache
-from ..engine.split import StageSpec
-from . import triton_ops
-from .attention import Attention
-from .config import ModelConfig
-from .layers import DenseMLP, RMSNorm, Rotary
-from .moe import RoutingSink, SparseMoE
+from dejavu_py.engine.attn_meta import AttnMeta
+from dejavu_py.engine.kv_cache import KVCache
+from dejavu_py.engine.split import StageSpec
+from dejavu_py.models import triton_ops
+from dejavu_py.models.attention import Attention
+from dejavu_py.models.config import ModelConfig
+from dejavu_py.models.layers import DenseMLP, RMSNorm, Rotary
+from dejavu_py.models.moe import RoutingSink, SparseMoE
 
 
 class DecoderLayer(nn.Module):

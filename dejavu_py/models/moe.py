@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused_moe, moe_router
-from .config import ModelConfig
-from .layers import DenseMLP
+from dejavu_py.models import fused_moe, moe_router
+from dejavu_py.models.config import ModelConfig
+from dejavu_py.models.layers import DenseMLP
 
 RoutingSink = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called as ``sink(layer, topk_ids_TK int64, topk_weights_TK float32)`` by every MoE layer."""

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .triton_base import interpreting, tl, triton
+from dejavu_py.models.triton_base import interpreting, tl, triton
 
 if triton is not None:
-    from .triton_base import _add_combine
+    from dejavu_py.models.triton_base import _add_combine
 
 
 def max_blocks(num_assignments: int, num_experts: int, block_m: int) -> int:

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .triton_base import interpreting, tl, triton
+from dejavu_py.models.triton_base import interpreting, tl, triton
 
 if triton is not None:
-    from .triton_base import _add_combine, _max_combine, _min_combine
+    from dejavu_py.models.triton_base import _add_combine, _max_combine, _min_combine
 
 
 def _select_kernel(

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from .triton_base import DTYPES, available, interpreting, tl, triton
-from .triton_ops import enabled
+from dejavu_py.models.triton_base import DTYPES, available, interpreting, tl, triton
+from dejavu_py.models.triton_ops import enabled
 
 if triton is not None:
-    from .triton_base import _add_combine, _max_combine
+    from dejavu_py.models.triton_base import _add_combine, _max_combine
 
 BLOCK_N = 32
 """Context positions per tile."""

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from .triton_base import DTYPES, available, interpreting, tl, triton
+from dejavu_py.models.triton_base import DTYPES, available, interpreting, tl, triton
 
 if triton is not None:
-    from .triton_base import _add_combine  # tl.sum's combine, which the interpreter runs with numpy
+    from dejavu_py.models.triton_base import _add_combine  # tl.sum's combine, which the interpreter runs with numpy
 
 
 def enabled(x: torch.Tensor) -> bool:

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..comm.host_ring import RingRead
-from ..engine.plan import Sampled, StepPlan
-from .layout import COORD
+from dejavu_py.comm.host_ring import RingRead
+from dejavu_py.engine.plan import Sampled, StepPlan
+from dejavu_py.runtime.layout import COORD
 
 if TYPE_CHECKING:
-    from ..engine.runner import Launched
-    from .worker import Worker, WorkerSpec
+    from dejavu_py.engine.runner import Launched
+    from dejavu_py.runtime.worker import Worker, WorkerSpec
 
 RING_TOKENS = 1024
 """Tokens of activations a ring slot between two stages on one GPU holds (at least a full decode batch;

@@ -5,9 +5,9 @@ import socket
 
 import torch
 
-from ..comm import stream_sync
-from ..config import PipelineConfig
-from ..errors import UserError
+from dejavu_py.comm import stream_sync
+from dejavu_py.config import PipelineConfig
+from dejavu_py.errors import UserError
 
 
 def resolve_device(cfg: PipelineConfig, local_rank: int) -> torch.device:

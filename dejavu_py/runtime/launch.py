@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 
-from ..config import RunConfig
-from ..errors import UserError
+from dejavu_py.config import RunConfig
+from dejavu_py.errors import UserError
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:
@@ -25,9 +25,9 @@ def _strip_nproc(argv: list[str]) -> list[str]:
 
 def validate(cfg: RunConfig, nproc: int) -> None:
     """Everything a whole run can get wrong that is cheap to check here."""
-    from .. import log
-    from ..engine.coordinator import Coordinator
-    from .prepare import prepare
+    from dejavu_py import log
+    from dejavu_py.engine.coordinator import Coordinator
+    from dejavu_py.runtime.prepare import prepare
 
     log.setup("WARNING", None, console_level=None)  # the ranks report bad lines; stay quiet here
     model_cfg, layout = prepare(cfg, nproc)

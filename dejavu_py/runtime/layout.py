@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import RunConfig
-from ..engine.split import StageSpec, split_stages
-from ..errors import UserError
+from dejavu_py.config import RunConfig
+from dejavu_py.engine.split import StageSpec, split_stages
+from dejavu_py.errors import UserError
 
 COORD = "coord"
 

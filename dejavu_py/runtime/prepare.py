@@ -2,10 +2,10 @@
 mistake is the same one line everywhere, and rank 0 says it)."""
 from __future__ import annotations
 
-from ..config import RunConfig
-from ..models.config import ModelConfig, load_model_config
-from ..models.loader import check_stage
-from .layout import Layout, build_layout
+from dejavu_py.config import RunConfig
+from dejavu_py.models.config import ModelConfig, load_model_config
+from dejavu_py.models.loader import check_stage
+from dejavu_py.runtime.layout import Layout, build_layout
 
 
 def prepare(cfg: RunConfig, world_size: int) -> tuple[ModelConfig, Layout]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from .. import log
-from ..comm.store import RankInfo, connect, put_json, resolve_address
-from ..config import RunConfig
-from ..errors import PipelineError, UserError
-from .prepare import prepare
-from .supervisor import DONE_KEY, Supervisor
-from .zygote import Zygote
+from dejavu_py import log
+from dejavu_py.comm.store import RankInfo, connect, put_json, resolve_address
+from dejavu_py.config import RunConfig
+from dejavu_py.errors import PipelineError, UserError
+from dejavu_py.runtime.prepare import prepare
+from dejavu_py.runtime.supervisor import DONE_KEY, Supervisor
+from dejavu_py.runtime.zygote import Zygote
 
 _log = log.get(__name__)
 
@@ -26,7 +26,7 @@ def run_rank(cfg: RunConfig, info: RankInfo, report: Callable[[UserError], None]
     log.set_identity("coord" if info.rank == 0 else "sup", "-", info.rank)
     coordinator = None
     if info.rank == 0:
-        from ..engine.coordinator import Coordinator
+        from dejavu_py.engine.coordinator import Coordinator
 
         coordinator = Coordinator(cfg, layout, model_cfg, store=None)
         requests = coordinator.load_requests()  # whole-file mistakes fail here, before any worker starts

@@ -7,23 +7,23 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import log
-from ..engine.decode_graphs import DecodeGraphs, capturable
-from ..engine.kv_cache import CacheSpec, KVCache
-from ..engine.runner import StageRunner
-from ..engine.swap import Swapper
-from ..ft.stage_ft import host_reservation, replica_store_for
-from .devices import resolve_dtype
+from dejavu_py import log
+from dejavu_py.engine.decode_graphs import DecodeGraphs, capturable
+from dejavu_py.engine.kv_cache import CacheSpec, KVCache
+from dejavu_py.engine.runner import StageRunner
+from dejavu_py.engine.swap import Swapper
+from dejavu_py.ft.stage_ft import host_reservation, replica_store_for
+from dejavu_py.runtime.devices import resolve_dtype
 
 if TYPE_CHECKING:
-    from .worker import WorkerSpec
+    from dejavu_py.runtime.worker import WorkerSpec
 
 _log = log.get(__name__)
 
 
 def load_runner(spec: WorkerSpec, device: torch.device) -> tuple[StageRunner, float]:
-    from ..models.config import load_model_config
-    from ..models.loader import load_stage
+    from dejavu_py.models.config import load_model_config
+    from dejavu_py.models.loader import load_stage
 
     t0 = time.monotonic()
     cfg, stage = spec.cfg, spec.member.stage

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import log
-from ..comm.store import StoreAddress, connect, get_json, has, put_json
-from ..config import RunConfig
-from .devices import resolve_device
-from .layout import Layout, Member
+from dejavu_py import log
+from dejavu_py.comm.store import StoreAddress, connect, get_json, has, put_json
+from dejavu_py.config import RunConfig
+from dejavu_py.runtime.devices import resolve_device
+from dejavu_py.runtime.layout import Layout, Member
 
 _log = log.get(__name__)
 
@@ -43,8 +43,8 @@ class StandbySpec:
 
 
 def main(spec: StandbySpec) -> int:
-    from .stage_load import load_runner
-    from .worker import WorkerSpec, run_member
+    from dejavu_py.runtime.stage_load import load_runner
+    from dejavu_py.runtime.worker import WorkerSpec, run_member
 
     cfg = spec.cfg
     log.setup(cfg.runtime.log_level, cfg.logs_dir / f"rank{spec.rank}-standby{spec.standby_id}.log", console_level="WARNING")

@@ -16,15 +16,15 @@ import socket
 import threading
 import time
 
-from .. import log
-from ..comm.store import StoreAddress, get_json, has, put_json
-from ..config import RunConfig
-from ..ft import replica_shm
-from ..ft.commands import RECOVERED_KEY, CommandReader
-from .layout import Layout, Member
-from .standby import StandbySpec, assign_key, standby_key
-from .worker import WorkerSpec
-from .zygote import Zygote
+from dejavu_py import log
+from dejavu_py.comm.store import StoreAddress, get_json, has, put_json
+from dejavu_py.config import RunConfig
+from dejavu_py.ft import replica_shm
+from dejavu_py.ft.commands import RECOVERED_KEY, CommandReader
+from dejavu_py.runtime.layout import Layout, Member
+from dejavu_py.runtime.standby import StandbySpec, assign_key, standby_key
+from dejavu_py.runtime.worker import WorkerSpec
+from dejavu_py.runtime.zygote import Zygote
 
 _log = log.get(__name__)
 

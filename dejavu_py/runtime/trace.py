@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import log
+from dejavu_py import log
 
 _log = log.get(__name__)
 

@@ -22,19 +22,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import log
-from ..comm.edge import Edge
-from ..comm.host_ring import RingRead
-from ..comm.store import StoreAddress, connect, get_json, put_json
-from ..config import RunConfig
-from ..engine.attn_meta import step_slots
-from ..engine.kv_stream import KVReceiver, KVStreamer
-from ..engine.plan import EdgeBroken, KVAck, KVChunk, Sampled, StepPlan, StepResult, Stop
-from ..engine.progress import LoopTimes
-from ..engine.runner import Launched, StageRunner
-from ..errors import PipelineError, UserError
-from ..ft.heartbeat import beat_interval, start_beating
-from ..ft.messages import (
+from dejavu_py import log
+from dejavu_py.comm.edge import Edge
+from dejavu_py.comm.host_ring import RingRead
+from dejavu_py.comm.store import StoreAddress, connect, get_json, put_json
+from dejavu_py.config import RunConfig
+from dejavu_py.engine.attn_meta import step_slots
+from dejavu_py.engine.kv_stream import KVReceiver, KVStreamer
+from dejavu_py.engine.plan import EdgeBroken, KVAck, KVChunk, Sampled, StepPlan, StepResult, Stop
+from dejavu_py.engine.progress import LoopTimes
+from dejavu_py.engine.runner import Launched, StageRunner
+from dejavu_py.errors import PipelineError, UserError
+from dejavu_py.ft.heartbeat import beat_interval, start_beating
+from dejavu_py.ft.messages import (
     EdgesReady,
     Rebuilt,
     Recover,
@@ -44,13 +44,13 @@ from ..ft.messages import (
     ReplicaQuery,
     Restore,
 )
-from ..ft.replica import ReplicaChunk
-from ..ft.stage_ft import StageFT
-from .ahead import RunAhead, StepDone, runs_ahead
-from .devices import data_backend, placement, resolve_device
-from .layout import COORD, Layout, Member
-from .stage_load import load_runner
-from .trace import StepTrace
+from dejavu_py.ft.replica import ReplicaChunk
+from dejavu_py.ft.stage_ft import StageFT
+from dejavu_py.runtime.ahead import RunAhead, StepDone, runs_ahead
+from dejavu_py.runtime.devices import data_backend, placement, resolve_device
+from dejavu_py.runtime.layout import COORD, Layout, Member
+from dejavu_py.runtime.stage_load import load_runner
+from dejavu_py.runtime.trace import StepTrace
 
 _log = log.get(__name__)
 

@@ -6,8 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from ..comm.store import get_json
-from .layout import Layout
+from dejavu_py.comm.store import get_json
+from dejavu_py.runtime.layout import Layout
 
 
 def collect(store, layout: Layout) -> list[dict]:
