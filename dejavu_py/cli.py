@@ -37,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _int_list(text: str) -> list[int]:
-    from dejavu_py.engine.split import parse_layers_per_stage
+    from dejavu_py.protocol.split import parse_layers_per_stage
 
     return parse_layers_per_stage(text)
 

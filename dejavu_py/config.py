@@ -6,7 +6,6 @@ The CLI (cli.py) fills these from a YAML file of defaults and the flags; workers
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field
 from pathlib import Path
 

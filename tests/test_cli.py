@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from e2e import ROOT, dejavu, torchrun, write_requests
 from make_checkpoint import make_checkpoint
 from safetensors.torch import load_file, save_file
 
 from dejavu_py import cli
-from e2e import ROOT, dejavu, torchrun, write_requests
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +218,7 @@ def test_front_end_runs_the_pipeline(ckpt, reqs, tmp_path):
 def test_last_stage_has_an_edge_to_the_first(flags, first, last):
     """The last decode stage hands its sampled ids straight to the first (asynchronous scheduling), so
     they have an edge; with two stages it is their pipeline edge, listed once."""
-    from dejavu_py.runtime.layout import build_layout
+    from dejavu_py.protocol.layout import build_layout
 
     cfg, _ = cli.parse(["--model", "m", "--prompts", "p", *flags])
     layout = build_layout(cfg, 6, 3 + ("--prompt-stages" in flags))

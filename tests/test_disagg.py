@@ -8,8 +8,16 @@ import signal
 import time
 
 import pytest
-
-from e2e import eos_ids, finish, hf_greedy, mixed_requests, run_pipeline, start_pipeline, wait_for_workers, write_requests
+from e2e import (
+    eos_ids,
+    finish,
+    hf_greedy,
+    mixed_requests,
+    run_pipeline,
+    start_pipeline,
+    wait_for_workers,
+    write_requests,
+)
 from make_checkpoint import make_checkpoint
 
 VOCAB = 384

@@ -8,15 +8,22 @@ import signal
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import pytest
+from e2e import (
+    ROOT,
+    env,
+    finish,
+    mixed_requests,
+    run_pipeline,
+    start_pipeline,
+    wait_for_workers,
+    write_requests,
+)
+from make_checkpoint import make_checkpoint
 
 from dejavu_py.ft import replica_shm
-
-from e2e import ROOT, env, finish, mixed_requests, run_pipeline, start_pipeline, wait_for_workers, write_requests
-from make_checkpoint import make_checkpoint
 
 VOCAB = 384
 PHASES = ("detect_s", "replace_s", "load_s", "rebuild_s", "restore_s", "replay_s")

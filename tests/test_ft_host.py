@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from dejavu_py.engine.plan import StepPlan
-from dejavu_py.ft.checkpoints import EMPTY, RoutingRecord, TokenStateRing, compact, routing_mismatches
-from dejavu_py.engine.attn_meta import slot_of
-from dejavu_py.engine.attn_meta import step_slots
+from dejavu_py.engine.attn_meta import slot_of, step_slots
 from dejavu_py.ft import replica_shm
-from dejavu_py.ft.replica import ReplicaAck, ReplicaChunk, ReplicaStore, coalesce, covered_by_tags, position_tags
+from dejavu_py.ft.checkpoints import TokenStateRing, routing_mismatches
+from dejavu_py.ft.replica import ReplicaStore, coalesce, covered_by_tags
 from dejavu_py.ft.replica_sender import ReplicaSender
+from dejavu_py.protocol.plan import StepPlan
+from dejavu_py.protocol.replica import ReplicaAck, ReplicaChunk, position_tags
+from dejavu_py.protocol.routing import EMPTY, RoutingRecord, compact
 
 
 def _record(layers=(3, 4, 5), T=2, K=2, seed=0) -> RoutingRecord:
@@ -227,8 +228,8 @@ def test_step_slots_are_the_slots_of_each_written_position(start_pos, num_tokens
 
 def test_a_stage_s_routing_records_ride_with_the_next_plan_it_sends_on():
     """Behind those of the stages before it; a replay's plan, which stops before the last stage, takes none."""
-    from dejavu_py.engine.plan import StepRouting
     from dejavu_py.ft.stage_ft import StageFT
+    from dejavu_py.protocol.plan import StepRouting
 
     ft = StageFT.__new__(StageFT)  # only its outbox is used here
     ft.outbox = [StepRouting(0, 3, "s1", "r3"), StepRouting(1, 4, "s1", "r4")]
@@ -246,8 +247,8 @@ def test_the_last_stage_s_result_takes_its_records_of_earlier_steps_and_keeps_th
     """Taking a step's record apart is off the chain on the last stage too: its result takes the records
     relayed to it and its own kept ones; this step's is kept in the idle time, for the next result. A
     large record (a batch of prompts') goes to the coordinator on its own instead."""
-    from dejavu_py.engine.plan import StepResult, StepRouting
     from dejavu_py.ft.stage_ft import RELAY_BYTES, StageFT
+    from dejavu_py.protocol.plan import StepResult, StepRouting
 
     ft = StageFT.__new__(StageFT)
     records = []
@@ -293,7 +294,7 @@ def test_a_stage_reserves_the_host_buffers_its_fault_tolerance_takes_while_servi
     from dejavu_py.engine.kv_cache import CacheSpec
     from dejavu_py.ft.replica_sender import PIECE_BYTES
     from dejavu_py.ft.stage_ft import host_reservation
-    from dejavu_py.runtime.layout import build_layout
+    from dejavu_py.protocol.layout import build_layout
 
     mcfg = SimpleNamespace(num_experts_per_tok=8, is_moe_layer=lambda i: i % 2 == 0)
     spec = CacheSpec(100, 16, 4, 64)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from e2e import ROOT, env, logs_of, mixed_requests, run_pipeline, write_requests
 from make_checkpoint import make_checkpoint
 

@@ -11,10 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dejavu_py.models.loader as loader_mod
-from dejavu_py.engine.split import StageSpec, split_stages
 from dejavu_py.errors import CheckpointError
 from dejavu_py.models.config import load_model_config
 from dejavu_py.models.loader import load_stage
+from dejavu_py.protocol.split import StageSpec, split_stages
 
 pytest.importorskip("transformers")  # make_checkpoint writes with save_pretrained
 

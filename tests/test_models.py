@@ -18,11 +18,11 @@ from make_checkpoint import FAMILIES, make_checkpoint
 
 from dejavu_py.engine.attn_meta import SeqSlice, build_attn_meta
 from dejavu_py.engine.kv_cache import CacheSpec, KVCache
-from dejavu_py.engine.split import split_stages
 from dejavu_py.models.config import ModelConfig, load_model_config
 from dejavu_py.models.loader import load_stage
 from dejavu_py.models.model import StageModel
 from dejavu_py.models.moe import expert_ffn
+from dejavu_py.protocol.split import split_stages
 
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 PROMPT_LENS = (7, 12, 4)
@@ -313,10 +313,10 @@ def test_fused_projections_match(tmp_path, family):
 
     from dejavu_py.engine.attn_meta import SeqSlice, build_attn_meta
     from dejavu_py.engine.kv_cache import CacheSpec, KVCache
-    from dejavu_py.engine.split import split_stages
     from dejavu_py.models.config import load_model_config
     from dejavu_py.models.fuse import fuse_projections
     from dejavu_py.models.loader import load_stage
+    from dejavu_py.protocol.split import split_stages
 
     path = make_checkpoint(tmp_path / family, family=family, seed=3, tokenizer=False)
     cfg = load_model_config(path)

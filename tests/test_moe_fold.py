@@ -27,10 +27,10 @@ def _moe_blocks(tmp_path, family: str, dtype: torch.dtype):
     """(eager, folded) copies of layer 0's MoE block of a tiny checkpoint of ``family``."""
     from make_checkpoint import make_checkpoint
 
-    from dejavu_py.engine.split import split_stages
     from dejavu_py.models.config import load_model_config
     from dejavu_py.models.fuse import foldable, fuse_projections
     from dejavu_py.models.loader import load_stage
+    from dejavu_py.protocol.split import split_stages
 
     path = make_checkpoint(tmp_path / family, family=family, seed=5, tokenizer=False)
     spec = split_stages(load_model_config(path).num_layers, 1)[0]

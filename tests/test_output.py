@@ -15,8 +15,9 @@ from dejavu_py.engine.output import (
     success_record,
     write_outputs,
 )
-from dejavu_py.engine.request import Request, RequestError, SamplingParams
+from dejavu_py.engine.request import Request, RequestError
 from dejavu_py.errors import UserError
+from dejavu_py.protocol.sampling import SamplingParams
 
 
 class _FakeTokenizer:

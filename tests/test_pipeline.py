@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from e2e import eos_ids, hf_greedy, mixed_requests, run_pipeline, write_requests
 from make_checkpoint import FAMILIES, make_checkpoint
 

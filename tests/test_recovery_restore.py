@@ -6,10 +6,10 @@ from __future__ import annotations
 import queue
 from types import SimpleNamespace
 
-from dejavu_py.engine.plan import SeqState
-from dejavu_py.ft.messages import Restore
 from dejavu_py.ft.recovery import Recovery, RecoveryRecord
-from dejavu_py.ft.replica import ReplicaCoverage
+from dejavu_py.protocol.plan import SeqState
+from dejavu_py.protocol.recovery import Restore
+from dejavu_py.protocol.replica import ReplicaCoverage
 
 
 def _coordinator(coverage: ReplicaCoverage, seqs: dict):

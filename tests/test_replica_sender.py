@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from dejavu_py.ft import replica_shm
-from dejavu_py.ft.replica import ReplicaChunk, ReplicaStore, covered_by_tags
+from dejavu_py.ft.replica import ReplicaStore, covered_by_tags
 from dejavu_py.ft.replica_sender import ReplicaSender, _token_range, pieces
+from dejavu_py.protocol.replica import ReplicaChunk
 
 L, K, D, N = 2, 1, 4, 64
 PIECE = 2 * K * D * 4 * 4  # four tokens of one layer (float32), a decode step's chunk of two sequences
@@ -177,7 +178,7 @@ def test_a_stage_waiting_on_back_pressure_queues_the_copies_a_bulk_job_asks_for(
     launches nothing: unless it queues them while it waits, nothing moves until the wait times out."""
     from dejavu_py.engine.host_buffers import HostBuffers
     from dejavu_py.engine.host_copies import LateCopy, queue_copies
-    from dejavu_py.ft.replica import ReplicaAck
+    from dejavu_py.protocol.replica import ReplicaAck
 
     asked: list[LateCopy] = []
     lock = threading.Lock()

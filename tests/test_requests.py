@@ -14,12 +14,12 @@ from dejavu_py.engine.request import (
     Request,
     RequestError,
     RequestLimits,
-    SamplingParams,
     derive_seed,
     load_requests,
 )
 from dejavu_py.engine.tokenizer import Tokenizer, load_tokenizer
 from dejavu_py.errors import UserError
+from dejavu_py.protocol.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = RequestLimits(vocab_size=384, max_model_len=64, kv_capacity_tokens=1024, default_max_new_tokens=16, run_seed=7)

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from dejavu_py.engine.request import SamplingParams
 from dejavu_py.engine.sampler import (
     MASK32,
     fmix32,
@@ -16,6 +15,7 @@ from dejavu_py.engine.sampler import (
     sample,
     uniform,
 )
+from dejavu_py.protocol.sampling import SamplingParams
 
 
 def _sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:

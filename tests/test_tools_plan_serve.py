@@ -6,13 +6,13 @@ import math
 import statistics
 from pathlib import Path
 
-import pytest
-
 import bench
 import bench_serve
 import plan
+import pytest
+
 from dejavu_py.cli import parse
-from dejavu_py.runtime.layout import build_layout
+from dejavu_py.protocol.layout import build_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {name: ROOT / "configs/models" / f"{name}.json" for name in ("olmoe-1b-7b", "qwen1.5-moe-a2.7b")}

@@ -188,9 +188,9 @@ def test_stage_forward_matches_eager(interpret, monkeypatch, tmp_path, family, d
 
     from dejavu_py.engine.attn_meta import SeqSlice, build_attn_meta
     from dejavu_py.engine.kv_cache import CacheSpec, KVCache
-    from dejavu_py.engine.split import split_stages
     from dejavu_py.models.config import load_model_config
     from dejavu_py.models.loader import load_stage
+    from dejavu_py.protocol.split import split_stages
 
     path = make_checkpoint(tmp_path / family, family=family, seed=1, tokenizer=False)
     cfg = load_model_config(path)

@@ -29,13 +29,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_decode import first_stage, plan_for  # noqa: E402
+
 from dejavu_py.engine.decode_graphs import DecodeGraphs  # noqa: E402
 from dejavu_py.engine.kv_cache import KVCache  # noqa: E402
 from dejavu_py.engine.runner import StageRunner  # noqa: E402
 from dejavu_py.ft.checkpoints import TokenStateRing  # noqa: E402
 from dejavu_py.ft.replica import ReplicaStore  # noqa: E402
 from dejavu_py.ft.replica_sender import ReplicaSender  # noqa: E402
-from profile_decode import first_stage, plan_for  # noqa: E402
 
 PHASES = ("launch", "finish", "record", "checkpoint", "replica", "wait")
 

@@ -24,14 +24,12 @@ import torch.distributed as dist
 
 from dejavu_py import log
 from dejavu_py.comm.host_ring import HostRing, RingRead
+from dejavu_py.protocol import keys
 
 _log = log.get(__name__)
 _TAG = 0
 
 
-def edge_name(a: str, b: str, generation: int, channel: str = "main") -> str:
-    lo, hi = sorted((a, b))
-    return f"edge/{lo}~{hi}/{channel}/gen{generation}"
 
 
 class Edge:
@@ -53,7 +51,7 @@ class Edge:
         """``data_backend``: 'gloo', 'nccl', or 'ring' (same GPU: gloo, and tensors sent ``fast`` through
         host rings; this end receives up to ``inbound_bytes`` per tensor that way)."""
         self.me, self.peer, self.generation, self.channel = me, peer, generation, channel
-        self.name = edge_name(me, peer, generation, channel)
+        self.name = keys.edge(me, peer, channel, generation)
         self.rank = sorted((me, peer)).index(me)
         self.peer_rank = 1 - self.rank
         self.timeout = timedelta(seconds=timeout_s)

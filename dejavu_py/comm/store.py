@@ -88,7 +88,9 @@ def resolve_address(info: RankInfo, timeout_s: float) -> tuple[StoreAddress, boo
         return StoreAddress(env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", "29500")), prefix,
                             timeout_s), host_it
     if info.launcher == "mpirun":
-        from dejavu_py.comm.mpi import share_store_address  # mpi4py only when launched by mpirun
+        from dejavu_py.comm.mpi import (
+            share_store_address,  # mpi4py only when launched by mpirun
+        )
 
         return share_store_address(info, timeout_s)
     return StoreAddress("127.0.0.1", free_port(), f"dejavu/{uuid.uuid4().hex[:8]}/", timeout_s), True

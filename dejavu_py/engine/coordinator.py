@@ -19,28 +19,35 @@ import time
 
 from dejavu_py import log
 from dejavu_py.comm.edge import Edge
+from dejavu_py.comm.receiver import EdgeBroken
 from dejavu_py.comm.store import StoreAddress, connect, get_json, has
 from dejavu_py.config import RunConfig
-from dejavu_py.errors import PipelineError, UserError
-from dejavu_py.ft.journal import Journal, fingerprint
-from dejavu_py.ft.messages import Rebuilt, Replayed, ReplayHave
-from dejavu_py.ft.recovery import Recovery
-from dejavu_py.ft.replica import ReplicaCoverage
-from dejavu_py.ft.watch import MemberLost, watch
-from dejavu_py.runtime import workers_file
-from dejavu_py.runtime.layout import COORD, Layout
-from dejavu_py.runtime.supervisor import exit_key
 from dejavu_py.engine.block_manager import BlockManager
 from dejavu_py.engine.colocated import ColocatedDriver
 from dejavu_py.engine.disagg import DisaggDriver
-from dejavu_py.engine.output import Timings, error_record, request_error_record, success_record, write_outputs
-from dejavu_py.engine.plan import EdgeBroken, StepCounter, StepResult, Stop
+from dejavu_py.engine.output import (
+    Timings,
+    error_record,
+    request_error_record,
+    success_record,
+    write_outputs,
+)
 from dejavu_py.engine.prefill_scheduler import PrefillScheduler
 from dejavu_py.engine.progress import LoopTimes, ProgressBar, RunSummary
 from dejavu_py.engine.request import Request, RequestLimits, load_requests
 from dejavu_py.engine.scheduler import Scheduler
 from dejavu_py.engine.sequence import Sequence, Status
 from dejavu_py.engine.tokenizer import load_tokenizer
+from dejavu_py.errors import PipelineError, UserError
+from dejavu_py.ft.journal import Journal, fingerprint
+from dejavu_py.ft.recovery import Recovery
+from dejavu_py.ft.watch import MemberLost, watch
+from dejavu_py.protocol import keys
+from dejavu_py.protocol.layout import COORD, Layout
+from dejavu_py.protocol.plan import StepCounter, StepResult, Stop
+from dejavu_py.protocol.recovery import Rebuilt, Replayed, ReplayHave
+from dejavu_py.protocol.replica import ReplicaCoverage
+from dejavu_py.runtime import workers_file
 
 _log = log.get(__name__)
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0
@@ -94,11 +101,11 @@ class Coordinator:
         pending = {m.name for m in self.layout.members}
         while pending:
             for name in sorted(pending):
-                if has(self.store, f"error/{name}"):
-                    raise UserError(get_json(self.store, f"error/{name}"))
-                if has(self.store, exit_key(name, 0)):
-                    raise PipelineError(f"worker of {name} {get_json(self.store, exit_key(name, 0))['how']} while starting")
-                if has(self.store, f"member/{name}") and get_json(self.store, f"member/{name}")["state"] == "ready":
+                if has(self.store, keys.error(name)):
+                    raise UserError(get_json(self.store, keys.error(name)))
+                if has(self.store, keys.exit_(name, 0)):
+                    raise PipelineError(f"worker of {name} {get_json(self.store, keys.exit_(name, 0))['how']} while starting")
+                if has(self.store, keys.member(name)) and get_json(self.store, keys.member(name))["state"] == "ready":
                     pending.discard(name)
             if time.monotonic() > deadline:
                 raise PipelineError(
@@ -149,9 +156,9 @@ class Coordinator:
 
     def host_leader_of(self, rank: int) -> int:
         """The first rank on ``rank``'s host: its supervisor keeps the host's standbys."""
-        host = get_json(self.store, f"supervisor/{rank}")["host"]
+        host = get_json(self.store, keys.supervisor(rank))["host"]
         ranks = [r for r in range(len({m.rank for m in self.layout.members}))
-                 if get_json(self.store, f"supervisor/{r}")["host"] == host]
+                 if get_json(self.store, keys.supervisor(r))["host"] == host]
         return min(ranks)
 
     # -- running -------------------------------------------------------------------------------
@@ -222,7 +229,7 @@ class Coordinator:
             return self.cfg.swap_partitions
         if self.cfg.pipeline.microbatches:
             return self.cfg.pipeline.microbatches
-        places = [get_json(self.store, f"member/{m.name}") for m in pipeline]
+        places = [get_json(self.store, keys.member(m.name)) for m in pipeline]
         if all(p["device"] == "cpu" for p in places):
             return len(places)
         return len({(p["host"], p["device"]) for p in places})
@@ -305,7 +312,7 @@ class Coordinator:
         if isinstance(msg, MemberLost):
             return msg.how
         time.sleep(0.05)  # give its supervisor a moment to report how it ended
-        key = exit_key(msg.peer, self.member_gen[msg.peer])
+        key = keys.exit_(msg.peer, self.member_gen[msg.peer])
         if has(self.store, key):
             return get_json(self.store, key)["how"]
         return f"lost its connection ({msg.error})"
@@ -335,8 +342,8 @@ class Coordinator:
 
     def _write_ft_stats(self) -> None:
         """RUN_DIR/ft_stats.json: per stage checkpoint and replica figures, and every recovery."""
-        stages = {m.name: get_json(self.store, f"ft_stats/{m.name}") for m in self.layout.members
-                  if has(self.store, f"ft_stats/{m.name}")}
+        stages = {m.name: get_json(self.store, keys.ft_stats(m.name)) for m in self.layout.members
+                  if has(self.store, keys.ft_stats(m.name))}
         doc = {"enabled": self.cfg.ft.enabled, "policy": self.cfg.ft.checkpoint_policy,
                "replica_lag": self.cfg.ft.replica_lag, "max_checkpoints": self.cfg.ft.max_checkpoints,
                "stages": stages, "recoveries": self.recovery.records}
@@ -374,8 +381,8 @@ class Coordinator:
         )
         self.recovery.finish()
         loops = {"coordinator": self.loop_times.per_step_ms(), **{
-            m.name: get_json(self.store, f"ft_stats/{m.name}").get("loop") for m in self.layout.members
-            if has(self.store, f"ft_stats/{m.name}")}}
+            m.name: get_json(self.store, keys.ft_stats(m.name)).get("loop") for m in self.layout.members
+            if has(self.store, keys.ft_stats(m.name))}}
         doc = {**self.summary.to_dict(), **self.driver.notes(), "recoveries": self.recovery.count, "loop_ms": loops,
                "resumed_from_journal": len(self.journal.finished) - sum(1 for s in seqs if s.status is Status.FINISHED)}
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 
 from dejavu_py.engine.kv_cache import KVCache
-from dejavu_py.engine.plan import KVChunk, SeqState, StepPlan
 from dejavu_py.engine.swap import Swapper
+from dejavu_py.protocol.plan import KVChunk, SeqState, StepPlan
 
 
 class KVStreamer:

@@ -11,8 +11,8 @@ import time
 
 from dejavu_py.config import SchedulerConfig
 from dejavu_py.engine.block_manager import BlockManager
-from dejavu_py.engine.plan import StepCounter, StepPlan, StepResult
 from dejavu_py.engine.sequence import Sequence, Status
+from dejavu_py.protocol.plan import StepCounter, StepPlan, StepResult
 
 
 class PrefillScheduler:

@@ -19,14 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 from dejavu_py import log
 from dejavu_py.errors import UserError
+from dejavu_py.protocol.sampling import (
+    SamplingParams,
+    expected_if_invalid,
+    is_int,
+    is_number,
+)
 
 if TYPE_CHECKING:
     from dejavu_py.engine.tokenizer import Tokenizer
 
 _log = log.get(__name__)
 
-SEED_LIMIT = 2**63
-"""Seeds are integers in ``[0, SEED_LIMIT)``."""
 
 KNOWN_FIELDS = (
     "id",
@@ -42,35 +46,6 @@ KNOWN_FIELDS = (
 )
 
 _EXAMPLE = '{"id": "q1", "prompt": "Hello", "max_new_tokens": 16}'
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token of a sequence is chosen. Defaults: greedy."""
-
-    temperature: float = 0.0
-    """Softmax temperature, >= 0; 0 means greedy (argmax of the logits, lowest id on ties)."""
-    top_p: float = 1.0
-    """Nucleus sampling, in (0, 1]: keep the fewest most likely tokens whose probability sum is >= top_p."""
-    top_k: int = 0
-    """Keep only the top_k most likely tokens; 0 keeps all. Applied before top_p."""
-    seed: int = 0
-    """Seed of the request's counter-based random stream, in [0, 2**63)."""
-
-    def __post_init__(self) -> None:
-        t, p, k, s = self.temperature, self.top_p, self.top_k, self.seed
-        if not _is_number(t) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        if not _is_number(p) or not math.isfinite(p) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
-        if not _is_int(k) or k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {k!r}")
-        if not _is_int(s) or not 0 <= s < SEED_LIMIT:
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {s!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @dataclass
@@ -154,14 +129,6 @@ class _LineError(Exception):
     """A problem of one request line (internal: becomes a RequestError)."""
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _show(v: Any, limit: int = 60) -> str:
     """A value as the user wrote it in JSON, shortened."""
     try:
@@ -207,7 +174,7 @@ def _parse_id(obj: dict[str, Any]) -> str:
     if "id" not in obj:
         raise _LineError("field 'id' is missing; every request needs a unique string or integer id")
     v = obj["id"]
-    if _is_int(v):
+    if is_int(v):
         return str(v)
     if isinstance(v, str) and v:
         return v
@@ -219,7 +186,7 @@ def _token_list(name: str, v: Any, vocab_size: int, allow_empty: bool) -> list[i
     if not isinstance(v, list) or (not v and not allow_empty):
         raise _bad(name, what, v)
     for i, t in enumerate(v):
-        if not _is_int(t):
+        if not is_int(t):
             raise _LineError(f"field '{name}': item {i} is {_show(t)}, expected an integer token id")
         if not 0 <= t < vocab_size:
             raise _LineError(f"field '{name}': item {i} is {t}, outside the vocabulary [0, {vocab_size})")
@@ -250,31 +217,25 @@ def _parse_input_ids(obj: dict[str, Any], vocab_size: int, tokenizer: Tokenizer 
 
 
 def _parse_sampling(obj: dict[str, Any], seed: int) -> SamplingParams:
-    t, p, k = obj.get("temperature", 0.0), obj.get("top_p", 1.0), obj.get("top_k", 0)
-    if not _is_number(t) or not math.isfinite(t) or t < 0:
-        raise _bad("temperature", "a number >= 0 (0 = greedy)", t)
-    if not _is_number(p) or not math.isfinite(p) or not 0 < p <= 1:
-        raise _bad("top_p", "a number in (0, 1]", p)
-    if not _is_int(k) or k < 0:
-        raise _bad("top_k", "an integer >= 0 (0 = off)", k)
-    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
-        raise _bad("seed", "an integer in [0, 2**63)", seed)
-    try:
-        return SamplingParams(temperature=float(t), top_p=float(p), top_k=int(k), seed=int(seed))
-    except ValueError as e:  # the checks above should have caught it: keep the message anyway
-        raise _LineError(str(e)) from None
+    values = {"temperature": obj.get("temperature", 0.0), "top_p": obj.get("top_p", 1.0),
+              "top_k": obj.get("top_k", 0), "seed": seed}
+    for name, value in values.items():
+        expected = expected_if_invalid(name, value)
+        if expected is not None:
+            raise _bad(name, expected, value)
+    return SamplingParams(**values)
 
 
 def _parse_max_new_tokens(obj: dict[str, Any], default: int) -> int:
     v = obj.get("max_new_tokens", default)
-    if not _is_int(v) or v < 1:
+    if not is_int(v) or v < 1:
         raise _bad("max_new_tokens", "a positive integer", v)
     return v
 
 
 def _parse_arrival(obj: dict[str, Any]) -> float:
     v = obj.get("arrival_s", 0.0)
-    if not _is_number(v) or not math.isfinite(v) or v < 0:
+    if not is_number(v) or not math.isfinite(v) or v < 0:
         raise _bad("arrival_s", "a number of seconds >= 0", v)
     return float(v)
 

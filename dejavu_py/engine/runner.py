@@ -10,13 +10,18 @@ from dejavu_py import log
 from dejavu_py.engine.attn_meta import SeqSlice, build_attn_meta, step_slots
 from dejavu_py.engine.decode_graphs import DecodeGraphs, stack_routing
 from dejavu_py.engine.host_buffers import HostBuffers
-from dejavu_py.engine.host_copies import DeviceWait, LateCopy, queue_copies, record_event
+from dejavu_py.engine.host_copies import (
+    DeviceWait,
+    LateCopy,
+    queue_copies,
+    record_event,
+)
 from dejavu_py.engine.kv_cache import KVCache
-from dejavu_py.engine.plan import SeqState, StepPlan, StepResult
 from dejavu_py.engine.sampler import sample
-from dejavu_py.ft.checkpoints import EMPTY, RoutingRecord, compact
-from dejavu_py.engine.split import StageSpec
 from dejavu_py.engine.swap import Swapper
+from dejavu_py.protocol.plan import SeqState, StepPlan, StepResult
+from dejavu_py.protocol.routing import EMPTY, RoutingRecord, compact
+from dejavu_py.protocol.split import StageSpec
 
 _log = log.get(__name__)
 

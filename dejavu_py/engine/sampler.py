@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from dejavu_py.engine.request import SamplingParams
+from dejavu_py.protocol.sampling import SamplingParams
 
 MASK32 = 0xFFFFFFFF
 _C1, _C2 = 0x85EBCA6B, 0xC2B2AE35  # murmur3 fmix32 multipliers

@@ -21,8 +21,14 @@ import time
 
 from dejavu_py.config import SchedulerConfig
 from dejavu_py.engine.block_manager import BlockManager
-from dejavu_py.engine.plan import SeqState, StepCounter, StepPlan, StepResult, StepRouting
 from dejavu_py.engine.sequence import Sequence, Status
+from dejavu_py.protocol.plan import (
+    SeqState,
+    StepCounter,
+    StepPlan,
+    StepResult,
+    StepRouting,
+)
 
 
 class Scheduler:

@@ -5,8 +5,8 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from dejavu_py.engine.plan import SeqState
 from dejavu_py.engine.request import Request
+from dejavu_py.protocol.plan import SeqState
 
 
 class Status(enum.Enum):

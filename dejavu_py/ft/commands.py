@@ -2,7 +2,7 @@
 
 The store outlives every worker, so the coordinator can reach a supervisor whatever died. Commands:
 ``spawn`` (start a replacement for a member at a generation), ``takeover`` (hand a member to a warm
-standby), ``kill`` (end a hung worker). Besides, ``RECOVERED_KEY`` holds the latest generation whose
+standby), ``kill`` (end a hung worker). Besides, ``keys.RECOVERED`` holds the latest generation whose
 recovery is over (supervisors refill their standbys after it).
 """
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-RECOVERED_KEY = "recovered"
+from dejavu_py.protocol import keys
 
 
 def post(store, rank: int, cmd: dict[str, Any]) -> None:
-    n = store.add(f"cmd/{rank}/n", 1)
-    store.set(f"cmd/{rank}/{n}", json.dumps(cmd))
+    n = store.add(keys.command_count(rank), 1)
+    store.set(keys.command(rank, n), json.dumps(cmd))
 
 
 class CommandReader:
@@ -28,10 +28,10 @@ class CommandReader:
         """The commands posted since the last poll. Never blocks: the client may be shared with the
         poster (rank 0's coordinator), and a client serialises its calls, so waiting here for a command
         whose counter moved but whose body is not set yet would hold up that very ``set``."""
-        n = self.store.add(f"cmd/{self.rank}/n", 0)
+        n = self.store.add(keys.command_count(self.rank), 0)
         out = []
         while self.seen < n:
-            key = f"cmd/{self.rank}/{self.seen + 1}"
+            key = keys.command(self.rank, self.seen + 1)
             if not self.store.check([key]):  # posted after the counter moved: next poll
                 break
             out.append(json.loads(self.store.get(key).decode()))

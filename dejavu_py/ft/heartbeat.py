@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
+from dejavu_py.protocol import keys
 
 MAX_BEAT_S = 0.1
 """Longest interval between two beats. A failure noticed before its supervisor's exit report lands (a
@@ -21,8 +22,6 @@ def beat_interval(hang_timeout_s: float) -> float:
     return min(hang_timeout_s / 5, MAX_BEAT_S)
 
 
-def hb_key(name: str) -> str:
-    return f"hb/{name}"
 
 
 def start_beating(store, name: str, generation: int, interval_s: float) -> threading.Event:
@@ -32,7 +31,7 @@ def start_beating(store, name: str, generation: int, interval_s: float) -> threa
     def beat() -> None:
         while not stop.is_set():
             try:
-                store.set(hb_key(name), f"{generation} {time.time():.3f}")
+                store.set(keys.heartbeat(name), f"{generation} {time.time():.3f}")
             except Exception:  # the store is gone: the job is ending
                 return
             stop.wait(interval_s)
@@ -43,7 +42,7 @@ def start_beating(store, name: str, generation: int, interval_s: float) -> threa
 
 def last_beat(store, name: str) -> tuple[int, float] | None:
     """(generation, time) of the member's last beat, or None before its first."""
-    if not store.check([hb_key(name)]):
+    if not store.check([keys.heartbeat(name)]):
         return None
-    gen, t = store.get(hb_key(name)).decode().split()
+    gen, t = store.get(keys.heartbeat(name)).decode().split()
     return int(gen), float(t)

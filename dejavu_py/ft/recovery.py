@@ -23,16 +23,26 @@ from typing import TYPE_CHECKING
 
 from dejavu_py import log
 from dejavu_py.comm.edge import Edge
+from dejavu_py.comm.receiver import EdgeBroken
 from dejavu_py.comm.store import get_json, has, put_json
-from dejavu_py.engine.plan import EdgeBroken
-from dejavu_py.runtime.layout import COORD
-from dejavu_py.runtime.supervisor import exit_key
 from dejavu_py.ft import commands
 from dejavu_py.ft.heartbeat import last_beat
-from dejavu_py.ft.messages import Rebuilt, Recover, ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery, Restore
 from dejavu_py.ft.replay import for_replay, replay_steps
-from dejavu_py.ft.replica import ReplicaCoverage
 from dejavu_py.ft.watch import MemberLost
+from dejavu_py.protocol import keys
+from dejavu_py.protocol.layout import COORD
+from dejavu_py.protocol.recovery import (
+    Rebuilt,
+    Recover,
+    Replayed,
+    ReplayHave,
+    ReplayQuery,
+    ReplaySteps,
+    ReplicaQuery,
+    Rereplicate,
+    Restore,
+)
+from dejavu_py.protocol.replica import ReplicaCoverage
 
 if TYPE_CHECKING:
     from dejavu_py.engine.coordinator import Coordinator
@@ -101,8 +111,8 @@ class Recovery:
         times = []
         for name in failed:
             gen = self.coord.generation_of(name)
-            if has(self.coord.store, exit_key(name, gen)):
-                times.append(get_json(self.coord.store, exit_key(name, gen))["time"])
+            if has(self.coord.store, keys.exit_(name, gen)):
+                times.append(get_json(self.coord.store, keys.exit_(name, gen))["time"])
             else:
                 beat = last_beat(self.coord.store, name)
                 times.append(beat[1] if beat else time.time())
@@ -114,7 +124,7 @@ class Recovery:
         in, and each says it exited before it was noticed (a hung one we killed exits after), date it so."""
         c, times = self.coord, []
         for name, gen in rec.gens.items():
-            key = exit_key(name, gen)
+            key = keys.exit_(name, gen)
             t = get_json(c.store, key)["time"] if has(c.store, key) else None
             if t is None or t > rec.t_noticed:
                 return
@@ -261,7 +271,7 @@ class Recovery:
 
     def _kill(self, name: str) -> None:
         c = self.coord
-        info = get_json(c.store, f"member/{name}") if has(c.store, f"member/{name}") else None
+        info = get_json(c.store, keys.member(name)) if has(c.store, keys.member(name)) else None
         if info is not None:
             commands.post(c.store, c.host_leader_of(info["rank"]), {"op": "kill", "pid": info["pid"], "why": f"{name} failed"})
             commands.post(c.store, info["rank"], {"op": "kill", "pid": info["pid"], "why": f"{name} failed"})
@@ -292,7 +302,7 @@ class Recovery:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"recovery of {sorted(failed)} did not finish in {c.cfg.ft.recovery_timeout_s:.0f}s")
             for name in failed:
-                info = get_json(c.store, f"member/{name}") if has(c.store, f"member/{name}") else {}
+                info = get_json(c.store, keys.member(name)) if has(c.store, keys.member(name)) else {}
                 if info.get("generation") == gen and name not in loading:
                     loading.add(name)
                     rec.phases.setdefault("replace_s", time.monotonic() - t0)
@@ -301,8 +311,8 @@ class Recovery:
                     rec.phases["load_s"] = max(rec.phases.get("load_s", 0.0), info.get("load_s", 0.0))
                     rec.notes["takeover"] = info.get("takeover", False)
                     t_loaded = time.monotonic()
-                if has(c.store, exit_key(name, gen)):
-                    raise MoreFailures({name}, f"replacement {get_json(c.store, exit_key(name, gen))['how']}")
+                if has(c.store, keys.exit_(name, gen)):
+                    raise MoreFailures({name}, f"replacement {get_json(c.store, keys.exit_(name, gen))['how']}")
                 box = edges[name]
                 if name not in ready and not box.empty():
                     got = box.get()
@@ -366,7 +376,7 @@ class Recovery:
 
     def _refill_standbys(self) -> None:
         if self.first_token:
-            put_json(self.coord.store, commands.RECOVERED_KEY, {"generation": self.generation})
+            put_json(self.coord.store, keys.RECOVERED, {"generation": self.generation})
 
     def finish(self) -> None:
         """End of run: write what is still open."""

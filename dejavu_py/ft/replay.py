@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 
-from dejavu_py.engine.plan import StepPlan
+from dejavu_py.protocol.plan import StepPlan
 
 
 def _writes(plan: StepPlan) -> dict[int, tuple[int, int]]:

@@ -19,20 +19,30 @@ from typing import TYPE_CHECKING
 import torch
 
 from dejavu_py import log
-from dejavu_py.engine.plan import EdgeBroken, KVChunk, StepPlan, StepResult, StepRouting
-from dejavu_py.ft.checkpoints import TokenStateRing, routing_mismatches
+from dejavu_py.comm.receiver import EdgeBroken
 from dejavu_py.comm.store import get_json, has, put_json
 from dejavu_py.ft import replica_shm
-from dejavu_py.ft.messages import ReplayHave, ReplayQuery, Replayed, ReplaySteps, Rereplicate, ReplicaQuery
-from dejavu_py.ft.replica import ReplicaAck, ReplicaChunk, ReplicaCoverage, ReplicaStore, covered_slots
+from dejavu_py.ft.checkpoints import TokenStateRing, routing_mismatches
+from dejavu_py.ft.replica import ReplicaStore, covered_slots
 from dejavu_py.ft.replica_sender import PIECE_BYTES, ReplicaSender
 from dejavu_py.ft.replica_shm import ReplicaShm
+from dejavu_py.protocol import keys
+from dejavu_py.protocol.plan import KVChunk, StepPlan, StepResult, StepRouting
+from dejavu_py.protocol.recovery import (
+    Replayed,
+    ReplayHave,
+    ReplayQuery,
+    ReplaySteps,
+    ReplicaQuery,
+    Rereplicate,
+)
+from dejavu_py.protocol.replica import ReplicaAck, ReplicaChunk, ReplicaCoverage
 
 if TYPE_CHECKING:
     from dejavu_py.config import RunConfig
     from dejavu_py.engine.kv_cache import CacheSpec
     from dejavu_py.engine.runner import Launched
-    from dejavu_py.runtime.layout import Layout, Member
+    from dejavu_py.protocol.layout import Layout, Member
     from dejavu_py.runtime.worker import Worker
 
 _log = log.get(__name__)
@@ -98,7 +108,7 @@ class StageFT:
             if self.store.path is not None:  # a replica file of the worker we replace is stale now
                 replica_shm.remove_stale(self.store.path.parent, spec.cfg.run_dir, me)
             where = self.store.describe(me)  # published even when empty: it replaces a dead holder's
-            put_json(worker.store, replica_shm.key(me), dataclasses.asdict(where) if where else {})
+            put_json(worker.store, keys.replica_file(me), dataclasses.asdict(where) if where else {})
         self.rep_edges: dict = {}
         self.outbox: list[StepRouting] = []
         """This stage's routing records not yet sent on (``relay``)."""
@@ -123,7 +133,7 @@ class StageFT:
         edges = {p: Edge(connect(self.w.spec.store), self.w.me.name, p, generation,
                          self.w.spec.cfg.runtime.comm_timeout_s, channel="rep") for p in wanted}
         mapped, client = None, connect(self.w.spec.store) if self.holder in edges else None
-        where = get_json(client, replica_shm.key(self.holder)) if client is not None and has(client, replica_shm.key(self.holder)) else {}
+        where = get_json(client, keys.replica_file(self.holder)) if client is not None and has(client, keys.replica_file(self.holder)) else {}
         if where:
             mapped = replica_shm.attach(ReplicaShm(**where))
             _log.info("replica for %s: %s", self.holder, "its shared file" if mapped is not None else "over the replica edge")
@@ -318,9 +328,8 @@ class StageFT:
             self.rep_edges[q.to].send(chunk, self.store.read(slots))
 
     def _same_host(self, member: str) -> bool:
-        from dejavu_py.runtime.worker import member_key  # the worker imports this module
 
-        key = member_key(member)
+        key = keys.member(member)
         return has(self.w.store, key) and get_json(self.w.store, key).get("host") == socket.gethostname()
 
     def _rereplicate(self, msg: Rereplicate) -> None:

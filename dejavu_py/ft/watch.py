@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dejavu_py.comm.store import get_json, has
-from dejavu_py.runtime.supervisor import EXIT_COUNT_KEY, exit_key
 from dejavu_py.ft.heartbeat import last_beat
+from dejavu_py.protocol import keys
 
 
 @dataclass
@@ -36,14 +36,14 @@ def _exits(store, names, generation_of, inbox, stop) -> None:
     reported: set[tuple[str, int]] = set()
     count = 0
     while not stop.is_set():
-        n = store.add(EXIT_COUNT_KEY, 0)
+        n = store.add(keys.EXIT_COUNT, 0)
         if n != count:
             count = n
             for name in names:
                 gen = generation_of(name)
-                if (name, gen) not in reported and has(store, exit_key(name, gen)):
+                if (name, gen) not in reported and has(store, keys.exit_(name, gen)):
                     reported.add((name, gen))
-                    inbox.put(("supervisor", MemberLost(name, gen, get_json(store, exit_key(name, gen))["how"])))
+                    inbox.put(("supervisor", MemberLost(name, gen, get_json(store, keys.exit_(name, gen))["how"])))
         stop.wait(0.02)
 
 

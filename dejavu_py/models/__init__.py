@@ -5,6 +5,10 @@
 ``loader``    load_stage: build a stage on the meta device and read only its tensors
 ``moe``       router, fused experts (expert_ffn) and the shared expert
 """
-from dejavu_py.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, load_model_config
+from dejavu_py.models.config import (
+    SUPPORTED_MODEL_TYPES,
+    ModelConfig,
+    load_model_config,
+)
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "load_model_config"]

@@ -30,7 +30,11 @@ from typing import Any
 
 import torch
 
-from dejavu_py.models.moe_align import align_block_size, align_block_size_kernel, max_blocks  # noqa: F401 (re-exported)
+from dejavu_py.models.moe_align import (  # noqa: F401 (re-exported)
+    align_block_size,
+    align_block_size_kernel,
+    max_blocks,
+)
 from dejavu_py.models.triton_base import DTYPES, available, interpreting, tl, triton  # noqa: F401 (re-exported)
 
 Config = dict[str, int]

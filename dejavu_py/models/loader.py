@@ -19,11 +19,11 @@ import torch
 from safetensors import safe_open
 
 from dejavu_py import log
-from dejavu_py.engine.split import StageSpec
 from dejavu_py.errors import CheckpointError
 from dejavu_py.models.config import ModelConfig, load_model_config
 from dejavu_py.models.fuse import fuse_projections
 from dejavu_py.models.model import StageModel
+from dejavu_py.protocol.split import StageSpec
 
 _log = log.get(__name__)
 

@@ -12,12 +12,12 @@ from torch import nn
 
 from dejavu_py.engine.attn_meta import AttnMeta
 from dejavu_py.engine.kv_cache import KVCache
-from dejavu_py.engine.split import StageSpec
 from dejavu_py.models import triton_ops
 from dejavu_py.models.attention import Attention
 from dejavu_py.models.config import ModelConfig
 from dejavu_py.models.layers import DenseMLP, RMSNorm, Rotary
 from dejavu_py.models.moe import RoutingSink, SparseMoE
+from dejavu_py.protocol.split import StageSpec
 
 
 class DecoderLayer(nn.Module):

@@ -29,7 +29,9 @@ import torch
 from dejavu_py.models.triton_base import DTYPES, available, interpreting, tl, triton
 
 if triton is not None:
-    from dejavu_py.models.triton_base import _add_combine  # tl.sum's combine, which the interpreter runs with numpy
+    from dejavu_py.models.triton_base import (
+        _add_combine,  # tl.sum's combine, which the interpreter runs with numpy
+    )
 
 
 def enabled(x: torch.Tensor) -> bool:

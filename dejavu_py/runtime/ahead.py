@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from dejavu_py.comm.host_ring import RingRead
-from dejavu_py.engine.plan import Sampled, StepPlan
-from dejavu_py.runtime.layout import COORD
+from dejavu_py.protocol.layout import COORD
+from dejavu_py.protocol.plan import Sampled, StepPlan
 
 if TYPE_CHECKING:
     from dejavu_py.engine.runner import Launched

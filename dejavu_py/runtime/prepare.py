@@ -5,7 +5,7 @@ from __future__ import annotations
 from dejavu_py.config import RunConfig
 from dejavu_py.models.config import ModelConfig, load_model_config
 from dejavu_py.models.loader import check_stage
-from dejavu_py.runtime.layout import Layout, build_layout
+from dejavu_py.protocol.layout import Layout, build_layout
 
 
 def prepare(cfg: RunConfig, world_size: int) -> tuple[ModelConfig, Layout]:

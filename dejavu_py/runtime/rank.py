@@ -9,8 +9,9 @@ from dejavu_py import log
 from dejavu_py.comm.store import RankInfo, connect, put_json, resolve_address
 from dejavu_py.config import RunConfig
 from dejavu_py.errors import PipelineError, UserError
+from dejavu_py.protocol import keys
 from dejavu_py.runtime.prepare import prepare
-from dejavu_py.runtime.supervisor import DONE_KEY, Supervisor
+from dejavu_py.runtime.supervisor import Supervisor
 from dejavu_py.runtime.zygote import Zygote
 
 _log = log.get(__name__)
@@ -63,5 +64,5 @@ def _coordinate(coordinator, requests, store, sup: Supervisor, report: Callable[
         _log.error("%s", e)
         return 1
     finally:
-        put_json(store, DONE_KEY, {"code": code})
+        put_json(store, keys.DONE, {"code": code})
         sup.wait_workers(coordinator.cfg.runtime.comm_timeout_s)

@@ -14,18 +14,15 @@ import torch
 from dejavu_py import log
 from dejavu_py.comm.store import StoreAddress, connect, get_json, has, put_json
 from dejavu_py.config import RunConfig
+from dejavu_py.protocol import keys
+from dejavu_py.protocol.layout import Layout, Member
 from dejavu_py.runtime.devices import resolve_device
-from dejavu_py.runtime.layout import Layout, Member
 
 _log = log.get(__name__)
 
 
-def standby_key(standby_id: str) -> str:
-    return f"standby/{standby_id}"
 
 
-def assign_key(standby_id: str) -> str:
-    return f"assign/{standby_id}"
 
 
 @dataclass
@@ -59,12 +56,12 @@ def main(spec: StandbySpec) -> int:
     if spec.preload is not None:
         runner, _ = load_runner(WorkerSpec(spec.preload, spec.layout, cfg, spec.store, spec.preload.rank,
                                            spec.local_rank), device)
-    put_json(store, standby_key(spec.standby_id), {"pid": os.getpid(), "state": "ready",
+    put_json(store, keys.standby(spec.standby_id), {"pid": os.getpid(), "state": "ready",
                                                   "preload": spec.preload.name if spec.preload else None})
     _log.info("standby ready (device %s, preloaded %s)", device, spec.preload.name if spec.preload else "nothing")
-    while not has(store, assign_key(spec.standby_id)):
+    while not has(store, keys.assign(spec.standby_id)):
         time.sleep(0.005)
-    a = get_json(store, assign_key(spec.standby_id))
+    a = get_json(store, keys.assign(spec.standby_id))
     member = spec.layout.by_name(a["member"])
     wspec = WorkerSpec(member, spec.layout, cfg, spec.store, member.rank, a["local_rank"], a["generation"])
     if runner is not None and (spec.preload is None or spec.preload.name != member.name):

@@ -20,22 +20,15 @@ from dejavu_py import log
 from dejavu_py.comm.store import StoreAddress, get_json, has, put_json
 from dejavu_py.config import RunConfig
 from dejavu_py.ft import replica_shm
-from dejavu_py.ft.commands import RECOVERED_KEY, CommandReader
-from dejavu_py.runtime.layout import Layout, Member
-from dejavu_py.runtime.standby import StandbySpec, assign_key, standby_key
+from dejavu_py.ft.commands import CommandReader
+from dejavu_py.protocol import keys
+from dejavu_py.protocol.layout import Layout, Member
+from dejavu_py.runtime.standby import StandbySpec
 from dejavu_py.runtime.worker import WorkerSpec
 from dejavu_py.runtime.zygote import Zygote
 
 _log = log.get(__name__)
 
-DONE_KEY = "done"
-LEFT_KEY = "done/left"
-"""Counts the ranks that have seen DONE_KEY: the rank hosting the store waits for all before it exits."""
-EXIT_COUNT_KEY = "exit_count"
-
-
-def exit_key(name: str, generation: int) -> str:
-    return f"exit/{name}/gen{generation}"
 
 
 def describe_exit(code: int) -> str:
@@ -59,7 +52,7 @@ class Supervisor:
         self.exited = threading.Event()
         self.host = socket.gethostname()
         zygote.on_exit(self._on_exit)
-        put_json(store, f"supervisor/{rank}", {"pid": os.getpid(), "host": self.host, "local_rank": local_rank,
+        put_json(store, keys.supervisor(rank), {"pid": os.getpid(), "host": self.host, "local_rank": local_rank,
                                               "zygote_pid": zygote.pid})
 
     @property
@@ -86,7 +79,7 @@ class Supervisor:
     def _local_rank_of(self, member: Member) -> int:
         if member.rank == self.rank:
             return self.local_rank
-        return get_json(self.store, f"supervisor/{member.rank}", timeout_s=30)["local_rank"]
+        return get_json(self.store, keys.supervisor(member.rank), timeout_s=30)["local_rank"]
 
     def start_standby(self, preload: Member | None = None) -> None:
         """A warm process for this host; with --standby-preload it loads ``preload`` or, by default, the
@@ -104,14 +97,14 @@ class Supervisor:
         _log.info("started standby %s (pid %d, preloading %s)", spec.standby_id, pid, preload.name if preload else "nothing")
 
     def _same_host(self, rank: int) -> bool:
-        return rank == self.rank or get_json(self.store, f"supervisor/{rank}", timeout_s=30)["host"] == self.host
+        return rank == self.rank or get_json(self.store, keys.supervisor(rank), timeout_s=30)["host"] == self.host
 
     # -- commands --------------------------------------------------------------------------------
     def _serve_commands(self) -> None:
         reader = CommandReader(self.store, self.rank)
         while True:
             try:
-                if has(self.store, DONE_KEY):
+                if has(self.store, keys.DONE):
                     return
                 cmds = reader.poll()
             except Exception as e:  # a store hiccup must not end the only thread that starts replacements
@@ -124,7 +117,7 @@ class Supervisor:
                     self._run(cmd)
                 except Exception as e:  # a command that cannot be carried out is reported, not fatal here
                     _log.error("command %s failed: %s", cmd, e)
-                    put_json(self.store, f"cmd_error/{self.rank}/{reader.seen}", str(e))
+                    put_json(self.store, keys.command_error(self.rank, reader.seen), str(e))
             time.sleep(0.02)
 
     def _run(self, cmd: dict) -> None:
@@ -152,7 +145,7 @@ class Supervisor:
         with self._lock:
             del self.standbys[pid]
             self.workers[pid] = (member, generation)
-        put_json(self.store, assign_key(f"{self.rank}.{sid}"), {"member": member.name, "generation": generation,
+        put_json(self.store, keys.assign(f"{self.rank}.{sid}"), {"member": member.name, "generation": generation,
                                                               "local_rank": self._local_rank_of(member)})
         _log.info("standby %s.%d (pid %d) takes over %s at generation %d", self.rank, sid, pid, member.name, generation)
         preload = self.layout.by_name(info["preload"]) if info.get("preload") else None
@@ -162,8 +155,8 @@ class Supervisor:
         """A standby like the one just taken, started once that recovery is over: loading it meanwhile
         would compete with the replacement for the device, host memory bandwidth and cores."""
         deadline = time.monotonic() + self.cfg.ft.recovery_timeout_s
-        while time.monotonic() < deadline and not has(self.store, DONE_KEY):
-            if has(self.store, RECOVERED_KEY) and get_json(self.store, RECOVERED_KEY)["generation"] >= generation:
+        while time.monotonic() < deadline and not has(self.store, keys.DONE):
+            if has(self.store, keys.RECOVERED) and get_json(self.store, keys.RECOVERED)["generation"] >= generation:
                 break
             time.sleep(0.05)
         self.start_standby(preload)
@@ -173,7 +166,7 @@ class Supervisor:
         with self._lock:
             items = list(self.standbys.items())
         for pid, sid in items:
-            key = standby_key(f"{self.rank}.{sid}")
+            key = keys.standby(f"{self.rank}.{sid}")
             if has(self.store, key) and get_json(self.store, key).get("state") == "ready":
                 out.append((pid, sid, get_json(self.store, key)))
         return out
@@ -192,25 +185,25 @@ class Supervisor:
         how = describe_exit(code)
         (_log.info if code == 0 else _log.error)("worker of %s (pid %d, generation %d) %s", member.name, pid, gen, how)
         if code != 0:
-            put_json(self.store, exit_key(member.name, gen), {"pid": pid, "code": code, "how": how, "time": time.time()})
-            self.store.add(EXIT_COUNT_KEY, 1)  # one counter for the coordinator to poll
+            put_json(self.store, keys.exit_(member.name, gen), {"pid": pid, "code": code, "how": how, "time": time.time()})
+            self.store.add(keys.EXIT_COUNT, 1)  # one counter for the coordinator to poll
         with self._lock:
             if not self.workers:
                 self.exited.set()
 
     def wait_done(self) -> int:
         """Block until the coordinator says the run is over, then until our workers have exited."""
-        while not has(self.store, DONE_KEY):
+        while not has(self.store, keys.DONE):
             time.sleep(0.05)
-        code = int(get_json(self.store, DONE_KEY)["code"])
+        code = int(get_json(self.store, keys.DONE)["code"])
         self.wait_workers(self.cfg.runtime.comm_timeout_s)
-        self.store.add(LEFT_KEY, 1)
+        self.store.add(keys.DONE_LEFT, 1)
         return code
 
     def wait_ranks_left(self, others: int, timeout_s: float) -> None:
         """The store's host: until the ``others`` ranks have seen the end (they poll the store for it)."""
         deadline = time.monotonic() + timeout_s
-        while self.store.add(LEFT_KEY, 0) < others and time.monotonic() < deadline:
+        while self.store.add(keys.DONE_LEFT, 0) < others and time.monotonic() < deadline:
             time.sleep(0.02)
 
     def wait_workers(self, timeout_s: float) -> None:

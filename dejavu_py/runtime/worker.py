@@ -25,30 +25,32 @@ import torch
 from dejavu_py import log
 from dejavu_py.comm.edge import Edge
 from dejavu_py.comm.host_ring import RingRead
+from dejavu_py.comm.receiver import EdgeBroken
 from dejavu_py.comm.store import StoreAddress, connect, get_json, put_json
 from dejavu_py.config import RunConfig
 from dejavu_py.engine.attn_meta import step_slots
 from dejavu_py.engine.kv_stream import KVReceiver, KVStreamer
-from dejavu_py.engine.plan import EdgeBroken, KVAck, KVChunk, Sampled, StepPlan, StepResult, Stop
 from dejavu_py.engine.progress import LoopTimes
 from dejavu_py.engine.runner import Launched, StageRunner
 from dejavu_py.errors import PipelineError, UserError
 from dejavu_py.ft.heartbeat import beat_interval, start_beating
-from dejavu_py.ft.messages import (
+from dejavu_py.ft.stage_ft import StageFT
+from dejavu_py.protocol import keys
+from dejavu_py.protocol.layout import COORD, Layout, Member
+from dejavu_py.protocol.plan import KVAck, KVChunk, Sampled, StepPlan, StepResult, Stop
+from dejavu_py.protocol.recovery import (
     EdgesReady,
     Rebuilt,
     Recover,
     ReplayQuery,
     ReplaySteps,
-    Rereplicate,
     ReplicaQuery,
+    Rereplicate,
     Restore,
 )
-from dejavu_py.ft.replica import ReplicaChunk
-from dejavu_py.ft.stage_ft import StageFT
+from dejavu_py.protocol.replica import ReplicaChunk
 from dejavu_py.runtime.ahead import RunAhead, StepDone, runs_ahead
 from dejavu_py.runtime.devices import data_backend, placement, resolve_device
-from dejavu_py.runtime.layout import COORD, Layout, Member
 from dejavu_py.runtime.stage_load import load_runner
 from dejavu_py.runtime.trace import StepTrace
 
@@ -78,8 +80,6 @@ class WorkerSpec:
     """Incremented each time the member is replaced; keys its edges."""
 
 
-def member_key(name: str) -> str:
-    return f"member/{name}"
 
 
 def main(spec: WorkerSpec) -> int:
@@ -103,14 +103,14 @@ def run_member(spec: WorkerSpec, store, runner: StageRunner | None, takeover: bo
             torch.cuda.set_device(device)
         info = {"pid": os.getpid(), "zygote_pid": os.getppid(), "rank": spec.rank, "role": m.role, "stage": m.stage.index,
                 "generation": spec.generation, "takeover": takeover, **placement(device)}
-        put_json(store, member_key(m.name), {**info, "state": "loading"})
+        put_json(store, keys.member(m.name), {**info, "state": "loading"})
         if runner is None:
             runner, _ = load_runner(spec, device)
     except UserError as e:
-        put_json(store, f"error/{m.name}", str(e))  # rank 0 reports it as the run's error
+        put_json(store, keys.error(m.name), str(e))  # rank 0 reports it as the run's error
         _log.info("cannot start: %s", e)
         return 2
-    put_json(store, member_key(m.name), {**info, "state": "ready", "load_s": time.monotonic() - t0})
+    put_json(store, keys.member(m.name), {**info, "state": "ready", "load_s": time.monotonic() - t0})
     worker = Worker(spec, store, runner, device)
     worker.connect()
     gc.freeze()  # the model and everything loading made: a full collection mid-run would walk it all
@@ -185,8 +185,8 @@ class Worker:
         rendezvous = connect(self.spec.store)
         if peer == COORD:
             return Edge(rendezvous, self.me.name, peer, generation, timeout)
-        mine = get_json(rendezvous, member_key(self.me.name))
-        other = get_json(rendezvous, member_key(peer), timeout_s=self.spec.cfg.ft.recovery_timeout_s)
+        mine = get_json(rendezvous, keys.member(self.me.name))
+        other = get_json(rendezvous, keys.member(peer), timeout_s=self.spec.cfg.ft.recovery_timeout_s)
         return Edge(rendezvous, self.me.name, peer, generation, timeout, data_backend(mine, other), self.device,
                     inbound_bytes=self.ahead.ring_bytes(peer) if self.ahead is not None else 0)
 
@@ -356,7 +356,7 @@ class Worker:
         stats = {**self.ft.stats(), **(self.runner.swapper.stats() if self.runner.swapper else {}),
                  "loop": self.times.per_step_ms()}
         _log.info("per step: %s", self.times.per_step_ms())
-        put_json(self.store, f"ft_stats/{self.me.name}", stats)  # before the stop marker moves on
+        put_json(self.store, keys.ft_stats(self.me.name), stats)  # before the stop marker moves on
         if not msg.forward:
             _log.info("told to stop: %s", msg.reason)
             return True

@@ -7,16 +7,17 @@ import time
 from pathlib import Path
 
 from dejavu_py.comm.store import get_json
-from dejavu_py.runtime.layout import Layout
+from dejavu_py.protocol import keys
+from dejavu_py.protocol.layout import Layout
 
 
 def collect(store, layout: Layout) -> list[dict]:
     """One entry per member from the store: role, stage, rank, pid, host, device, supervisor pid."""
-    sups = {r: get_json(store, f"supervisor/{r}") for r in sorted({m.rank for m in layout.members})}
+    sups = {r: get_json(store, keys.supervisor(r)) for r in sorted({m.rank for m in layout.members})}
     by_zygote = {s["zygote_pid"]: s for s in sups.values()}
     out = []
     for m in layout.members:
-        info = get_json(store, f"member/{m.name}")
+        info = get_json(store, keys.member(m.name))
         sup = by_zygote.get(info.get("zygote_pid"), sups[m.rank])  # a standby's supervisor may be another rank's
         out.append(
             {

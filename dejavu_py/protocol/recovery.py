@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dejavu_py.engine.plan import SeqState
+from dejavu_py.protocol.plan import SeqState
 
 
 @dataclass

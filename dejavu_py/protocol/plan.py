@@ -150,13 +150,3 @@ class KVAck:
     seq_ids: list[int]
     bytes: list[int]
     """KV bytes this stage received per sequence."""
-
-
-@dataclass
-class EdgeBroken:
-    """Put in an inbox by a receiver thread whose edge failed (the peer died or the link broke)."""
-
-    peer: str
-    error: str
-    generation: int = 0
-    """Generation of the edge that broke (a stale edge of a replaced member is no news)."""

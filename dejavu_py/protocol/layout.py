@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dejavu_py.config import RunConfig
-from dejavu_py.engine.split import StageSpec, split_stages
 from dejavu_py.errors import UserError
+from dejavu_py.protocol.split import StageSpec, split_stages
 
 COORD = "coord"
 
