@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dejavu_py.engine.attn_meta import slot_of, step_slots
+from dejavu_py.models.attn_meta import slot_of, step_slots
 from dejavu_py.ft import replica_shm
 from dejavu_py.ft.checkpoints import TokenStateRing, routing_mismatches
 from dejavu_py.ft.replica import ReplicaStore, coalesce, covered_by_tags
@@ -291,7 +291,7 @@ def test_a_stage_reserves_the_host_buffers_its_fault_tolerance_takes_while_servi
     """A decode step's K/V at the largest batch for the replica lag and the steps in flight, the prompts'
     routing, and (with a replica holder) the prompt replica's pieces; nothing with FT off."""
     from dejavu_py import cli
-    from dejavu_py.engine.kv_cache import CacheSpec
+    from dejavu_py.models.kv_cache import CacheSpec
     from dejavu_py.ft.replica_sender import PIECE_BYTES
     from dejavu_py.ft.stage_ft import host_reservation
     from dejavu_py.protocol.layout import build_layout

@@ -16,8 +16,8 @@ import pytest
 import torch
 from make_checkpoint import FAMILIES, make_checkpoint
 
-from dejavu_py.engine.attn_meta import SeqSlice, build_attn_meta
-from dejavu_py.engine.kv_cache import CacheSpec, KVCache
+from dejavu_py.models.attn_meta import SeqSlice, build_attn_meta
+from dejavu_py.models.kv_cache import CacheSpec, KVCache
 from dejavu_py.models.config import ModelConfig, load_model_config
 from dejavu_py.models.loader import load_stage
 from dejavu_py.models.model import StageModel
@@ -311,8 +311,8 @@ def test_fused_projections_match(tmp_path, family):
     """q/k/v (and gate/up) stacked into one GEMM after loading (what a CUDA stage does): the same logits."""
     from make_checkpoint import make_checkpoint
 
-    from dejavu_py.engine.attn_meta import SeqSlice, build_attn_meta
-    from dejavu_py.engine.kv_cache import CacheSpec, KVCache
+    from dejavu_py.models.attn_meta import SeqSlice, build_attn_meta
+    from dejavu_py.models.kv_cache import CacheSpec, KVCache
     from dejavu_py.models.config import load_model_config
     from dejavu_py.models.fuse import fuse_projections
     from dejavu_py.models.loader import load_stage

@@ -9,7 +9,7 @@ import torch
 from make_checkpoint import make_checkpoint
 
 from dejavu_py.engine.decode_graphs import DecodeGraphs
-from dejavu_py.engine.kv_cache import CacheSpec, KVCache
+from dejavu_py.models.kv_cache import CacheSpec, KVCache
 from dejavu_py.engine.runner import StageRunner
 from dejavu_py.ft import replica_shm
 from dejavu_py.ft.checkpoints import routing_mismatches

@@ -13,7 +13,7 @@ from make_checkpoint import make_checkpoint
 
 from dejavu_py.engine import runner as runner_mod
 from dejavu_py.engine.decode_graphs import DecodeGraphs
-from dejavu_py.engine.kv_cache import CacheSpec, KVCache
+from dejavu_py.models.kv_cache import CacheSpec, KVCache
 from dejavu_py.engine.runner import StageRunner
 from dejavu_py.models.config import load_model_config
 from dejavu_py.models.loader import load_stage

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dejavu_py.engine.decode_graphs import DecodeGraphs  # noqa: E402
-from dejavu_py.engine.kv_cache import CacheSpec, KVCache  # noqa: E402
+from dejavu_py.models.kv_cache import CacheSpec, KVCache  # noqa: E402
 from dejavu_py.engine.runner import StageRunner  # noqa: E402
 from dejavu_py.models.config import load_model_config  # noqa: E402
 from dejavu_py.models.loader import load_stage  # noqa: E402

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from dejavu_py import log
-from dejavu_py.engine.attn_meta import decode_meta
-from dejavu_py.engine.kv_cache import KVCache
+from dejavu_py.models.attn_meta import decode_meta
+from dejavu_py.models.kv_cache import KVCache
 
 _log = log.get(__name__)
 

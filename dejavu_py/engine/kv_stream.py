@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from dejavu_py.engine.kv_cache import KVCache
+from dejavu_py.models.kv_cache import KVCache
 from dejavu_py.engine.swap import Swapper
 from dejavu_py.protocol.plan import KVChunk, SeqState, StepPlan
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dejavu_py import log
-from dejavu_py.engine.attn_meta import SeqSlice, build_attn_meta, step_slots
+from dejavu_py.models.attn_meta import SeqSlice, build_attn_meta, step_slots
 from dejavu_py.engine.decode_graphs import DecodeGraphs, stack_routing
 from dejavu_py.engine.host_buffers import HostBuffers
 from dejavu_py.engine.host_copies import (
@@ -16,7 +16,7 @@ from dejavu_py.engine.host_copies import (
     queue_copies,
     record_event,
 )
-from dejavu_py.engine.kv_cache import KVCache
+from dejavu_py.models.kv_cache import KVCache
 from dejavu_py.engine.sampler import sample
 from dejavu_py.engine.swap import Swapper
 from dejavu_py.protocol.plan import SeqState, StepPlan, StepResult

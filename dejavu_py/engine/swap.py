@@ -17,7 +17,7 @@ import time
 import torch
 
 from dejavu_py import log
-from dejavu_py.engine.kv_cache import KVCache
+from dejavu_py.models.kv_cache import KVCache
 
 _log = log.get(__name__)
 

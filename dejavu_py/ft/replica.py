@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dejavu_py.engine.attn_meta import step_slots
+from dejavu_py.models.attn_meta import step_slots
 from dejavu_py.ft import replica_shm
 from dejavu_py.protocol.replica import ReplicaChunk
 

@@ -32,7 +32,7 @@ import torch
 
 from dejavu_py import log
 from dejavu_py.engine.host_buffers import HostBuffers
-from dejavu_py.engine.kv_cache import KVCache
+from dejavu_py.models.kv_cache import KVCache
 from dejavu_py.ft import replica_shm
 from dejavu_py.ft.replica import coalesce
 from dejavu_py.protocol.replica import ReplicaAck, ReplicaChunk

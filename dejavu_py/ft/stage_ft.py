@@ -40,7 +40,7 @@ from dejavu_py.protocol.replica import ReplicaAck, ReplicaChunk, ReplicaCoverage
 
 if TYPE_CHECKING:
     from dejavu_py.config import RunConfig
-    from dejavu_py.engine.kv_cache import CacheSpec
+    from dejavu_py.models.kv_cache import CacheSpec
     from dejavu_py.engine.runner import Launched
     from dejavu_py.protocol.layout import Layout, Member
     from dejavu_py.runtime.worker import Worker

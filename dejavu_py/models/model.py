@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dejavu_py.engine.attn_meta import AttnMeta
-from dejavu_py.engine.kv_cache import KVCache
+from dejavu_py.models.attn_meta import AttnMeta
+from dejavu_py.models.kv_cache import KVCache
 from dejavu_py.models import triton_ops
 from dejavu_py.models.attention import Attention
 from dejavu_py.models.config import ModelConfig

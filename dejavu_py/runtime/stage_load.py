@@ -9,7 +9,7 @@ import torch
 
 from dejavu_py import log
 from dejavu_py.engine.decode_graphs import DecodeGraphs, capturable
-from dejavu_py.engine.kv_cache import CacheSpec, KVCache
+from dejavu_py.models.kv_cache import CacheSpec, KVCache
 from dejavu_py.engine.runner import StageRunner
 from dejavu_py.engine.swap import Swapper
 from dejavu_py.ft.stage_ft import host_reservation, replica_store_for

@@ -28,7 +28,7 @@ from dejavu_py.comm.host_ring import RingRead
 from dejavu_py.comm.receiver import EdgeBroken
 from dejavu_py.comm.store import StoreAddress, connect, get_json, put_json
 from dejavu_py.config import RunConfig
-from dejavu_py.engine.attn_meta import step_slots
+from dejavu_py.models.attn_meta import step_slots
 from dejavu_py.engine.kv_stream import KVReceiver, KVStreamer
 from dejavu_py.engine.progress import LoopTimes
 from dejavu_py.engine.runner import Launched, StageRunner
