@@ -1,7 +1,7 @@
 """Logging with the process's role, stage and rank in every record.
 
 Each process calls :func:`setup` once; every logger of the package then prints e.g.
-``12:00:01.234 token t1 r3 INFO dejavu_py.runtime.worker: loaded 4 layers in 0.8 s`` (role, stage
+``12:00:01.234 token t1 r3 INFO dejavu_py.stage.worker: loaded 4 layers in 0.8 s`` (role, stage
 name, rank).
 """
 from __future__ import annotations

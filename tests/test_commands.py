@@ -7,7 +7,7 @@ import time
 
 import torch.distributed as dist
 
-from dejavu_py.ft.commands import CommandReader, post
+from dejavu_py.comm.commands import CommandReader, post
 
 
 def test_reader_returns_at_once_while_a_body_is_missing_then_reads_it():

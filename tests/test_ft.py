@@ -23,7 +23,7 @@ from e2e import (
 )
 from make_checkpoint import make_checkpoint
 
-from dejavu_py.ft import replica_shm
+from dejavu_py.stage import replica_shm
 
 VOCAB = 384
 PHASES = ("detect_s", "replace_s", "load_s", "rebuild_s", "restore_s", "replay_s")

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from dejavu_py.models.attn_meta import slot_of, step_slots
-from dejavu_py.ft import replica_shm
-from dejavu_py.ft.checkpoints import TokenStateRing, routing_mismatches
-from dejavu_py.ft.replica import ReplicaStore, coalesce, covered_by_tags
-from dejavu_py.ft.replica_sender import ReplicaSender
 from dejavu_py.protocol.plan import StepPlan
 from dejavu_py.protocol.replica import ReplicaAck, ReplicaChunk, position_tags
 from dejavu_py.protocol.routing import EMPTY, RoutingRecord, compact
+from dejavu_py.stage import replica_shm
+from dejavu_py.stage.checkpoints import TokenStateRing, routing_mismatches
+from dejavu_py.stage.replica_sender import ReplicaSender
+from dejavu_py.stage.replica_store import ReplicaStore, coalesce, covered_by_tags
 
 
 def _record(layers=(3, 4, 5), T=2, K=2, seed=0) -> RoutingRecord:
@@ -160,7 +160,7 @@ def test_coalescing_leaves_half_the_lag_free(lag, batch):
 
 
 def test_host_buffers_hand_a_buffer_out_again_for_any_shape_and_dtype_that_fits():
-    from dejavu_py.engine.host_buffers import HostBuffers
+    from dejavu_py.stage.host_buffers import HostBuffers
 
     pool = HostBuffers(reuse=True, pin=False, keep=2)
     a = pool.take((2, 3, 4), torch.float32)
@@ -186,7 +186,7 @@ def test_host_buffers_hand_a_buffer_out_again_for_any_shape_and_dtype_that_fits(
 
 
 def test_host_buffers_off_on_a_cpu_stage():
-    from dejavu_py.engine.host_buffers import HostBuffers
+    from dejavu_py.stage.host_buffers import HostBuffers
 
     pool = HostBuffers(reuse=False)
     t = torch.ones(3)
@@ -198,7 +198,7 @@ def test_a_chunk_written_into_the_holder_s_file_is_acknowledged_by_that_write():
     """Same host: no acknowledgement comes back from the holder, yet back-pressure lets the stage on; the
     slots' tags go in with the bytes, so no message goes at all; the step's host buffer goes back for the
     next step."""
-    from dejavu_py.engine.host_buffers import HostBuffers
+    from dejavu_py.stage.host_buffers import HostBuffers
 
     sent: list[ReplicaChunk] = []
     sender = ReplicaSender("s0", _fake_kv(), lag=4, send=lambda m, kv: sent.append(m))
@@ -228,8 +228,8 @@ def test_step_slots_are_the_slots_of_each_written_position(start_pos, num_tokens
 
 def test_a_stage_s_routing_records_ride_with_the_next_plan_it_sends_on():
     """Behind those of the stages before it; a replay's plan, which stops before the last stage, takes none."""
-    from dejavu_py.ft.stage_ft import StageFT
     from dejavu_py.protocol.plan import StepRouting
+    from dejavu_py.stage.stage_ft import StageFT
 
     ft = StageFT.__new__(StageFT)  # only its outbox is used here
     ft.outbox = [StepRouting(0, 3, "s1", "r3"), StepRouting(1, 4, "s1", "r4")]
@@ -247,8 +247,8 @@ def test_the_last_stage_s_result_takes_its_records_of_earlier_steps_and_keeps_th
     """Taking a step's record apart is off the chain on the last stage too: its result takes the records
     relayed to it and its own kept ones; this step's is kept in the idle time, for the next result. A
     large record (a batch of prompts') goes to the coordinator on its own instead."""
-    from dejavu_py.ft.stage_ft import RELAY_BYTES, StageFT
     from dejavu_py.protocol.plan import StepResult, StepRouting
+    from dejavu_py.stage.stage_ft import RELAY_BYTES, StageFT
 
     ft = StageFT.__new__(StageFT)
     records = []
@@ -273,7 +273,7 @@ def test_the_last_stage_s_result_takes_its_records_of_earlier_steps_and_keeps_th
 def test_host_buffers_reserved_ahead_serve_the_sizes_they_were_reserved_for():
     """Reserved large buffers stay for large requests (a small one gets a small buffer of its own), and
     all of them are kept, however many."""
-    from dejavu_py.engine.host_buffers import HostBuffers
+    from dejavu_py.stage.host_buffers import HostBuffers
 
     pool = HostBuffers(reuse=True, pin=False, keep=2)
     pool.reserve([4 << 20, 4 << 20, 16 << 20])
@@ -292,9 +292,9 @@ def test_a_stage_reserves_the_host_buffers_its_fault_tolerance_takes_while_servi
     routing, and (with a replica holder) the prompt replica's pieces; nothing with FT off."""
     from dejavu_py import cli
     from dejavu_py.models.kv_cache import CacheSpec
-    from dejavu_py.ft.replica_sender import PIECE_BYTES
-    from dejavu_py.ft.stage_ft import host_reservation
     from dejavu_py.protocol.layout import build_layout
+    from dejavu_py.stage.replica_sender import PIECE_BYTES
+    from dejavu_py.stage.stage_ft import host_reservation
 
     mcfg = SimpleNamespace(num_experts_per_tok=8, is_moe_layer=lambda i: i % 2 == 0)
     spec = CacheSpec(100, 16, 4, 64)
@@ -348,7 +348,7 @@ def test_a_step_s_chunk_already_on_the_host_is_written_by_the_stage_s_thread_the
 def test_a_step_record_in_one_buffer_comes_apart_on_the_host_as_its_rows():
     """A small graph step's record goes to the host in one copy of its buffer (K/V, then routing); taken
     apart there, the first rows (the real ones of a padded batch bucket) are the step's K/V and routing."""
-    from dejavu_py.engine.decode_graphs import StepRecord, stack_routing
+    from dejavu_py.stage.decode_graphs import StepRecord, stack_routing
 
     B, Bb, K, D, E = 3, 4, 2, 8, 5
     g = torch.Generator().manual_seed(0)

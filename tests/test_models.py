@@ -17,8 +17,8 @@ import torch
 from make_checkpoint import FAMILIES, make_checkpoint
 
 from dejavu_py.models.attn_meta import SeqSlice, build_attn_meta
-from dejavu_py.models.kv_cache import CacheSpec, KVCache
 from dejavu_py.models.config import ModelConfig, load_model_config
+from dejavu_py.models.kv_cache import CacheSpec, KVCache
 from dejavu_py.models.loader import load_stage
 from dejavu_py.models.model import StageModel
 from dejavu_py.models.moe import expert_ffn
@@ -312,9 +312,9 @@ def test_fused_projections_match(tmp_path, family):
     from make_checkpoint import make_checkpoint
 
     from dejavu_py.models.attn_meta import SeqSlice, build_attn_meta
-    from dejavu_py.models.kv_cache import CacheSpec, KVCache
     from dejavu_py.models.config import load_model_config
     from dejavu_py.models.fuse import fuse_projections
+    from dejavu_py.models.kv_cache import CacheSpec, KVCache
     from dejavu_py.models.loader import load_stage
     from dejavu_py.protocol.split import split_stages
 

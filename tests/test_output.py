@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dejavu_py.engine.output import (
+from dejavu_py.coordinator.output import (
     Timings,
     error_record,
     read_outputs,
@@ -15,7 +15,7 @@ from dejavu_py.engine.output import (
     success_record,
     write_outputs,
 )
-from dejavu_py.engine.request import Request, RequestError
+from dejavu_py.coordinator.request import Request, RequestError
 from dejavu_py.errors import UserError
 from dejavu_py.protocol.sampling import SamplingParams
 

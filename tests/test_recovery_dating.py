@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch.distributed as dist
 
 from dejavu_py.comm.store import put_json
-from dejavu_py.ft.recovery import Recovery, RecoveryRecord
+from dejavu_py.coordinator.recovery import Recovery, RecoveryRecord
 from dejavu_py.protocol import keys
 
 

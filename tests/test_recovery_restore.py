@@ -6,7 +6,7 @@ from __future__ import annotations
 import queue
 from types import SimpleNamespace
 
-from dejavu_py.ft.recovery import Recovery, RecoveryRecord
+from dejavu_py.coordinator.recovery import Recovery, RecoveryRecord
 from dejavu_py.protocol.plan import SeqState
 from dejavu_py.protocol.recovery import Restore
 from dejavu_py.protocol.replica import ReplicaCoverage

@@ -8,18 +8,18 @@ import pytest
 import torch
 from make_checkpoint import make_checkpoint
 
-from dejavu_py.engine.decode_graphs import DecodeGraphs
-from dejavu_py.models.kv_cache import CacheSpec, KVCache
-from dejavu_py.engine.runner import StageRunner
-from dejavu_py.ft import replica_shm
-from dejavu_py.ft.checkpoints import routing_mismatches
-from dejavu_py.ft.replay import for_replay, replay_steps
-from dejavu_py.ft.replica import ReplicaStore, covered_slots
-from dejavu_py.ft.replica_sender import ReplicaSender
+from dejavu_py.coordinator.replay import for_replay, replay_steps
 from dejavu_py.models.config import load_model_config
+from dejavu_py.models.kv_cache import CacheSpec, KVCache
 from dejavu_py.models.loader import load_stage
 from dejavu_py.protocol.plan import SeqState, StepPlan
 from dejavu_py.protocol.split import split_stages
+from dejavu_py.stage import replica_shm
+from dejavu_py.stage.checkpoints import routing_mismatches
+from dejavu_py.stage.decode_graphs import DecodeGraphs
+from dejavu_py.stage.replica_sender import ReplicaSender
+from dejavu_py.stage.replica_store import ReplicaStore, covered_slots
+from dejavu_py.stage.runner import StageRunner
 
 BS = 4
 

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dejavu_py.ft import replica_shm
-from dejavu_py.ft.replica import ReplicaStore, covered_by_tags
-from dejavu_py.ft.replica_sender import ReplicaSender, _token_range, pieces
 from dejavu_py.protocol.replica import ReplicaChunk
+from dejavu_py.stage import replica_shm
+from dejavu_py.stage.replica_sender import ReplicaSender, _token_range, pieces
+from dejavu_py.stage.replica_store import ReplicaStore, covered_by_tags
 
 L, K, D, N = 2, 1, 4, 64
 PIECE = 2 * K * D * 4 * 4  # four tokens of one layer (float32), a decode step's chunk of two sequences
@@ -158,7 +158,7 @@ def test_a_holder_replaced_during_a_bulk_job_across_hosts_leaves_the_sender_work
 def test_a_piece_s_host_buffer_goes_back_only_once_nothing_reads_it(shared):
     """Written into the holder's file, a piece's pinned buffer is free at once; sent over the edge it is
     not (the send is asynchronous: the next piece's copy would overwrite bytes still on the wire)."""
-    from dejavu_py.engine.host_buffers import HostBuffers
+    from dejavu_py.stage.host_buffers import HostBuffers
 
     sent: list = []
     sender = _sender(sent, _replica() if shared else None)
@@ -176,9 +176,9 @@ def test_a_stage_waiting_on_back_pressure_queues_the_copies_a_bulk_job_asks_for(
     """Across hosts a bulk job's pieces go before the steps' chunks, and each piece's copy off the device
     waits for the stage's thread to queue it (with its next launch). A stage blocked on back-pressure
     launches nothing: unless it queues them while it waits, nothing moves until the wait times out."""
-    from dejavu_py.engine.host_buffers import HostBuffers
-    from dejavu_py.engine.host_copies import LateCopy, queue_copies
     from dejavu_py.protocol.replica import ReplicaAck
+    from dejavu_py.stage.host_buffers import HostBuffers
+    from dejavu_py.stage.host_copies import LateCopy, queue_copies
 
     asked: list[LateCopy] = []
     lock = threading.Lock()

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import torch
 
-from dejavu_py.ft import replica_shm
-from dejavu_py.ft.replica_shm import ReplicaShm
+from dejavu_py.stage import replica_shm
+from dejavu_py.stage.replica_shm import ReplicaShm
 
 
 def test_spans_merge_close_slots_and_keep_far_ones_apart():

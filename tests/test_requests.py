@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dejavu_py.engine.request import (
+from dejavu_py.coordinator.request import (
     KNOWN_FIELDS,
     Request,
     RequestError,
@@ -17,7 +17,7 @@ from dejavu_py.engine.request import (
     derive_seed,
     load_requests,
 )
-from dejavu_py.engine.tokenizer import Tokenizer, load_tokenizer
+from dejavu_py.coordinator.tokenizer import Tokenizer, load_tokenizer
 from dejavu_py.errors import UserError
 from dejavu_py.protocol.sampling import SamplingParams
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from make_checkpoint import make_checkpoint
 
-from dejavu_py.engine import runner as runner_mod
-from dejavu_py.engine.decode_graphs import DecodeGraphs
-from dejavu_py.models.kv_cache import CacheSpec, KVCache
-from dejavu_py.engine.runner import StageRunner
 from dejavu_py.models.config import load_model_config
+from dejavu_py.models.kv_cache import CacheSpec, KVCache
 from dejavu_py.models.loader import load_stage
 from dejavu_py.protocol.plan import SeqState, StepPlan
 from dejavu_py.protocol.split import split_stages
+from dejavu_py.stage import runner as runner_mod
+from dejavu_py.stage.decode_graphs import DecodeGraphs
+from dejavu_py.stage.runner import StageRunner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the copy streams")
 BS = 4

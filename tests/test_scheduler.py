@@ -13,10 +13,10 @@ import random
 import pytest
 
 from dejavu_py.config import SchedulerConfig
-from dejavu_py.engine.block_manager import BlockManager
-from dejavu_py.engine.request import Request
-from dejavu_py.engine.scheduler import Scheduler
-from dejavu_py.engine.sequence import Sequence
+from dejavu_py.coordinator.block_manager import BlockManager
+from dejavu_py.coordinator.request import Request
+from dejavu_py.coordinator.scheduler import Scheduler
+from dejavu_py.coordinator.sequence import Sequence
 from dejavu_py.protocol.plan import StepPlan, StepResult, StepRouting
 from dejavu_py.protocol.sampling import SamplingParams
 
@@ -168,7 +168,7 @@ def test_routing_relayed_with_a_later_result_joins_its_step_even_if_that_result_
 def test_a_large_routing_record_sent_on_its_own_joins_its_step():
     """A batch of prompts' record goes to the coordinator as a message of its own (off the pipeline's
     chain); the driver files it with its step as if it had come with a result."""
-    from dejavu_py.engine.colocated import ColocatedDriver
+    from dejavu_py.coordinator.colocated import ColocatedDriver
     from dejavu_py.protocol.layout import Member
 
     reqs = [Request(line=1, id="a", input_ids=[5, 6], max_new_tokens=8, sampling=SamplingParams())]

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from dejavu_py.runtime.trace import StepTrace
+from dejavu_py.stage.trace import StepTrace
 
 
 def test_a_trace_covers_the_window_of_steps_and_is_off_unless_asked(tmp_path, monkeypatch):

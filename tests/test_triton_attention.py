@@ -11,8 +11,13 @@ import pytest
 import torch
 from test_fused_moe import _round_bf16_to_nearest
 
-from dejavu_py.models.attn_meta import SeqSlice, build_attn_meta, decode_meta, paged_attention
 from dejavu_py.models import triton_attention
+from dejavu_py.models.attn_meta import (
+    SeqSlice,
+    build_attn_meta,
+    decode_meta,
+    paged_attention,
+)
 
 needs_triton = pytest.mark.skipif(not triton_attention.available(), reason="triton is not installed")
 BS = 8  # block size

@@ -187,8 +187,8 @@ def test_stage_forward_matches_eager(interpret, monkeypatch, tmp_path, family, d
     from make_checkpoint import make_checkpoint
 
     from dejavu_py.models.attn_meta import SeqSlice, build_attn_meta
-    from dejavu_py.models.kv_cache import CacheSpec, KVCache
     from dejavu_py.models.config import load_model_config
+    from dejavu_py.models.kv_cache import CacheSpec, KVCache
     from dejavu_py.models.loader import load_stage
     from dejavu_py.protocol.split import split_stages
 

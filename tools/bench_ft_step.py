@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_decode import first_stage, plan_for  # noqa: E402
 
-from dejavu_py.engine.decode_graphs import DecodeGraphs  # noqa: E402
 from dejavu_py.models.kv_cache import KVCache  # noqa: E402
-from dejavu_py.engine.runner import StageRunner  # noqa: E402
-from dejavu_py.ft.checkpoints import TokenStateRing  # noqa: E402
-from dejavu_py.ft.replica import ReplicaStore  # noqa: E402
-from dejavu_py.ft.replica_sender import ReplicaSender  # noqa: E402
+from dejavu_py.stage.checkpoints import TokenStateRing  # noqa: E402
+from dejavu_py.stage.decode_graphs import DecodeGraphs  # noqa: E402
+from dejavu_py.stage.replica_sender import ReplicaSender  # noqa: E402
+from dejavu_py.stage.replica_store import ReplicaStore  # noqa: E402
+from dejavu_py.stage.runner import StageRunner  # noqa: E402
 
 PHASES = ("launch", "finish", "record", "checkpoint", "replica", "wait")
 

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dejavu_py.engine.decode_graphs import DecodeGraphs  # noqa: E402
-from dejavu_py.models.kv_cache import CacheSpec, KVCache  # noqa: E402
-from dejavu_py.engine.runner import StageRunner  # noqa: E402
 from dejavu_py.models.config import load_model_config  # noqa: E402
+from dejavu_py.models.kv_cache import CacheSpec, KVCache  # noqa: E402
 from dejavu_py.models.loader import load_stage  # noqa: E402
 from dejavu_py.protocol.plan import SeqState, StepPlan  # noqa: E402
 from dejavu_py.protocol.split import split_stages  # noqa: E402
+from dejavu_py.stage.decode_graphs import DecodeGraphs  # noqa: E402
+from dejavu_py.stage.runner import StageRunner  # noqa: E402
 
 FAMILIES = (("attn", ("attn", "flash", "sdpa", "softmax", "fmha")), ("moe", ("fused_moe", "moe", "expert")),
             ("gemm", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "splitk")), ("norm", ("norm", "rsqrt")),

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dejavu_py.models.attn_meta import AttnMeta, paged_attention
-from dejavu_py.models.kv_cache import KVCache
 from dejavu_py.models import triton_ops
+from dejavu_py.models.attn_meta import AttnMeta, paged_attention
 from dejavu_py.models.config import ModelConfig
+from dejavu_py.models.kv_cache import KVCache
 from dejavu_py.models.layers import RMSNorm, apply_rotary_qk
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dejavu_py.models.attn_meta import AttnMeta
-from dejavu_py.models.kv_cache import KVCache
 from dejavu_py.models import triton_ops
 from dejavu_py.models.attention import Attention
+from dejavu_py.models.attn_meta import AttnMeta
 from dejavu_py.models.config import ModelConfig
+from dejavu_py.models.kv_cache import KVCache
 from dejavu_py.models.layers import DenseMLP, RMSNorm, Rotary
 from dejavu_py.models.moe import RoutingSink, SparseMoE
 from dejavu_py.protocol.split import StageSpec

@@ -8,10 +8,13 @@ or, disaggregated, ``p0..`` for the prompt pipeline (prefill) and ``t0..`` for t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from dejavu_py.config import RunConfig
 from dejavu_py.errors import UserError
 from dejavu_py.protocol.split import StageSpec, split_stages
+
+if TYPE_CHECKING:
+    from dejavu_py.config import RunConfig
 
 COORD = "coord"
 

@@ -1,7 +1,7 @@
 """Control messages of a recovery, between the coordinator and the workers."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dejavu_py.protocol.plan import SeqState
@@ -35,28 +35,6 @@ class Restore:
     drop_through: int
     replica_from: str | None = None
     replay: int = 0
-
-
-@dataclass
-class EdgesReady:
-    """Inside a worker: the rebuild thread finished (never crosses an edge)."""
-
-    generation: int
-    edges: dict[str, Any] = field(default_factory=dict)
-    rep: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class RecoverInfo:
-    """What a driver decided after a failure: states each replacement must learn, and the
-    sequences whose KV is recomputed."""
-
-    states: dict[str, dict[int, SeqState]]
-    redo: list[Any]
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    def states_for(self, name: str) -> dict[int, SeqState]:
-        return self.states.get(name, {})
 
 
 @dataclass

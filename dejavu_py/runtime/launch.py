@@ -26,7 +26,7 @@ def _strip_nproc(argv: list[str]) -> list[str]:
 def validate(cfg: RunConfig, nproc: int) -> None:
     """Everything a whole run can get wrong that is cheap to check here."""
     from dejavu_py import log
-    from dejavu_py.engine.coordinator import Coordinator
+    from dejavu_py.coordinator.coordinator import Coordinator
     from dejavu_py.runtime.prepare import prepare
 
     log.setup("WARNING", None, console_level=None)  # the ranks report bad lines; stay quiet here

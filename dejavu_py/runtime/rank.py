@@ -27,7 +27,7 @@ def run_rank(cfg: RunConfig, info: RankInfo, report: Callable[[UserError], None]
     log.set_identity("coord" if info.rank == 0 else "sup", "-", info.rank)
     coordinator = None
     if info.rank == 0:
-        from dejavu_py.engine.coordinator import Coordinator
+        from dejavu_py.coordinator.coordinator import Coordinator
 
         coordinator = Coordinator(cfg, layout, model_cfg, store=None)
         requests = coordinator.load_requests()  # whole-file mistakes fail here, before any worker starts

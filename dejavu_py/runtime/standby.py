@@ -16,7 +16,7 @@ from dejavu_py.comm.store import StoreAddress, connect, get_json, has, put_json
 from dejavu_py.config import RunConfig
 from dejavu_py.protocol import keys
 from dejavu_py.protocol.layout import Layout, Member
-from dejavu_py.runtime.devices import resolve_device
+from dejavu_py.stage.devices import resolve_device
 
 _log = log.get(__name__)
 
@@ -40,8 +40,8 @@ class StandbySpec:
 
 
 def main(spec: StandbySpec) -> int:
-    from dejavu_py.runtime.stage_load import load_runner
-    from dejavu_py.runtime.worker import WorkerSpec, run_member
+    from dejavu_py.stage.stage_load import load_runner
+    from dejavu_py.stage.worker import WorkerSpec, run_member
 
     cfg = spec.cfg
     log.setup(cfg.runtime.log_level, cfg.logs_dir / f"rank{spec.rank}-standby{spec.standby_id}.log", console_level="WARNING")

@@ -17,15 +17,15 @@ import threading
 import time
 
 from dejavu_py import log
+from dejavu_py.comm.commands import CommandReader
 from dejavu_py.comm.store import StoreAddress, get_json, has, put_json
 from dejavu_py.config import RunConfig
-from dejavu_py.ft import replica_shm
-from dejavu_py.ft.commands import CommandReader
 from dejavu_py.protocol import keys
 from dejavu_py.protocol.layout import Layout, Member
 from dejavu_py.runtime.standby import StandbySpec
-from dejavu_py.runtime.worker import WorkerSpec
 from dejavu_py.runtime.zygote import Zygote
+from dejavu_py.stage import replica_shm
+from dejavu_py.stage.worker import WorkerSpec
 
 _log = log.get(__name__)
 
@@ -70,7 +70,7 @@ class Supervisor:
 
     def start(self, member: Member, generation: int) -> int:
         spec = WorkerSpec(member, self.layout, self.cfg, self.addr, member.rank, self._local_rank_of(member), generation)
-        pid = self.zygote.spawn("dejavu_py.runtime.worker", "main", spec)
+        pid = self.zygote.spawn("dejavu_py.stage.worker", "main", spec)
         with self._lock:
             self.workers[pid] = (member, generation)
         _log.info("started worker of %s (pid %d, generation %d)", member.name, pid, generation)

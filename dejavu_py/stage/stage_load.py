@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from dejavu_py import log
-from dejavu_py.engine.decode_graphs import DecodeGraphs, capturable
 from dejavu_py.models.kv_cache import CacheSpec, KVCache
-from dejavu_py.engine.runner import StageRunner
-from dejavu_py.engine.swap import Swapper
-from dejavu_py.ft.stage_ft import host_reservation, replica_store_for
-from dejavu_py.runtime.devices import resolve_dtype
+from dejavu_py.stage.decode_graphs import DecodeGraphs, capturable
+from dejavu_py.stage.devices import resolve_dtype
+from dejavu_py.stage.runner import StageRunner
+from dejavu_py.stage.stage_ft import host_reservation, replica_store_for
+from dejavu_py.stage.swap import Swapper
 
 if TYPE_CHECKING:
-    from dejavu_py.runtime.worker import WorkerSpec
+    from dejavu_py.stage.worker import WorkerSpec
 
 _log = log.get(__name__)
 

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from dejavu_py.comm.heartbeat import last_beat
 from dejavu_py.comm.store import get_json, has
-from dejavu_py.ft.heartbeat import last_beat
 from dejavu_py.protocol import keys
 
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from dejavu_py.models.attn_meta import step_slots
-from dejavu_py.ft import replica_shm
 from dejavu_py.protocol.replica import ReplicaChunk
+from dejavu_py.stage import replica_shm
 
 
 def covered_by_tags(tags_LN: np.ndarray, tables: dict[int, list[int]], block_size: int) -> dict[int, int]:

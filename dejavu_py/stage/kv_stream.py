@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 
 from dejavu_py.models.kv_cache import KVCache
-from dejavu_py.engine.swap import Swapper
 from dejavu_py.protocol.plan import KVChunk, SeqState, StepPlan
+from dejavu_py.stage.swap import Swapper
 
 
 class KVStreamer:

@@ -26,8 +26,8 @@ from dejavu_py import log
 from dejavu_py.errors import UserError
 
 if TYPE_CHECKING:
-    from dejavu_py.engine.request import Request, RequestError
-    from dejavu_py.engine.tokenizer import Tokenizer
+    from dejavu_py.coordinator.request import Request, RequestError
+    from dejavu_py.coordinator.tokenizer import Tokenizer
 
 _log = log.get(__name__)
 

@@ -24,8 +24,8 @@ from dejavu_py.protocol.layout import COORD
 from dejavu_py.protocol.plan import Sampled, StepPlan
 
 if TYPE_CHECKING:
-    from dejavu_py.engine.runner import Launched
-    from dejavu_py.runtime.worker import Worker, WorkerSpec
+    from dejavu_py.stage.runner import Launched
+    from dejavu_py.stage.worker import Worker, WorkerSpec
 
 RING_TOKENS = 1024
 """Tokens of activations a ring slot between two stages on one GPU holds (at least a full decode batch;

@@ -4,7 +4,7 @@ request journal, and writes the output. It lives in rank 0's supervisor process 
 
 Everything reaches it through one inbox: a receiver thread per edge (results, KV acknowledgements,
 recovery acknowledgements) and watchers that turn supervisors' exit reports and missing heartbeats
-into ``MemberLost`` events. With fault tolerance on, a lost member is replaced (ft/recovery.py) while
+into ``MemberLost`` events. With fault tolerance on, a lost member is replaced (coordinator/recovery.py) while
 the others keep running; with it off, the run ends and a rerun with the same run directory resumes.
 """
 from __future__ import annotations
@@ -22,32 +22,33 @@ from dejavu_py.comm.edge import Edge
 from dejavu_py.comm.receiver import EdgeBroken
 from dejavu_py.comm.store import StoreAddress, connect, get_json, has
 from dejavu_py.config import RunConfig
-from dejavu_py.engine.block_manager import BlockManager
-from dejavu_py.engine.colocated import ColocatedDriver
-from dejavu_py.engine.disagg import DisaggDriver
-from dejavu_py.engine.output import (
+from dejavu_py.coordinator import workers_file
+from dejavu_py.coordinator.block_manager import BlockManager
+from dejavu_py.coordinator.colocated import ColocatedDriver
+from dejavu_py.coordinator.disagg import DisaggDriver
+from dejavu_py.coordinator.journal import Journal, fingerprint
+from dejavu_py.coordinator.output import (
     Timings,
     error_record,
     request_error_record,
     success_record,
     write_outputs,
 )
-from dejavu_py.engine.prefill_scheduler import PrefillScheduler
-from dejavu_py.engine.progress import LoopTimes, ProgressBar, RunSummary
-from dejavu_py.engine.request import Request, RequestLimits, load_requests
-from dejavu_py.engine.scheduler import Scheduler
-from dejavu_py.engine.sequence import Sequence, Status
-from dejavu_py.engine.tokenizer import load_tokenizer
+from dejavu_py.coordinator.prefill_scheduler import PrefillScheduler
+from dejavu_py.coordinator.progress import ProgressBar, RunSummary
+from dejavu_py.coordinator.recovery import Recovery
+from dejavu_py.coordinator.request import Request, RequestLimits, load_requests
+from dejavu_py.coordinator.scheduler import Scheduler
+from dejavu_py.coordinator.sequence import Sequence, Status
+from dejavu_py.coordinator.tokenizer import load_tokenizer
+from dejavu_py.coordinator.watch import MemberLost, watch
 from dejavu_py.errors import PipelineError, UserError
-from dejavu_py.ft.journal import Journal, fingerprint
-from dejavu_py.ft.recovery import Recovery
-from dejavu_py.ft.watch import MemberLost, watch
 from dejavu_py.protocol import keys
 from dejavu_py.protocol.layout import COORD, Layout
 from dejavu_py.protocol.plan import StepCounter, StepResult, Stop
 from dejavu_py.protocol.recovery import Rebuilt, Replayed, ReplayHave
 from dejavu_py.protocol.replica import ReplicaCoverage
-from dejavu_py.runtime import workers_file
+from dejavu_py.timing import LoopTimes
 
 _log = log.get(__name__)
 IDLE_TIMEOUT_S = 7 * 24 * 3600.0

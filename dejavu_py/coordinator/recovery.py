@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dejavu_py import log
+from dejavu_py.comm import commands
 from dejavu_py.comm.edge import Edge
+from dejavu_py.comm.heartbeat import last_beat
 from dejavu_py.comm.receiver import EdgeBroken
 from dejavu_py.comm.store import get_json, has, put_json
-from dejavu_py.ft import commands
-from dejavu_py.ft.heartbeat import last_beat
-from dejavu_py.ft.replay import for_replay, replay_steps
-from dejavu_py.ft.watch import MemberLost
+from dejavu_py.coordinator.replay import for_replay, replay_steps
+from dejavu_py.coordinator.watch import MemberLost
 from dejavu_py.protocol import keys
 from dejavu_py.protocol.layout import COORD
 from dejavu_py.protocol.recovery import (
@@ -45,7 +45,7 @@ from dejavu_py.protocol.recovery import (
 from dejavu_py.protocol.replica import ReplicaCoverage
 
 if TYPE_CHECKING:
-    from dejavu_py.engine.coordinator import Coordinator
+    from dejavu_py.coordinator.coordinator import Coordinator
 
 _log = log.get(__name__)
 

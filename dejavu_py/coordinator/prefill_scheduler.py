@@ -10,8 +10,8 @@ import collections
 import time
 
 from dejavu_py.config import SchedulerConfig
-from dejavu_py.engine.block_manager import BlockManager
-from dejavu_py.engine.sequence import Sequence, Status
+from dejavu_py.coordinator.block_manager import BlockManager
+from dejavu_py.coordinator.sequence import Sequence, Status
 from dejavu_py.protocol.plan import StepCounter, StepPlan, StepResult
 
 

@@ -20,8 +20,8 @@ import math
 import time
 
 from dejavu_py.config import SchedulerConfig
-from dejavu_py.engine.block_manager import BlockManager
-from dejavu_py.engine.sequence import Sequence, Status
+from dejavu_py.coordinator.block_manager import BlockManager
+from dejavu_py.coordinator.sequence import Sequence, Status
 from dejavu_py.protocol.plan import (
     SeqState,
     StepCounter,

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 
 from dejavu_py import log
-from dejavu_py.engine.host_buffers import HostBuffers
 from dejavu_py.models.kv_cache import KVCache
-from dejavu_py.ft import replica_shm
-from dejavu_py.ft.replica import coalesce
 from dejavu_py.protocol.replica import ReplicaAck, ReplicaChunk
+from dejavu_py.stage import replica_shm
+from dejavu_py.stage.host_buffers import HostBuffers
+from dejavu_py.stage.replica_store import coalesce
 
 _log = log.get(__name__)
 

@@ -9,13 +9,13 @@ import time
 from collections.abc import Callable
 
 from dejavu_py import log
-from dejavu_py.engine.colocated import recompute_notes
-from dejavu_py.engine.prefill_scheduler import PrefillScheduler
-from dejavu_py.engine.scheduler import Scheduler
-from dejavu_py.engine.sequence import Sequence
+from dejavu_py.coordinator.colocated import recompute_notes
+from dejavu_py.coordinator.driver import RecoverInfo
+from dejavu_py.coordinator.prefill_scheduler import PrefillScheduler
+from dejavu_py.coordinator.scheduler import Scheduler
+from dejavu_py.coordinator.sequence import Sequence
 from dejavu_py.protocol.layout import Member
 from dejavu_py.protocol.plan import KVAck, StepResult, StepRouting, Stop
-from dejavu_py.protocol.recovery import RecoverInfo
 
 _log = log.get(__name__)
 

@@ -5,7 +5,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from dejavu_py.engine.request import Request
+from dejavu_py.coordinator.request import Request
 from dejavu_py.protocol.plan import SeqState
 
 

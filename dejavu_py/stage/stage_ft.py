@@ -21,11 +21,6 @@ import torch
 from dejavu_py import log
 from dejavu_py.comm.receiver import EdgeBroken
 from dejavu_py.comm.store import get_json, has, put_json
-from dejavu_py.ft import replica_shm
-from dejavu_py.ft.checkpoints import TokenStateRing, routing_mismatches
-from dejavu_py.ft.replica import ReplicaStore, covered_slots
-from dejavu_py.ft.replica_sender import PIECE_BYTES, ReplicaSender
-from dejavu_py.ft.replica_shm import ReplicaShm
 from dejavu_py.protocol import keys
 from dejavu_py.protocol.plan import KVChunk, StepPlan, StepResult, StepRouting
 from dejavu_py.protocol.recovery import (
@@ -37,13 +32,18 @@ from dejavu_py.protocol.recovery import (
     Rereplicate,
 )
 from dejavu_py.protocol.replica import ReplicaAck, ReplicaChunk, ReplicaCoverage
+from dejavu_py.stage import replica_shm
+from dejavu_py.stage.checkpoints import TokenStateRing, routing_mismatches
+from dejavu_py.stage.replica_sender import PIECE_BYTES, ReplicaSender
+from dejavu_py.stage.replica_shm import ReplicaShm
+from dejavu_py.stage.replica_store import ReplicaStore, covered_slots
 
 if TYPE_CHECKING:
     from dejavu_py.config import RunConfig
     from dejavu_py.models.kv_cache import CacheSpec
-    from dejavu_py.engine.runner import Launched
     from dejavu_py.protocol.layout import Layout, Member
-    from dejavu_py.runtime.worker import Worker
+    from dejavu_py.stage.runner import Launched
+    from dejavu_py.stage.worker import Worker
 
 _log = log.get(__name__)
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dejavu_py.engine.scheduler import Scheduler
-from dejavu_py.engine.sequence import Sequence
+from dejavu_py.coordinator.driver import RecoverInfo
+from dejavu_py.coordinator.scheduler import Scheduler
+from dejavu_py.coordinator.sequence import Sequence
 from dejavu_py.protocol.layout import Member
 from dejavu_py.protocol.plan import StepResult, StepRouting
-from dejavu_py.protocol.recovery import RecoverInfo
 
 
 def recompute_notes(dropped: int, redo: list[Sequence]) -> dict:

@@ -8,20 +8,15 @@ import torch
 
 from dejavu_py import log
 from dejavu_py.models.attn_meta import SeqSlice, build_attn_meta, step_slots
-from dejavu_py.engine.decode_graphs import DecodeGraphs, stack_routing
-from dejavu_py.engine.host_buffers import HostBuffers
-from dejavu_py.engine.host_copies import (
-    DeviceWait,
-    LateCopy,
-    queue_copies,
-    record_event,
-)
 from dejavu_py.models.kv_cache import KVCache
-from dejavu_py.engine.sampler import sample
-from dejavu_py.engine.swap import Swapper
 from dejavu_py.protocol.plan import SeqState, StepPlan, StepResult
 from dejavu_py.protocol.routing import EMPTY, RoutingRecord, compact
 from dejavu_py.protocol.split import StageSpec
+from dejavu_py.stage.decode_graphs import DecodeGraphs, stack_routing
+from dejavu_py.stage.host_buffers import HostBuffers
+from dejavu_py.stage.host_copies import DeviceWait, LateCopy, queue_copies, record_event
+from dejavu_py.stage.sampler import sample
+from dejavu_py.stage.swap import Swapper
 
 _log = log.get(__name__)
 

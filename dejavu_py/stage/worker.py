@@ -18,28 +18,24 @@ import queue
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from dejavu_py import log
 from dejavu_py.comm.edge import Edge
+from dejavu_py.comm.heartbeat import beat_interval, start_beating
 from dejavu_py.comm.host_ring import RingRead
 from dejavu_py.comm.receiver import EdgeBroken
 from dejavu_py.comm.store import StoreAddress, connect, get_json, put_json
 from dejavu_py.config import RunConfig
-from dejavu_py.models.attn_meta import step_slots
-from dejavu_py.engine.kv_stream import KVReceiver, KVStreamer
-from dejavu_py.engine.progress import LoopTimes
-from dejavu_py.engine.runner import Launched, StageRunner
 from dejavu_py.errors import PipelineError, UserError
-from dejavu_py.ft.heartbeat import beat_interval, start_beating
-from dejavu_py.ft.stage_ft import StageFT
+from dejavu_py.models.attn_meta import step_slots
 from dejavu_py.protocol import keys
 from dejavu_py.protocol.layout import COORD, Layout, Member
 from dejavu_py.protocol.plan import KVAck, KVChunk, Sampled, StepPlan, StepResult, Stop
 from dejavu_py.protocol.recovery import (
-    EdgesReady,
     Rebuilt,
     Recover,
     ReplayQuery,
@@ -49,10 +45,14 @@ from dejavu_py.protocol.recovery import (
     Restore,
 )
 from dejavu_py.protocol.replica import ReplicaChunk
-from dejavu_py.runtime.ahead import RunAhead, StepDone, runs_ahead
-from dejavu_py.runtime.devices import data_backend, placement, resolve_device
-from dejavu_py.runtime.stage_load import load_runner
-from dejavu_py.runtime.trace import StepTrace
+from dejavu_py.stage.ahead import RunAhead, StepDone, runs_ahead
+from dejavu_py.stage.devices import data_backend, placement, resolve_device
+from dejavu_py.stage.kv_stream import KVReceiver, KVStreamer
+from dejavu_py.stage.runner import Launched, StageRunner
+from dejavu_py.stage.stage_ft import StageFT
+from dejavu_py.stage.stage_load import load_runner
+from dejavu_py.stage.trace import StepTrace
+from dejavu_py.timing import LoopTimes
 
 _log = log.get(__name__)
 
@@ -80,6 +80,15 @@ class WorkerSpec:
     """Incremented each time the member is replaced; keys its edges."""
 
 
+
+
+@dataclass
+class EdgesReady:
+    """Inside a worker: the rebuild thread finished (never crosses an edge)."""
+
+    generation: int
+    edges: dict[str, Any] = field(default_factory=dict)
+    rep: dict[str, Any] = field(default_factory=dict)
 
 
 def main(spec: WorkerSpec) -> int:

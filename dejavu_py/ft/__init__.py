@@ -1,1 +1,0 @@
-"""dejavu_py.ft"""
