@@ -15,7 +15,7 @@ setup(
     ],
     extras_require={
         # transformers is the reference the tests compare against and what make_checkpoint writes with.
-        "test": ["pytest>=7", "pytest-timeout>=2", "transformers>=4.57", "matplotlib>=3.7",
+        "test": ["pytest>=7", "pytest-timeout>=2", "import-linter>=2.1", "transformers>=4.57", "matplotlib>=3.7",
                  # the fused MoE kernel's tests run it under Triton's interpreter on a CPU
                  "triton>=3.4; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         "bench": ["transformers>=4.57", "matplotlib>=3.7"],
