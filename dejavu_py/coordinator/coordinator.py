@@ -19,7 +19,7 @@ import time
 
 from dejavu_py import log
 from dejavu_py.comm.edge import Edge
-from dejavu_py.comm.receiver import EdgeBroken
+from dejavu_py.comm.receiver import EdgeBroken, start_receiver
 from dejavu_py.comm.store import StoreAddress, connect, get_json, has
 from dejavu_py.config import RunConfig
 from dejavu_py.coordinator import workers_file
@@ -51,7 +51,6 @@ from dejavu_py.protocol.replica import ReplicaCoverage
 from dejavu_py.timing import LoopTimes
 
 _log = log.get(__name__)
-IDLE_TIMEOUT_S = 7 * 24 * 3600.0
 LATE_RECOVERY_MESSAGES = (Rebuilt, Replayed, ReplayHave, ReplicaCoverage)
 
 
@@ -133,24 +132,18 @@ class Coordinator:
         return Edge(connect(self.addr), COORD, peer, generation, self.cfg.runtime.comm_timeout_s)
 
     def start_pump(self, peer: str, edge: Edge) -> None:
-        def pump() -> None:
-            while True:
-                try:
-                    msg, _ = edge.recv(IDLE_TIMEOUT_S)
-                except Exception as e:  # the member died or the link broke
-                    if not edge.closed:
-                        self.inbox.put((peer, EdgeBroken(peer, str(e).splitlines()[0][:300], edge.generation)))
-                    return
-                self.inbox.put((peer, msg))
+        def deliver(msg: object, _tensor: object) -> bool:
+            self.inbox.put((peer, msg))
+            return False
 
-        threading.Thread(target=pump, name=f"recv-{peer}", daemon=True).start()
+        start_receiver(edge, peer, deliver, lambda event: self.inbox.put((peer, event)))
 
     def send(self, member: str, msg: object) -> None:
         """To a member; a failure becomes that member's loss, handled by the serving loop."""
         try:
             self.edges[member].send(msg)
         except Exception as e:  # the member is gone
-            self.inbox.put((member, EdgeBroken(member, str(e).splitlines()[0][:300], self.edges[member].generation)))
+            self.inbox.put((member, EdgeBroken.of(member, e, self.edges[member].generation)))
 
     def generation_of(self, name: str) -> int:
         return self.member_gen[name]

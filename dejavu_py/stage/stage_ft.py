@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import threading
 from typing import TYPE_CHECKING
 
 import torch
 
 from dejavu_py import log
-from dejavu_py.comm.receiver import EdgeBroken
+from dejavu_py.comm.receiver import start_receiver
 from dejavu_py.comm.store import get_json, has, put_json
 from dejavu_py.protocol import keys
 from dejavu_py.protocol.plan import KVChunk, StepPlan, StepResult, StepRouting
@@ -150,7 +149,8 @@ class StageFT:
             if old is not None:
                 old.close()
             self.rep_edges[peer] = edge
-            threading.Thread(target=self._pump, args=(peer, edge), name=f"rep-{peer}", daemon=True).start()
+            start_receiver(edge, peer, self._deliver(peer, edge), lambda event: self.w.inbox.put((peer, event, None)),
+                           lambda: self.w._closing)
 
     def drop(self, failed: list[str]) -> None:
         for peer in failed:
@@ -160,14 +160,11 @@ class StageFT:
         if self.sender is not None and self.holder in failed:
             self.sender.reset()  # a new holder starts empty: we re-replicate when told
 
-    def _pump(self, peer: str, edge) -> None:
-        while True:
-            try:
-                msg, t = edge.recv(7 * 24 * 3600.0)
-            except Exception as e:
-                if not (edge.closed or self.w._closing):
-                    self.w.inbox.put((peer, EdgeBroken(peer, str(e).splitlines()[0][:300], edge.generation), None))
-                return
+    def _deliver(self, peer: str, edge):
+        """What the replica edges' receiver does with a message: acknowledgements to the sender, our own
+        KV coming back to the main loop, a remote source's chunk into the replica (and its acknowledgement)."""
+
+        def deliver(msg: object, t: object) -> bool:
             if isinstance(msg, ReplicaAck) and self.sender is not None:
                 self.sender.acked(msg)
             elif isinstance(msg, ReplicaChunk) and msg.source == self.w.me.name:
@@ -179,6 +176,9 @@ class StageFT:
                         edge.send(ReplicaAck(msg.source, msg.acks()))
                     except Exception:  # the source died; its replacement will be told what we hold
                         pass
+            return False
+
+        return deliver
 
     def _send_replica(self, msg: ReplicaChunk, kv: torch.Tensor) -> None:
         edge = self.rep_edges.get(self.holder)

@@ -27,7 +27,7 @@ from dejavu_py import log
 from dejavu_py.comm.edge import Edge
 from dejavu_py.comm.heartbeat import beat_interval, start_beating
 from dejavu_py.comm.host_ring import RingRead
-from dejavu_py.comm.receiver import EdgeBroken
+from dejavu_py.comm.receiver import EdgeBroken, start_receiver
 from dejavu_py.comm.store import StoreAddress, connect, get_json, put_json
 from dejavu_py.config import RunConfig
 from dejavu_py.errors import PipelineError, UserError
@@ -55,10 +55,6 @@ from dejavu_py.stage.trace import StepTrace
 from dejavu_py.timing import LoopTimes
 
 _log = log.get(__name__)
-
-IDLE_TIMEOUT_S = 7 * 24 * 3600.0
-"""A receiver thread waits this long for its peer's next message; a dead peer is reported sooner by
-the transport, by the peer's supervisor or by its missing heartbeats."""
 
 GIL_SWITCH_S = 1e-4
 """The interpreter's switch interval in a worker. The stage's thread lets the GIL go at every torch call;
@@ -200,24 +196,17 @@ class Worker:
                     inbound_bytes=self.ahead.ring_bytes(peer) if self.ahead is not None else 0)
 
     def listen(self, peer: str) -> None:
-        """A daemon thread moving everything ``peer`` sends into the inbox. When the peer dies it first
+        """A receiver thread moving everything ``peer`` sends into the inbox. When the peer dies it first
         releases the edge's rings: this stage's stream may be waiting on them, and its loop on that."""
-        edge = self.edges[peer]
 
-        def pump() -> None:
-            while True:
-                try:
-                    msg, t = edge.recv(IDLE_TIMEOUT_S)
-                except Exception as e:  # the peer died or the link broke: the loop decides what that means
-                    edge.release()
-                    if not (self._closing or edge.closed):
-                        self.inbox.put((peer, EdgeBroken(peer, str(e).splitlines()[0][:300]), None))
-                    return
-                self.inbox.put((peer, msg, t))
-                if isinstance(msg, Stop):
-                    return
+        def deliver(msg: object, x: object) -> bool:
+            self.inbox.put((peer, msg, x))
+            return isinstance(msg, Stop)
 
-        threading.Thread(target=pump, name=f"recv-{peer}", daemon=True).start()
+        start_receiver(self.edges[peer], peer, deliver, self._on_broken(peer), lambda: self._closing, release=True)
+
+    def _on_broken(self, peer: str):
+        return lambda event: self.inbox.put((peer, event, None))
 
     # -- serving -------------------------------------------------------------------------------
     def serve(self) -> int:
@@ -348,7 +337,7 @@ class Worker:
         except Exception as e:
             if not edge.closed:
                 edge.closed = True
-                self.inbox.put((peer, EdgeBroken(peer, str(e).splitlines()[0][:300], edge.generation), None))
+                self._on_broken(peer)(EdgeBroken.of(peer, e, edge.generation))
 
     def _send_kv(self, owner: str, chunk: KVChunk, kv_2TKD: torch.Tensor) -> None:
         self.send_to(owner, chunk, kv_2TKD)
