@@ -3,7 +3,8 @@
 It records, per attempt, which requests were accepted and, as each one finishes, its output record,
 keyed by the request's id. Running the same command again with the same --run-dir after the whole job
 died resumes: requests already finished are not redone, the others are, and the output file ends
-complete. A journal written for another request file or model is refused (use a fresh --run-dir).
+complete. A journal written for another request file or model is refused (use a fresh --run-dir):
+:func:`check_job` says so before any worker starts.
 """
 from __future__ import annotations
 
@@ -45,6 +46,17 @@ def _other_job(path: Path) -> UserError:
         f"run directory {run_dir} holds the journal of another job (a different request file or model); "
         f"give another --run-dir, or delete {run_dir} to start over"
     )
+
+
+def check_job(path: Path, job: str) -> None:
+    """Raise UserError when the journal at ``path`` belongs to another job: found before any worker
+    starts, instead of once they all loaded their weights."""
+    path = Path(path)
+    if not path.exists():
+        return
+    for entry in _entries(path, warn=False):  # the journal's loading says it
+        if entry.get("type") == "start" and entry.get("job") != job:
+            raise _other_job(path)
 
 
 class Journal:

@@ -20,7 +20,7 @@ _log = log.get(__name__)
 def run_rank(cfg: RunConfig, info: RankInfo, report: Callable[[UserError], None]) -> int:
     """``report``: says a user's mistake found once workers started (rank 0), before the other ranks
     learn that the run is over (they exit then, and the launcher stops rank 0 when one does)."""
-    model_cfg, layout = prepare(cfg, info.world_size)
+    model_cfg, layout = prepare(cfg, info.world_size, info.rank)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     level = cfg.runtime.log_level
     log.setup(level, cfg.logs_dir / f"rank{info.rank}-supervisor.log", console_level=level if info.rank == 0 else "WARNING")
