@@ -4,6 +4,7 @@ a few through real subprocesses, one of them under torchrun."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from make_checkpoint import make_checkpoint
 from safetensors.torch import load_file, save_file
 
 from dejavu_py import cli
+from dejavu_py.coordinator.journal import Journal, fingerprint
+from dejavu_py.errors import UserError
+from dejavu_py.runtime.prepare import check_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +183,62 @@ def test_missing_or_empty_requests_file(capsys, ckpt, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     one_line_error(*run_main(capsys, *base(ckpt, empty, tmp_path)), "empty.jsonl", "no requests")
+
+
+# ---- run directory and output: checked before anything starts ----------------------------------------
+
+
+def other_jobs_run_dir(ckpt: Path, tmp_path: Path) -> Path:
+    """A run directory whose journal was written for another request file."""
+    other = write_requests(tmp_path / "other.jsonl", [{"id": "z", "input_ids": [9], "max_new_tokens": 1}])
+    run = tmp_path / "run"
+    journal = Journal(run / "journal.jsonl", fingerprint(other, ckpt))
+    journal.start()
+    journal.close()
+    return run
+
+
+def snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() if p.is_file() else b"" for p in sorted(d.rglob("*"))}
+
+
+@pytest.mark.parametrize("extra", [[], ["--nproc-per-node", "2"]])
+def test_run_dir_of_another_job_is_refused_before_anything_starts(capsys, ckpt, reqs, tmp_path, extra):
+    run = other_jobs_run_dir(ckpt, tmp_path)
+    before = snapshot(run)
+    line = one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, *extra)),
+                          f"run directory {run} ", "another job", "another --run-dir", f"delete {run}")
+    assert "journal" in line
+    assert snapshot(run) == before  # no log, no worker, the other job's journal untouched
+
+
+def test_run_dir_of_the_same_job_passes(ckpt, reqs, tmp_path):
+    cfg, _ = cli.parse(base(ckpt, reqs, tmp_path))
+    journal = Journal(cfg.run_dir / "journal.jsonl", fingerprint(reqs, ckpt))
+    journal.start()
+    journal.close()
+    check_run_dir(cfg)  # a rerun resumes it
+    reqs.write_text(reqs.read_text() + '{"id": "b", "input_ids": [1]}\n')
+    with pytest.raises(UserError, match="another job"):
+        check_run_dir(cfg)
+
+
+def test_run_dir_and_output_must_be_writable_places(capsys, ckpt, reqs, tmp_path):
+    (tmp_path / "afile").write_text("")
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path), "--run-dir", str(tmp_path / "afile")),
+                   "--run-dir", "afile", "is a file")
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path), "--output", str(tmp_path)),
+                   "--output", "is a directory")
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path), "--output", str(tmp_path / "afile" / "o.jsonl")),
+                   "--output", "afile is a file, not a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_output_in_a_read_only_folder(capsys, ckpt, reqs, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path), "--output", str(ro / "sub" / "o.jsonl")),
+                   "--output", f"cannot write in {ro}")
 
 
 # ---- real processes -------------------------------------------------------------------------------

@@ -12,10 +12,12 @@ from dejavu_py.coordinator.output import (
     error_record,
     read_outputs,
     request_error_record,
+    sequence_record,
     success_record,
     write_outputs,
 )
 from dejavu_py.coordinator.request import Request, RequestError
+from dejavu_py.coordinator.sequence import Sequence
 from dejavu_py.errors import UserError
 from dejavu_py.protocol.sampling import SamplingParams
 
@@ -46,6 +48,16 @@ def test_success_record_shape():
     assert with_text["text"] == "t5 t6" and list(with_text)[:4] == ["line", "id", "output_ids", "text"]
 
 
+def test_sequence_record_counts_timings_from_arrival():
+    seq = Sequence(0, _req(4, "q"), output_ids=[7, 8], finish_reason="stop", t_arrival=10.0, t_admitted=10.5,
+                   t_first_token=11.0, t_finish=12.0)
+    assert sequence_record(seq, _FakeTokenizer()) == success_record(
+        seq.request, [7, 8], "stop", Timings(0.5, 1.0, 2.0), tokenizer=_FakeTokenizer())
+    seq.t_prefilled, seq.t_kv_ready, seq.kv_bytes = 10.8, 11.5, 4096  # disaggregated: the prompt's KV
+    assert sequence_record(seq)["timings"] == {"queued_s": 0.5, "first_token_s": 1.0, "total_s": 2.0,
+                                               "kv_bytes": 4096, "kv_transfer_s": 1.0, "kv_after_prefill_s": 0.7}
+
+
 def test_success_record_checks():
     with pytest.raises(ValueError, match="finish_reason"):
         success_record(_req(1, "a"), [1], "eos", T)
@@ -61,6 +73,7 @@ def test_error_records():
         "error": "requests.jsonl line 3: invalid JSON: Expecting value at column 5",
     }
     assert error_record(4, "q4", "stage 1 failed twice") == {"line": 4, "id": "q4", "error": "stage 1 failed twice"}
+    assert error_record(None, "chat-1", "stopped") == {"line": None, "id": "chat-1", "error": "stopped"}  # no file
 
 
 def test_write_in_line_order_atomically_and_read_back(tmp_path):

@@ -336,3 +336,10 @@ def test_prompt_tokens_outside_model_vocab(tmp_path, monkeypatch, tok):
 def test_request_dataclass_defaults():
     r = Request(line=1, id="a", input_ids=[1, 2], max_new_tokens=3, sampling=SamplingParams(seed=1))
     assert r.max_new_tokens_requested == 3 and not r.clamped and r.num_prompt_tokens == 2 and r.stop_token_ids == ()
+
+
+def test_a_request_is_its_id_the_line_only_says_where_the_file_had_it(tmp_path, monkeypatch):
+    reqs, _ = _load(tmp_path, monkeypatch, ["", {"id": 7, "input_ids": [1]}])
+    assert [(r.id, r.line) for r in reqs] == [("7", 2)]
+    online = Request(id="chat-1", input_ids=[1], max_new_tokens=2, sampling=SamplingParams(seed=1))
+    assert online.line is None

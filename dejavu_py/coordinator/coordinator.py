@@ -1,6 +1,8 @@
-"""The coordinator owns requests and results: it loads the request file, admits requests as they
-arrive, lets a driver (colocated or disaggregated) turn every message into the next plans, keeps the
-request journal, and writes the output. It lives in rank 0's supervisor process and computes nothing.
+"""The coordinator owns requests and results: it admits requests as its source hands them out (the
+request file, coordinator/source.py), lets a driver (colocated or disaggregated) turn every message into
+the next plans, keeps the request journal, and tells its output sink (the output file,
+coordinator/sink.py) of every token and every finished request. It lives in rank 0's supervisor
+process and computes nothing.
 
 Everything reaches it through one inbox: a receiver thread per edge (results, KV acknowledgements,
 recovery acknowledgements) and watchers that turn supervisors' exit reports and missing heartbeats
@@ -10,8 +12,8 @@ the others keep running; with it off, the run ends and a rerun with the same run
 from __future__ import annotations
 
 import gc
-import heapq
 import json
+import math
 import os
 import queue
 import threading
@@ -27,19 +29,15 @@ from dejavu_py.coordinator.block_manager import BlockManager
 from dejavu_py.coordinator.colocated import ColocatedDriver
 from dejavu_py.coordinator.disagg import DisaggDriver
 from dejavu_py.coordinator.journal import Journal, fingerprint
-from dejavu_py.coordinator.output import (
-    Timings,
-    error_record,
-    request_error_record,
-    success_record,
-    write_outputs,
-)
+from dejavu_py.coordinator.ledger import Ledger
+from dejavu_py.coordinator.output import request_error_record
 from dejavu_py.coordinator.prefill_scheduler import PrefillScheduler
 from dejavu_py.coordinator.progress import ProgressBar, RunSummary
 from dejavu_py.coordinator.recovery import Recovery
-from dejavu_py.coordinator.request import Request, RequestLimits, load_requests
+from dejavu_py.coordinator.request import RequestLimits, load_requests
 from dejavu_py.coordinator.scheduler import Scheduler
-from dejavu_py.coordinator.sequence import Sequence, Status
+from dejavu_py.coordinator.sink import JsonlSink, OutputSink
+from dejavu_py.coordinator.source import FileSource, RequestSource
 from dejavu_py.coordinator.tokenizer import load_tokenizer
 from dejavu_py.coordinator.watch import MemberLost, watch
 from dejavu_py.errors import PipelineError, UserError
@@ -58,12 +56,17 @@ class PipelineLost(RuntimeError):
     """A member was lost with fault tolerance off: the run ends, a rerun resumes from the journal."""
 
 
+class Wake:
+    """In the inbox: a request source's nudge to poll now (a request arrived unannounced)."""
+
+
 class Coordinator:
     def __init__(self, cfg: RunConfig, layout: Layout, model_cfg, store, addr: StoreAddress | None = None) -> None:
         self.cfg, self.layout, self.model_cfg, self.store, self.addr = cfg, layout, model_cfg, store, addr
         self.t_start = time.monotonic()
         self.tokenizer = load_tokenizer(cfg.model)
-        self.records: list[dict] = []
+        self.rejected: list[dict] = []  # error records of the request file's bad lines
+        self.ledger: Ledger | None = None
         self.summary: RunSummary | None = None
         self.edges: dict[str, Edge] = {}
         self.inbox: queue.Queue = queue.Queue()
@@ -74,13 +77,14 @@ class Coordinator:
         self.journal: Journal | None = None
         self._stop_watch = threading.Event()
         self._progress_t = 0.0
-        self._last_progress = (0, 0)
         self.timeline: list[list] = []  # [unix time, tokens, requests done] -> timeline-<attempt>.json
         self.loop_times = LoopTimes()
         """The serving loop per step result: idle (waiting for any message), plan (everything else)."""
 
     # -- setup ---------------------------------------------------------------------------------
-    def load_requests(self) -> list[Request]:
+    def load_requests(self) -> FileSource:
+        """The request file as a source; whole-file mistakes raise UserError here, before any worker
+        starts, and each bad line's error record waits for :meth:`run` to tell the sink."""
         mc, cache = self.model_cfg, self.cfg.cache
         limits = RequestLimits(
             vocab_size=mc.vocab_size,
@@ -92,8 +96,8 @@ class Coordinator:
         requests, errors = load_requests(self.cfg.prompts, limits, self.tokenizer)
         for err in errors:
             _log.warning("%s", err)
-            self.records.append(request_error_record(err))
-        return requests
+        self.rejected = [request_error_record(err) for err in errors]
+        return FileSource(requests)
 
     def await_members(self) -> None:
         """Wait until every stage worker has loaded its weights; fail on the first error or death."""
@@ -156,23 +160,24 @@ class Coordinator:
         return min(ranks)
 
     # -- running -------------------------------------------------------------------------------
-    def run(self, requests: list[Request]) -> int:
-        """The whole run once workers are starting; returns the exit code (0 when every accepted
-        request has its output)."""
+    def run(self, source: RequestSource, sink: OutputSink | None = None) -> int:
+        """The whole run once workers are starting: serve what ``source`` hands out until it is
+        exhausted, telling ``sink`` (default: the output file) of every token and record. Returns the
+        exit code (0 when every accepted request has its output)."""
         self.journal = Journal(self.cfg.run_dir / "journal.jsonl", fingerprint(self.cfg.prompts, self.cfg.model))
-        done_before = self.journal.finished
-        self.records += [done_before[r.line] for r in requests if r.line in done_before]
-        todo = [r for r in requests if r.line not in done_before]
-        self.journal.start([(r.line, r.id) for r in todo])
+        self.journal.start()
+        self.ledger = Ledger(self.journal, sink or JsonlSink(self.cfg.output), self.tokenizer)
+        for rec in self.rejected:
+            self.ledger.answer(rec, journal=False)
         self.await_members()
         self.connect()
         self.driver = self._driver()
         gc.freeze()  # what setting up made lives on: the collector's full passes skip it from here on
         t_gen = time.monotonic()
-        seqs = [Sequence(i, r, t_arrival=t_gen + r.arrival_s) for i, r in enumerate(todo)]
+        source.start(t_gen, lambda: self.inbox.put((None, Wake())))
         code = 0
         try:
-            self._serve(seqs)
+            self._serve(source, t_gen)
             self._stop()
         except (RuntimeError, TimeoutError) as e:
             code = 3 if isinstance(e, PipelineLost) else 1
@@ -180,10 +185,8 @@ class Coordinator:
             _log.error("run ended: %s", cause)
             hint = "; rerun the same command with the same --run-dir to finish the rest" if code == 3 else ""
             self.journal.note("failed", cause=cause)
-            for s in seqs:
-                if s.status is not Status.FINISHED:
-                    self.records.append(error_record(s.request.line, s.request.id, f"not finished: {cause}{hint}"))
-        self._finish(seqs, time.monotonic() - t_gen)
+            self.ledger.abandon(source.poll(math.inf), t_gen, f"{cause}{hint}")
+        self._finish(time.monotonic() - t_gen)
         # "ended": a rerun (or torchrun's restart) with this run directory finishes the rest
         self.refresh_workers_file({0: "done", 3: "ended"}.get(code, "failed"))
         self.close()
@@ -228,62 +231,77 @@ class Coordinator:
             return len(places)
         return len({(p["host"], p["device"]) for p in places})
 
-    def _serve(self, seqs: list[Sequence]) -> None:
-        driver = self.driver
-        arrivals = [(s.t_arrival, s.seq_id) for s in seqs]
-        heapq.heapify(arrivals)
-        bar = ProgressBar(len(seqs), self.cfg.runtime.progress)
-        done = tokens = 0
+    def _serve(self, source: RequestSource, t0: float) -> None:
+        """Until the source is exhausted and nothing is in flight: admit arrivals, plan, take one
+        message. Silence of every stage for --comm-timeout while work is in flight ends the run."""
+        driver, limit = self.driver, self.cfg.runtime.comm_timeout_s
+        bar = ProgressBar(source.expected(), self.cfg.runtime.progress)
+        ledger = self.ledger
         self.loop_times = times = LoopTimes()
-        while arrivals or driver.busy():
+        quiet_since = time.monotonic()  # the last message, or the last moment with nothing in flight
+        while True:
             now = time.monotonic()
-            while arrivals and arrivals[0][0] <= now:
-                driver.add(seqs[heapq.heappop(arrivals)[1]])
+            for seq in ledger.arrived(source.poll(now), t0):
+                driver.add(seq)
             driver.fill()
-            wait = arrivals[0][0] - now if arrivals else self.cfg.runtime.comm_timeout_s
+            if not driver.busy():
+                if source.exhausted():
+                    break
+                quiet_since = now
             times.mark("plan")
             try:
-                source, msg = self.inbox.get(timeout=max(wait, 0.001))
+                sender, msg = self.inbox.get(timeout=self._wait_s(source, now, quiet_since))
                 times.mark("idle")
             except queue.Empty:
                 times.mark("idle")
-                if arrivals:
-                    continue
-                raise TimeoutError(f"no message from any stage for {self.cfg.runtime.comm_timeout_s:.0f}s") from None
-            if isinstance(msg, (EdgeBroken, MemberLost)):
-                if self.is_loss(msg):  # else: news of a generation already replaced
-                    self._lost(msg)
+                if driver.busy() and time.monotonic() - quiet_since >= limit:
+                    raise TimeoutError(f"no message from any stage for {limit:.0f}s") from None
                 continue
-            if isinstance(msg, LATE_RECOVERY_MESSAGES):  # answers to a recovery that already moved on
-                _log.debug("late %s from %s", type(msg).__name__, source)
+            if isinstance(msg, Wake):
                 continue
-            finished = driver.on_message(source, msg)
-            if isinstance(msg, StepResult):
-                times.end_step()
-                tokens += len(msg.token_ids)
-                self.recovery.on_tokens(msg.seq_ids)
-            for s in finished:
-                rec = self._success(s)
-                self.records.append(rec)
-                self.journal.finish(rec)
-            done += len(finished)
-            bar.update(done, tokens)
-            self._progress(done, tokens)
-        bar.close(done, tokens)
-        self._progress(done, tokens, force=True)
+            self._handle(sender, msg)
+            quiet_since = time.monotonic()  # a recovery may have taken a while: count from its end
+            bar.update(ledger.answered, ledger.tally.tokens)
+            self._progress()
+        bar.close(ledger.answered, ledger.tally.tokens)
+        self._progress(force=True)
+
+    def _handle(self, sender: str, msg: object) -> None:
+        """One message from a member or a watcher: a loss, a late recovery answer, or the driver's."""
+        if isinstance(msg, (EdgeBroken, MemberLost)):
+            if self.is_loss(msg):  # else: news of a generation already replaced
+                self._lost(msg)
+            return
+        if isinstance(msg, LATE_RECOVERY_MESSAGES):  # answers to a recovery that already moved on
+            _log.debug("late %s from %s", type(msg).__name__, sender)
+            return
+        finished = self.driver.on_message(sender, msg)
+        if isinstance(msg, StepResult):
+            self.loop_times.end_step()
+            self.recovery.on_tokens(msg.seq_ids)
+            self.ledger.tokens(msg.seq_ids, len(msg.token_ids))
+        self.ledger.finished(finished)
+
+    def _wait_s(self, source: RequestSource, now: float, quiet_since: float) -> float:
+        """How long the loop may wait for a message: until the next known arrival, and while work is in
+        flight no longer than until the stages count as silent."""
+        limit = self.cfg.runtime.comm_timeout_s
+        wait = quiet_since + limit - now if self.driver.busy() else limit
+        arrival = source.next_arrival()
+        if arrival is not None:
+            wait = min(wait, arrival - now)
+        return max(wait, 0.001)
 
     def write_progress(self) -> None:
         self._progress(force=True)
 
-    def _progress(self, done: int | None = None, tokens: int | None = None, force: bool = False) -> None:
+    def _progress(self, force: bool = False) -> None:
         """RUN_DIR/progress.json, a few times a second: what fault scripts and dashboards watch."""
         now = time.monotonic()
         if not force and now - self._progress_t < 0.05:
             return
         self._progress_t = now
-        if done is None:
-            done, tokens = self._last_progress
-        self._last_progress = (done, tokens)
+        done, tokens = (self.ledger.tally.served, self.ledger.tally.tokens) if self.ledger else (0, 0)
         doc = {"time": time.time(), "requests_done": done, "tokens": tokens, "step": self.steps.current,
                "recoveries": self.recovery.count, "recovering": self.recovery.in_progress}
         self.timeline.append([round(doc["time"], 3), tokens, done])
@@ -344,29 +362,13 @@ class Coordinator:
         (self.cfg.run_dir / "ft_stats.json").write_text(json.dumps(doc, indent=2) + "\n")
 
     # -- output --------------------------------------------------------------------------------
-    def _success(self, s: Sequence) -> dict:
-        t0 = s.t_arrival
-        timings = Timings(
-            queued_s=max((s.t_admitted or t0) - t0, 0.0),
-            first_token_s=max((s.t_first_token or t0) - t0, 0.0),
-            total_s=max((s.t_finish or t0) - t0, 0.0),
-        )
-        extra = None
-        if s.t_kv_ready is not None:
-            extra = {
-                "kv_bytes": s.kv_bytes,
-                "kv_transfer_s": round(s.t_kv_ready - (s.t_admitted or t0), 6),
-                "kv_after_prefill_s": round(max(s.t_kv_ready - (s.t_prefilled or t0), 0.0), 6),
-            }
-        return success_record(s.request, s.output_ids, s.finish_reason or "length", timings, self.tokenizer, extra)
-
-    def _finish(self, seqs: list[Sequence], gen_s: float) -> None:
-        write_outputs(self.cfg.output, self.records)
-        failed = sum("error" in r for r in self.records)
+    def _finish(self, gen_s: float) -> None:
+        self.ledger.sink.close()
+        t, seqs = self.ledger.tally, self.ledger.seqs
         self.summary = RunSummary(
-            requests=len(self.records),
-            completed=len(self.records) - failed,
-            failed=failed,
+            requests=t.records,
+            completed=t.records - t.failed,
+            failed=t.failed,
             prompt_tokens=sum(s.prompt_len for s in seqs),
             generated_tokens=sum(len(s.output_ids) for s in seqs),
             wall_s=time.monotonic() - self.t_start,
@@ -378,7 +380,7 @@ class Coordinator:
             m.name: get_json(self.store, keys.ft_stats(m.name)).get("loop") for m in self.layout.members
             if has(self.store, keys.ft_stats(m.name))}}
         doc = {**self.summary.to_dict(), **self.driver.notes(), "recoveries": self.recovery.count, "loop_ms": loops,
-               "resumed_from_journal": len(self.journal.finished) - sum(1 for s in seqs if s.status is Status.FINISHED)}
+               "resumed_from_journal": t.resumed}
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
         attempt = self.journal.attempts + 1
         (self.cfg.run_dir / f"timeline-{attempt}.json").write_text(

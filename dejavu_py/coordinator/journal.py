@@ -1,9 +1,10 @@
 """The request journal: RUN_DIR/journal.jsonl, append-only and flushed as it goes.
 
-It records, per attempt, which requests were accepted and, as each one finishes, its output record.
-Running the same command again with the same --run-dir after the whole job died resumes: requests
-already finished are not redone, the others are, and the output file ends complete. A journal written
-for another request file or model is refused (use a fresh --run-dir).
+It records, per attempt, which requests were accepted and, as each one finishes, its output record,
+keyed by the request's id. Running the same command again with the same --run-dir after the whole job
+died resumes: requests already finished are not redone, the others are, and the output file ends
+complete. A journal written for another request file or model is refused (use a fresh --run-dir):
+:func:`check_job` says so before any worker starts.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,39 @@ def fingerprint(requests_file: Path, model: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _entries(path: Path, warn: bool = True) -> Iterator[dict[str, Any]]:
+    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            yield json.loads(raw)
+        except json.JSONDecodeError:  # a torn last line after a crash: everything before it counts
+            if warn:
+                _log.warning("%s line %d is incomplete; ignoring it", path, n)
+
+
+def _other_job(path: Path) -> UserError:
+    run_dir = path.parent
+    return UserError(
+        f"run directory {run_dir} holds the journal of another job (a different request file or model); "
+        f"give another --run-dir, or delete {run_dir} to start over"
+    )
+
+
+def check_job(path: Path, job: str) -> None:
+    """Raise UserError when the journal at ``path`` belongs to another job: found before any worker
+    starts, instead of once they all loaded their weights."""
+    path = Path(path)
+    if not path.exists():
+        return
+    for entry in _entries(path, warn=False):  # the journal's loading says it
+        if entry.get("type") == "start" and entry.get("job") != job:
+            raise _other_job(path)
+
+
 class Journal:
     def __init__(self, path: Path, job: str) -> None:
         self.path = Path(path)
         self.job = job
-        self.finished: dict[int, dict[str, Any]] = {}  # request line -> output record
+        self.finished: dict[str, dict[str, Any]] = {}  # request id -> output record
         self.attempts = 0
         if self.path.exists():
             self._load()
@@ -42,33 +72,33 @@ class Journal:
         self._last_sync = time.monotonic()
 
     def _load(self) -> None:
-        for n, raw in enumerate(self.path.read_text(encoding="utf-8").splitlines(), start=1):
-            try:
-                entry = json.loads(raw)
-            except json.JSONDecodeError:  # a torn last line after a crash: everything before it counts
-                _log.warning("%s line %d is incomplete; ignoring it", self.path, n)
-                continue
+        for entry in _entries(self.path):
             if entry.get("type") == "start":
                 if entry.get("job") != self.job:
-                    raise UserError(
-                        f"{self.path}: this run directory holds the journal of another job (different request "
-                        "file or model); give a new --run-dir, or delete the journal to start over"
-                    )
+                    raise _other_job(self.path)
                 self.attempts += 1
             elif entry.get("type") == "finished":
                 rec = entry["record"]
-                self.finished[int(rec["line"])] = rec
+                self.finished[str(rec["id"])] = rec
         if self.finished:
             _log.info("%s: resuming attempt %d with %d requests already finished", self.path, self.attempts + 1,
                       len(self.finished))
 
-    def start(self, accepted: list[tuple[int, str]]) -> None:
+    def start(self) -> None:
         self._append({"type": "start", "job": self.job, "time": time.time(), "attempt": self.attempts + 1})
-        self._append({"type": "accepted", "requests": [[line, rid] for line, rid in accepted]})
         self._sync(force=True)
 
+    def accept(self, request_ids: list[str]) -> None:
+        """Requests that arrived and will be served (not flushed to disk at once: a crash before their
+        record only means they are served again)."""
+        self._append({"type": "accepted", "ids": list(request_ids)})
+        self._sync()
+
     def finish(self, record: dict[str, Any]) -> None:
-        self.finished[int(record["line"])] = record
+        """A request's output record; a rerun answers its id with it instead of serving it again."""
+        if not isinstance(record.get("id"), str):
+            raise TypeError(f"journal records need a string 'id' (a request's): {record!r:.200}")
+        self.finished[record["id"]] = record
         self._append({"type": "finished", "record": record})
         self._sync()
 

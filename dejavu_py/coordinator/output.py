@@ -9,8 +9,8 @@ Success::
 
     {"line": 3, "id": "q3", "error": "requests.jsonl line 3: field 'top_p': expected ..."}
 
-"line" is the request's 1-based line in the request file: the sort key, and the way back to a line
-whose id could not be read (its "id" is null).
+"id" identifies the request; "line" is its 1-based line in the request file: the output file's sort
+key, and the way back to a line whose id could not be read (its "id" is null).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from dejavu_py.errors import UserError
 
 if TYPE_CHECKING:
     from dejavu_py.coordinator.request import Request, RequestError
+    from dejavu_py.coordinator.sequence import Sequence as Seq
     from dejavu_py.coordinator.tokenizer import Tokenizer
 
 _log = log.get(__name__)
@@ -78,9 +79,28 @@ def success_record(
     return rec
 
 
-def error_record(line: int, request_id: str | None, error: str) -> dict[str, Any]:
-    """The record of a request that failed (a bad line, or a request the run could not finish)."""
-    return {"line": int(line), "id": request_id, "error": str(error)}
+def sequence_record(seq: Seq, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """The record of a finished sequence, its timings counted from its arrival."""
+    t0 = seq.t_arrival
+    timings = Timings(
+        queued_s=max((seq.t_admitted or t0) - t0, 0.0),
+        first_token_s=max((seq.t_first_token or t0) - t0, 0.0),
+        total_s=max((seq.t_finish or t0) - t0, 0.0),
+    )
+    extra = None
+    if seq.t_kv_ready is not None:
+        extra = {
+            "kv_bytes": seq.kv_bytes,
+            "kv_transfer_s": round(seq.t_kv_ready - (seq.t_admitted or t0), 6),
+            "kv_after_prefill_s": round(max(seq.t_kv_ready - (seq.t_prefilled or t0), 0.0), 6),
+        }
+    return success_record(seq.request, seq.output_ids, seq.finish_reason or "length", timings, tokenizer, extra)
+
+
+def error_record(line: int | None, request_id: str | None, error: str) -> dict[str, Any]:
+    """The record of a request that failed (a bad line, or a request the run could not finish);
+    ``line`` is None for a request that came from no file."""
+    return {"line": None if line is None else int(line), "id": request_id, "error": str(error)}
 
 
 def request_error_record(err: RequestError) -> dict[str, Any]:

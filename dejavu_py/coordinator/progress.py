@@ -1,15 +1,37 @@
-"""Progress on long runs: a one-line bar on a terminal, and the end-of-run summary."""
+"""Progress on long runs: the tally of answers, a one-line bar on a terminal, and the end-of-run summary."""
 from __future__ import annotations
 
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class Tally:
+    """What the serving loop has answered so far: progress.json, the bar and the summary read it."""
+
+    records: int = 0
+    """Output records told to the sink: successes and errors, bad lines and journal answers included."""
+    failed: int = 0
+    """Those of them that are errors."""
+    served: int = 0
+    """Requests this attempt's pipeline finished."""
+    resumed: int = 0
+    """Requests answered from an earlier attempt's journal."""
+    tokens: int = 0
+    """Tokens this attempt's step results brought."""
+
+    def count(self, record: dict[str, Any]) -> None:
+        self.records += 1
+        self.failed += "error" in record
 
 
 class ProgressBar:
-    """``[#####.....] 12/40 requests | 1,234 tokens | 56.7 tok/s`` redrawn in place on stderr."""
+    """``[#####.....] 12/40 requests | 1,234 tokens | 56.7 tok/s`` redrawn in place on stderr (without
+    the bar and the total when the number of requests is not known in advance)."""
 
-    def __init__(self, total: int, enabled: bool, min_interval_s: float = 0.2) -> None:
+    def __init__(self, total: int | None, enabled: bool, min_interval_s: float = 0.2) -> None:
         self.total = total
         self.enabled = enabled and sys.stderr.isatty()
         self.t0 = time.monotonic()
@@ -24,10 +46,14 @@ class ProgressBar:
             return
         self._last = now
         rate = tokens / max(now - self.t0, 1e-9)
-        width = 30
-        fill = int(width * done / max(self.total, 1))
-        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} requests | {tokens:,} tokens | {rate:,.1f} tok/s ")
+        sys.stderr.write(f"\r{self._count(done)} requests | {tokens:,} tokens | {rate:,.1f} tok/s ")
         sys.stderr.flush()
+
+    def _count(self, done: int, width: int = 30) -> str:
+        if self.total is None:
+            return str(done)
+        fill = int(width * done / max(self.total, 1))
+        return f"[{'#' * fill}{'.' * (width - fill)}] {done}/{self.total}"
 
     def close(self, done: int, tokens: int) -> None:
         if self.enabled:

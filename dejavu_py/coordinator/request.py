@@ -50,12 +50,11 @@ _EXAMPLE = '{"id": "q1", "prompt": "Hello", "max_new_tokens": 16}'
 
 @dataclass
 class Request:
-    """One checked request, ready for the scheduler."""
+    """One checked request, ready for the scheduler. Its id identifies it everywhere (journal, output
+    sink, an online client's stream); ``line`` only says where a request file had it."""
 
-    line: int
-    """1-based physical line of the request file."""
     id: str
-    """The request's id (integer ids are turned into strings)."""
+    """The request's id, unique in its source (integer ids are turned into strings)."""
     input_ids: list[int]
     """Prompt tokens, all in the model's vocabulary; never empty."""
     max_new_tokens: int
@@ -70,6 +69,9 @@ class Request:
     """max_new_tokens before clamping (same as max_new_tokens when not clamped)."""
     arrival_s: float = 0.0
     """Seconds after the pipeline starts serving at which the request arrives (open-loop traces)."""
+    line: int | None = None
+    """1-based physical line of the request file (orders the output file); None for a request that
+    came from no file."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens_requested is None:
@@ -259,7 +261,6 @@ def _parse_line(obj: dict[str, Any], rid: str, line: int, limits: RequestLimits,
     if n + 1 > limit:
         raise _LineError(f"prompt has {n} tokens; with one new token it needs {n + 1}, more than {what}")
     return Request(
-        line=line,
         id=rid,
         input_ids=input_ids,
         max_new_tokens=min(requested, limit - n),
@@ -268,6 +269,7 @@ def _parse_line(obj: dict[str, Any], rid: str, line: int, limits: RequestLimits,
         prompt=prompt,
         max_new_tokens_requested=requested,
         arrival_s=_parse_arrival(obj),
+        line=line,
     )
 
 

@@ -41,6 +41,9 @@ class Sequence:
     """Disaggregated: when every token stage held its KV."""
     kv_bytes: int = 0
     """Disaggregated: prompt KV bytes streamed to the token stages."""
+    told: int = 0
+    """Output tokens already told to the output sink. A restart keeps it: the tokens generated again
+    are the same ones, and are not told twice."""
 
     @property
     def prompt_len(self) -> int:
@@ -61,6 +64,14 @@ class Sequence:
         s = self.request.sampling
         blocks = list(self.block_table if table is None else table)
         return SeqState(blocks, s.temperature, s.top_p, s.top_k, s.seed, kv_table)
+
+    def untold(self) -> list[int]:
+        """Output tokens the output sink has not been told of yet, counted as told from now on."""
+        if len(self.output_ids) <= self.told:
+            return []
+        new = self.output_ids[self.told :]
+        self.told = len(self.output_ids)
+        return new
 
     def restart(self) -> None:
         """Forget generated tokens and cached KV: it will be prefilled again (same tokens result:

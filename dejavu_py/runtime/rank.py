@@ -20,7 +20,7 @@ _log = log.get(__name__)
 def run_rank(cfg: RunConfig, info: RankInfo, report: Callable[[UserError], None]) -> int:
     """``report``: says a user's mistake found once workers started (rank 0), before the other ranks
     learn that the run is over (they exit then, and the launcher stops rank 0 when one does)."""
-    model_cfg, layout = prepare(cfg, info.world_size)
+    model_cfg, layout = prepare(cfg, info.world_size, info.rank)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     level = cfg.runtime.log_level
     log.setup(level, cfg.logs_dir / f"rank{info.rank}-supervisor.log", console_level=level if info.rank == 0 else "WARNING")
@@ -30,7 +30,7 @@ def run_rank(cfg: RunConfig, info: RankInfo, report: Callable[[UserError], None]
         from dejavu_py.coordinator.coordinator import Coordinator
 
         coordinator = Coordinator(cfg, layout, model_cfg, store=None)
-        requests = coordinator.load_requests()  # whole-file mistakes fail here, before any worker starts
+        source = coordinator.load_requests()  # whole-file mistakes fail here, before any worker starts
     sys.stdout.flush()
     sys.stderr.flush()
     zygote = Zygote.start()  # still single-threaded: safe to fork
@@ -43,7 +43,7 @@ def run_rank(cfg: RunConfig, info: RankInfo, report: Callable[[UserError], None]
             code = sup.wait_done()
         else:
             coordinator.store, coordinator.addr = store, addr
-            code = _coordinate(coordinator, requests, store, sup, report)
+            code = _coordinate(coordinator, source, store, sup, report)
         if host_server:  # the other ranks still need the store to learn that the run is over
             sup.wait_ranks_left(info.world_size - 1, cfg.runtime.comm_timeout_s)
         return code
@@ -51,10 +51,10 @@ def run_rank(cfg: RunConfig, info: RankInfo, report: Callable[[UserError], None]
         sup.shutdown()
 
 
-def _coordinate(coordinator, requests, store, sup: Supervisor, report: Callable[[UserError], None]) -> int:
+def _coordinate(coordinator, source, store, sup: Supervisor, report: Callable[[UserError], None]) -> int:
     code = 1
     try:
-        code = coordinator.run(requests)
+        code = coordinator.run(source)
         return code
     except UserError as e:
         report(e)
