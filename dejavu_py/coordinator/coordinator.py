@@ -26,6 +26,7 @@ from dejavu_py.coordinator import workers_file
 from dejavu_py.coordinator.block_manager import BlockManager
 from dejavu_py.coordinator.colocated import ColocatedDriver
 from dejavu_py.coordinator.disagg import DisaggDriver
+from dejavu_py.coordinator.driver import Driver
 from dejavu_py.coordinator.journal import Journal, fingerprint
 from dejavu_py.coordinator.output import (
     Timings,
@@ -70,7 +71,7 @@ class Coordinator:
         self.member_gen = {m.name: 0 for m in layout.members}
         self.steps = StepCounter()
         self.recovery = Recovery(self)
-        self.driver = None
+        self.driver: Driver | None = None
         self.journal: Journal | None = None
         self._stop_watch = threading.Event()
         self._progress_t = 0.0
@@ -197,7 +198,7 @@ class Coordinator:
         if self.journal is not None:
             self.journal.close()
 
-    def _driver(self) -> ColocatedDriver | DisaggDriver:
+    def _driver(self) -> Driver:
         mc, gen, cache, sc = self.model_cfg, self.cfg.generation, self.cfg.cache, self.cfg.scheduler
         stop_ids = frozenset() if gen.ignore_eos else frozenset(mc.eos_token_ids)
         decode_pipe = self.layout.decode_pipeline
