@@ -3,18 +3,20 @@ heartbeat, when the broken connection was noticed first; a hung worker (killed b
 noticed) stays dated by its last heartbeat."""
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch.distributed as dist
 
 from dejavu_py.comm.store import put_json
+from dejavu_py.config import FTConfig
 from dejavu_py.coordinator.recovery import Recovery, RecoveryRecord
 from dejavu_py.protocol import keys
 
 
 def _recovery() -> tuple[Recovery, dist.Store]:
     store = dist.HashStore()
-    return Recovery(SimpleNamespace(store=store)), store
+    return Recovery(SimpleNamespace(store=store), FTConfig(), Path("unused")), store
 
 
 def test_an_exit_report_that_lands_after_the_failure_was_noticed_dates_it():

@@ -70,7 +70,7 @@ class Coordinator:
         self.inbox: queue.Queue = queue.Queue()
         self.member_gen = {m.name: 0 for m in layout.members}
         self.steps = StepCounter()
-        self.recovery = Recovery(self)
+        self.recovery = Recovery(self, cfg.ft, cfg.run_dir / "recoveries.jsonl")
         self.driver: Driver | None = None
         self.journal: Journal | None = None
         self._stop_watch = threading.Event()
@@ -146,8 +146,32 @@ class Coordinator:
         except Exception as e:  # the member is gone
             self.inbox.put((member, EdgeBroken.of(member, e, self.edges[member].generation)))
 
+    def next_message(self, timeout_s: float) -> tuple[str, object] | None:
+        """The inbox's next (source, message), waiting up to ``timeout_s`` (0: not at all); None if none came."""
+        try:
+            return self.inbox.get(timeout=timeout_s) if timeout_s > 0 else self.inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def requeue(self, messages: list[tuple[str, object]]) -> None:
+        """Messages a recovery set aside, back into the inbox (in order) for the serving loop."""
+        for item in messages:
+            self.inbox.put(item)
+
     def generation_of(self, name: str) -> int:
         return self.member_gen[name]
+
+    def set_generation(self, name: str, generation: int) -> None:
+        """From now on only news of ``generation`` counts as this member's loss (see is_loss)."""
+        self.member_gen[name] = generation
+
+    def install_edge(self, peer: str, edge: Edge) -> None:
+        """The edge to ``peer`` from now on (a replacement's), replacing and closing the old one."""
+        old = self.edges.get(peer)
+        if old is not None:
+            old.close()
+        self.edges[peer] = edge
+        self.start_pump(peer, edge)
 
     def host_leader_of(self, rank: int) -> int:
         """The first rank on ``rank``'s host: its supervisor keeps the host's standbys."""

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from dejavu_py import log
 from dejavu_py.comm import commands
@@ -27,6 +27,8 @@ from dejavu_py.comm.edge import Edge
 from dejavu_py.comm.heartbeat import last_beat
 from dejavu_py.comm.receiver import EdgeBroken
 from dejavu_py.comm.store import get_json, has, put_json
+from dejavu_py.config import FTConfig
+from dejavu_py.coordinator.recovery_port import RecoveryPort
 from dejavu_py.coordinator.replay import for_replay, replay_steps
 from dejavu_py.coordinator.watch import MemberLost
 from dejavu_py.protocol import keys
@@ -43,9 +45,6 @@ from dejavu_py.protocol.recovery import (
     Restore,
 )
 from dejavu_py.protocol.replica import ReplicaCoverage
-
-if TYPE_CHECKING:
-    from dejavu_py.coordinator.coordinator import Coordinator
 
 _log = log.get(__name__)
 
@@ -71,8 +70,9 @@ class RecoveryRecord:
 
 
 class Recovery:
-    def __init__(self, coord: Coordinator) -> None:
-        self.coord = coord
+    def __init__(self, port: RecoveryPort, ft: FTConfig, path: Path) -> None:
+        """``port``: the coordinator; ``path``: where recoveries.jsonl is written."""
+        self.port, self.ft, self.path = port, ft, path
         self.generation = 0
         self.in_progress = False
         self.count = 0
@@ -83,10 +83,10 @@ class Recovery:
 
     # -- entry -----------------------------------------------------------------------------------
     def run(self, failed: set[str], cause: str) -> None:
-        c = self.coord
+        c = self.port
         self._flush_pending("interrupted by a later failure")
         rec = RecoveryRecord(sorted(failed), cause, self._failure_time(failed), time.time(),
-                             {name: self.coord.generation_of(name) for name in failed})
+                             {name: c.generation_of(name) for name in failed})
         rec.phases["detect_s"] = max(rec.t_noticed - rec.t_failure, 0.0)
         self.in_progress = True
         c.write_progress()
@@ -102,19 +102,18 @@ class Recovery:
                     rec.failed, rec.attempts = sorted(failed), rec.attempts + 1
         finally:
             self.in_progress = False
-            for item in stash:
-                c.inbox.put(item)
+            c.requeue(stash)
         self.count += 1
         c.write_progress()
 
     def _failure_time(self, failed: set[str]) -> float:
         times = []
         for name in failed:
-            gen = self.coord.generation_of(name)
-            if has(self.coord.store, keys.exit_(name, gen)):
-                times.append(get_json(self.coord.store, keys.exit_(name, gen))["time"])
+            gen = self.port.generation_of(name)
+            if has(self.port.store, keys.exit_(name, gen)):
+                times.append(get_json(self.port.store, keys.exit_(name, gen))["time"])
             else:
-                beat = last_beat(self.coord.store, name)
+                beat = last_beat(self.port.store, name)
                 times.append(beat[1] if beat else time.time())
         return min(times)
 
@@ -122,7 +121,7 @@ class Recovery:
         """A broken connection is often noticed before the supervisor's exit report lands, and the failure
         was then dated by the last heartbeat (up to a beat earlier). Once every failed member's report is
         in, and each says it exited before it was noticed (a hung one we killed exits after), date it so."""
-        c, times = self.coord, []
+        c, times = self.port, []
         for name, gen in rec.gens.items():
             key = keys.exit_(name, gen)
             t = get_json(c.store, key)["time"] if has(c.store, key) else None
@@ -135,7 +134,7 @@ class Recovery:
 
     # -- one attempt -----------------------------------------------------------------------------
     def _attempt(self, failed: set[str], rec: RecoveryRecord, stash: list) -> None:
-        c = self.coord
+        c = self.port
         self.generation += 1
         gen = self.generation
         t0 = time.monotonic()
@@ -143,7 +142,7 @@ class Recovery:
         _log.warning("recovering %s (generation %d): %s", sorted(failed), gen, rec.cause)
         for name in failed:  # a hung one must really be gone before its replacement joins
             self._kill(name)
-            c.member_gen[name] = gen
+            c.set_generation(name, gen)
         peers = {p for f in failed for p in c.layout.peers_of(f) + c.layout.replica_peers_of(f)}
         survivors = {p for p in peers if p != COORD and p not in failed}
         for s in survivors:
@@ -154,11 +153,7 @@ class Recovery:
         edges = self._coord_edges(failed, gen)
         ready = self._wait(failed, survivors, gen, edges, stash, rec, t0)
         for name, edge in ready.items():
-            old = c.edges.get(name)
-            if old is not None:
-                old.close()
-            c.edges[name] = edge
-            c.start_pump(name, edge)
+            c.install_edge(name, edge)
         t_restore = time.monotonic()
         keep = self._replicas_usable(failed)
         info = c.driver.recover(failed, keep_kv=keep)
@@ -183,14 +178,14 @@ class Recovery:
 
     def _replicas_usable(self, failed: set[str]) -> bool:
         """Every failed decode stage has a live replica holder (else KV is recomputed from tokens)."""
-        c = self.coord
+        c = self.port
         decode = {m.name for m in c.layout.decode_pipeline}
         holders = [c.layout.replica_holder(m) for m in failed if m in decode]
-        return c.cfg.ft.enabled and all(h is not None and h not in failed for h in holders)
+        return self.ft.enabled and all(h is not None and h not in failed for h in holders)
 
     def _restore(self, failed, info, drop_through, keep, rec, stash) -> dict[str, int]:
         """KV back from the replica holders, the gap replayed; returns replays expected per member."""
-        c = self.coord
+        c = self.port
         decode_names = [m.name for m in c.layout.decode_pipeline]
         sched = c.driver.decode_scheduler
         replays: dict[str, int] = {}
@@ -227,7 +222,7 @@ class Recovery:
     def _send_replay(self, x: str, plans, live: set[int], stash, failed) -> None:
         """From x's predecessor's checkpoints where it kept them all for a microbatch, else through
         the stages before x (the first stage embeds the recorded tokens)."""
-        c = self.coord
+        c = self.port
         pipe = [m.name for m in c.layout.decode_pipeline]
         prev = c.layout.by_name(x).prev
         by_mb: dict[int, list] = {}
@@ -257,20 +252,20 @@ class Recovery:
 
     def _await(self, match, stash, failed):
         """The first inbox message ``match`` accepts; failures raise MoreFailures, the rest is kept."""
-        c = self.coord
-        deadline = time.monotonic() + c.cfg.ft.recovery_timeout_s
+        c = self.port
+        deadline = time.monotonic() + self.ft.recovery_timeout_s
         while time.monotonic() < deadline:
-            try:
-                source, msg = c.inbox.get(timeout=0.05)
-            except queue.Empty:
+            got = c.next_message(0.05)
+            if got is None:
                 continue
+            source, msg = got
             if match(msg):
                 return msg
             self._triage(source, msg, failed, stash)
-        raise RuntimeError(f"recovery of {sorted(failed)}: no answer within {c.cfg.ft.recovery_timeout_s:.0f}s")
+        raise RuntimeError(f"recovery of {sorted(failed)}: no answer within {self.ft.recovery_timeout_s:.0f}s")
 
     def _kill(self, name: str) -> None:
-        c = self.coord
+        c = self.port
         info = get_json(c.store, keys.member(name)) if has(c.store, keys.member(name)) else None
         if info is not None:
             commands.post(c.store, c.host_leader_of(info["rank"]), {"op": "kill", "pid": info["pid"], "why": f"{name} failed"})
@@ -286,7 +281,7 @@ class Recovery:
 
             def build(name=name, box=box) -> None:
                 try:
-                    box.put(self.coord.make_edge(name, gen))
+                    box.put(self.port.make_edge(name, gen))
                 except Exception as e:  # the replacement never joined
                     box.put(e)
 
@@ -295,12 +290,12 @@ class Recovery:
 
     def _wait(self, failed, survivors, gen, edges, stash, rec, t0) -> dict[str, Edge]:
         """Until replacements are loaded and every rebuilt edge is up; timing replace/load/rebuild."""
-        c = self.coord
-        deadline = time.monotonic() + c.cfg.ft.recovery_timeout_s
+        c = self.port
+        deadline = time.monotonic() + self.ft.recovery_timeout_s
         loading, loaded, rebuilt, ready = set(), {}, set(), {}
         while len(ready) < len(failed) or rebuilt < survivors or len(loaded) < len(failed):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"recovery of {sorted(failed)} did not finish in {c.cfg.ft.recovery_timeout_s:.0f}s")
+                raise RuntimeError(f"recovery of {sorted(failed)} did not finish in {self.ft.recovery_timeout_s:.0f}s")
             for name in failed:
                 info = get_json(c.store, keys.member(name)) if has(c.store, keys.member(name)) else {}
                 if info.get("generation") == gen and name not in loading:
@@ -326,19 +321,19 @@ class Recovery:
 
     def _drain(self, failed, survivors, gen, rebuilt, stash) -> None:
         """Handle what arrives meanwhile: acknowledgements of the rebuild, new failures; keep the rest."""
-        c = self.coord
+        c = self.port
         while True:
-            try:
-                source, msg = c.inbox.get_nowait()
-            except queue.Empty:
+            got = c.next_message(0)
+            if got is None:
                 return
+            source, msg = got
             if isinstance(msg, Rebuilt) and msg.generation == gen:
                 rebuilt.add(msg.member)
             else:
                 self._triage(source, msg, failed, stash)
 
     def _triage(self, source, msg, failed, stash) -> None:
-        c = self.coord
+        c = self.port
         if isinstance(msg, EdgeBroken) and msg.peer in failed:
             return  # old edges of the failed members
         if c.is_loss(msg):
@@ -376,7 +371,7 @@ class Recovery:
 
     def _refill_standbys(self) -> None:
         if self.first_token:
-            put_json(self.coord.store, keys.RECOVERED, {"generation": self.generation})
+            put_json(self.port.store, keys.RECOVERED, {"generation": self.generation})
 
     def finish(self) -> None:
         """End of run: write what is still open."""
@@ -405,6 +400,6 @@ class Recovery:
         doc = {"failed": rec.failed, "cause": rec.cause, "attempts": rec.attempts, "generation": self.generation,
                "phases": {k: round(v, 4) for k, v in rec.phases.items()}, "recovered_s": round(total, 4), **notes}
         self.records.append(doc)
-        with open(self.coord.cfg.run_dir / "recoveries.jsonl", "a") as f:
+        with open(self.path, "a") as f:
             f.write(json.dumps(doc) + "\n")
         _log.warning("recovered %s in %.2fs: %s", rec.failed, total, doc["phases"])
