@@ -4,19 +4,17 @@ noticed) stays dated by its last heartbeat."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch.distributed as dist
 
 from dejavu_py.comm.store import put_json
-from dejavu_py.config import FTConfig
-from dejavu_py.coordinator.recovery import Recovery, RecoveryRecord
+from dejavu_py.coordinator.recovery_log import RecoveryLog, RecoveryRecord
 from dejavu_py.protocol import keys
 
 
-def _recovery() -> tuple[Recovery, dist.Store]:
+def _recovery() -> tuple[RecoveryLog, dist.Store]:
     store = dist.HashStore()
-    return Recovery(SimpleNamespace(store=store), FTConfig(), Path("unused")), store
+    return RecoveryLog(lambda: store, Path("unused")), store
 
 
 def test_an_exit_report_that_lands_after_the_failure_was_noticed_dates_it():

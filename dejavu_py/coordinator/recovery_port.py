@@ -23,7 +23,8 @@ class RecoveryPort(Protocol):
     # -- what the run is made of -----------------------------------------------------------------
     @property
     def store(self) -> dist.Store:
-        """The job's store: member records, exit reports, heartbeats, supervisor commands."""
+        """The job's store: member records, exit reports, heartbeats, supervisor commands. The coordinator
+        connects to it after it was built (and built its recovery): read it when it is used."""
         ...
 
     @property
