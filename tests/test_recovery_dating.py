@@ -3,18 +3,18 @@ heartbeat, when the broken connection was noticed first; a hung worker (killed b
 noticed) stays dated by its last heartbeat."""
 from __future__ import annotations
 
-from types import SimpleNamespace
+from pathlib import Path
 
 import torch.distributed as dist
 
 from dejavu_py.comm.store import put_json
-from dejavu_py.coordinator.recovery import Recovery, RecoveryRecord
+from dejavu_py.coordinator.recovery_log import RecoveryLog, RecoveryRecord
 from dejavu_py.protocol import keys
 
 
-def _recovery() -> tuple[Recovery, dist.Store]:
+def _recovery() -> tuple[RecoveryLog, dist.Store]:
     store = dist.HashStore()
-    return Recovery(SimpleNamespace(store=store)), store
+    return RecoveryLog(lambda: store, Path("unused")), store
 
 
 def test_an_exit_report_that_lands_after_the_failure_was_noticed_dates_it():

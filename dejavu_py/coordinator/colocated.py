@@ -16,7 +16,8 @@ def recompute_notes(dropped: int, redo: list[Sequence]) -> dict:
 
 
 class ColocatedDriver:
-    """Turns results of the stage pipeline into the next plans; the coordinator moves messages."""
+    """A Driver (coordinator/driver.py): turns results of the stage pipeline into the next plans; the
+    coordinator moves messages."""
 
     def __init__(self, sched: Scheduler, pipeline: tuple[Member, ...], send: Callable[[str, object], None]) -> None:
         self.sched, self.pipeline, self.send = sched, pipeline, send

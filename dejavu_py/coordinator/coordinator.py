@@ -28,6 +28,7 @@ from dejavu_py.coordinator import workers_file
 from dejavu_py.coordinator.block_manager import BlockManager
 from dejavu_py.coordinator.colocated import ColocatedDriver
 from dejavu_py.coordinator.disagg import DisaggDriver
+from dejavu_py.coordinator.driver import Driver
 from dejavu_py.coordinator.journal import Journal, fingerprint
 from dejavu_py.coordinator.ledger import Ledger
 from dejavu_py.coordinator.output import request_error_record
@@ -72,8 +73,8 @@ class Coordinator:
         self.inbox: queue.Queue = queue.Queue()
         self.member_gen = {m.name: 0 for m in layout.members}
         self.steps = StepCounter()
-        self.recovery = Recovery(self)
-        self.driver = None
+        self.recovery = Recovery(self, cfg.ft, cfg.run_dir / "recoveries.jsonl")
+        self.driver: Driver | None = None
         self.journal: Journal | None = None
         self._stop_watch = threading.Event()
         self._progress_t = 0.0
@@ -149,8 +150,32 @@ class Coordinator:
         except Exception as e:  # the member is gone
             self.inbox.put((member, EdgeBroken.of(member, e, self.edges[member].generation)))
 
+    def next_message(self, timeout_s: float) -> tuple[str, object] | None:
+        """The inbox's next (source, message), waiting up to ``timeout_s`` (0: not at all); None if none came."""
+        try:
+            return self.inbox.get(timeout=timeout_s) if timeout_s > 0 else self.inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def requeue(self, messages: list[tuple[str, object]]) -> None:
+        """Messages a recovery set aside, back into the inbox (in order) for the serving loop."""
+        for item in messages:
+            self.inbox.put(item)
+
     def generation_of(self, name: str) -> int:
         return self.member_gen[name]
+
+    def set_generation(self, name: str, generation: int) -> None:
+        """From now on only news of ``generation`` counts as this member's loss (see is_loss)."""
+        self.member_gen[name] = generation
+
+    def install_edge(self, peer: str, edge: Edge) -> None:
+        """The edge to ``peer`` from now on (a replacement's), replacing and closing the old one."""
+        old = self.edges.get(peer)
+        if old is not None:
+            old.close()
+        self.edges[peer] = edge
+        self.start_pump(peer, edge)
 
     def host_leader_of(self, rank: int) -> int:
         """The first rank on ``rank``'s host: its supervisor keeps the host's standbys."""
@@ -200,7 +225,7 @@ class Coordinator:
         if self.journal is not None:
             self.journal.close()
 
-    def _driver(self) -> ColocatedDriver | DisaggDriver:
+    def _driver(self) -> Driver:
         mc, gen, cache, sc = self.model_cfg, self.cfg.generation, self.cfg.cache, self.cfg.scheduler
         stop_ids = frozenset() if gen.ignore_eos else frozenset(mc.eos_token_ids)
         decode_pipe = self.layout.decode_pipeline

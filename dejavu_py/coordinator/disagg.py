@@ -21,6 +21,9 @@ _log = log.get(__name__)
 
 
 class DisaggDriver:
+    """A Driver (coordinator/driver.py) over two pipelines: prefills on the prompt pipeline, decoding
+    on the token pipeline once its KV has arrived."""
+
     def __init__(self, prefill: PrefillScheduler, decode: Scheduler, prompt: tuple[Member, ...],
                  token: tuple[Member, ...], send: Callable[[str, object], None]) -> None:
         self.prefill, self.decode = prefill, decode

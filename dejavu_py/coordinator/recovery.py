@@ -1,7 +1,7 @@
 """Recovery, driven by the coordinator: replace only the failed stage(s); everyone else keeps their
 process, weights and KV.
 
-Phases, each timed into RUN_DIR/recoveries.jsonl:
+Phases, each timed into RUN_DIR/recoveries.jsonl (coordinator/recovery_log.py):
   detect   failure (supervisor's exit report, or the last heartbeat of a hung worker) -> noticed here
   replace  a standby takes the member over, or its host's supervisor forks a new worker
   load     the replacement loads its stage (0 for a standby preloaded with it)
@@ -14,19 +14,19 @@ member at a newer generation.
 """
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 from dejavu_py import log
 from dejavu_py.comm import commands
 from dejavu_py.comm.edge import Edge
-from dejavu_py.comm.heartbeat import last_beat
 from dejavu_py.comm.receiver import EdgeBroken
-from dejavu_py.comm.store import get_json, has, put_json
+from dejavu_py.comm.store import get_json, has
+from dejavu_py.config import FTConfig
+from dejavu_py.coordinator.recovery_log import RecoveryLog, RecoveryRecord
+from dejavu_py.coordinator.recovery_port import RecoveryPort
 from dejavu_py.coordinator.replay import for_replay, replay_steps
 from dejavu_py.coordinator.watch import MemberLost
 from dejavu_py.protocol import keys
@@ -44,9 +44,6 @@ from dejavu_py.protocol.recovery import (
 )
 from dejavu_py.protocol.replica import ReplicaCoverage
 
-if TYPE_CHECKING:
-    from dejavu_py.coordinator.coordinator import Coordinator
-
 _log = log.get(__name__)
 
 
@@ -56,40 +53,30 @@ class MoreFailures(Exception):
         self.members, self.why = members, why
 
 
-@dataclass
-class RecoveryRecord:
-    failed: list[str]
-    cause: str
-    t_failure: float
-    """Wall-clock time of the failure (exit report or last heartbeat)."""
-    t_noticed: float = 0.0
-    gens: dict[str, int] = field(default_factory=dict)
-    """The failed members' generations when they failed (their exit reports are keyed by them)."""
-    phases: dict[str, float] = field(default_factory=dict)
-    attempts: int = 1
-    notes: dict = field(default_factory=dict)
-
-
 class Recovery:
-    def __init__(self, coord: Coordinator) -> None:
-        self.coord = coord
+    """The coordinator's recoveries, one at a time on its thread; what it touches of the coordinator
+    is its RecoveryPort (coordinator/recovery_port.py)."""
+
+    def __init__(self, port: RecoveryPort, ft: FTConfig, path: Path) -> None:
+        """``port``: the coordinator; ``path``: where recoveries.jsonl is written."""
+        self.port, self.ft = port, ft
+        self.log = RecoveryLog(lambda: port.store, path)
         self.generation = 0
         self.in_progress = False
         self.count = 0
-        self.records: list[dict] = []
-        self.pending: dict[int, RecoveryRecord] = {}  # seq -> record, until its next token (recompute done)
-        self.t_resume: dict[int, float] = {}
-        self.first_token: list[RecoveryRecord] = []  # records waiting for the first token after resuming
+
+    @property
+    def records(self) -> list[dict]:
+        """The recoveries written so far (ft_stats.json lists them)."""
+        return self.log.records
 
     # -- entry -----------------------------------------------------------------------------------
     def run(self, failed: set[str], cause: str) -> None:
-        c = self.coord
-        self._flush_pending("interrupted by a later failure")
-        rec = RecoveryRecord(sorted(failed), cause, self._failure_time(failed), time.time(),
-                             {name: self.coord.generation_of(name) for name in failed})
-        rec.phases["detect_s"] = max(rec.t_noticed - rec.t_failure, 0.0)
+        port = self.port
+        self.log.flush("interrupted by a later failure", self.generation)
+        rec = self.log.open(failed, cause, {name: port.generation_of(name) for name in failed})
         self.in_progress = True
-        c.write_progress()
+        port.write_progress()
         stash: list = []
         try:
             while True:
@@ -102,105 +89,71 @@ class Recovery:
                     rec.failed, rec.attempts = sorted(failed), rec.attempts + 1
         finally:
             self.in_progress = False
-            for item in stash:
-                c.inbox.put(item)
+            port.requeue(stash)
         self.count += 1
-        c.write_progress()
-
-    def _failure_time(self, failed: set[str]) -> float:
-        times = []
-        for name in failed:
-            gen = self.coord.generation_of(name)
-            if has(self.coord.store, keys.exit_(name, gen)):
-                times.append(get_json(self.coord.store, keys.exit_(name, gen))["time"])
-            else:
-                beat = last_beat(self.coord.store, name)
-                times.append(beat[1] if beat else time.time())
-        return min(times)
-
-    def _redate(self, rec: RecoveryRecord) -> None:
-        """A broken connection is often noticed before the supervisor's exit report lands, and the failure
-        was then dated by the last heartbeat (up to a beat earlier). Once every failed member's report is
-        in, and each says it exited before it was noticed (a hung one we killed exits after), date it so."""
-        c, times = self.coord, []
-        for name, gen in rec.gens.items():
-            key = keys.exit_(name, gen)
-            t = get_json(c.store, key)["time"] if has(c.store, key) else None
-            if t is None or t > rec.t_noticed:
-                return
-            times.append(t)
-        if times and min(times) > rec.t_failure:
-            rec.t_failure = min(times)
-            rec.phases["detect_s"] = max(rec.t_noticed - rec.t_failure, 0.0)
+        port.write_progress()
 
     # -- one attempt -----------------------------------------------------------------------------
     def _attempt(self, failed: set[str], rec: RecoveryRecord, stash: list) -> None:
-        c = self.coord
+        port = self.port
         self.generation += 1
         gen = self.generation
         t0 = time.monotonic()
-        drop_through = c.steps.current
+        drop_through = port.steps.current
         _log.warning("recovering %s (generation %d): %s", sorted(failed), gen, rec.cause)
         for name in failed:  # a hung one must really be gone before its replacement joins
             self._kill(name)
-            c.member_gen[name] = gen
-        peers = {p for f in failed for p in c.layout.peers_of(f) + c.layout.replica_peers_of(f)}
+            port.set_generation(name, gen)
+        peers = {p for f in failed for p in port.layout.peers_of(f) + port.layout.replica_peers_of(f)}
         survivors = {p for p in peers if p != COORD and p not in failed}
         for s in survivors:
-            c.send(s, Recover(gen, sorted(failed), drop_through))
+            port.send(s, Recover(gen, sorted(failed), drop_through))
         for name in sorted(failed):
-            commands.post(c.store, c.host_leader_of(c.layout.by_name(name).rank), {
+            commands.post(port.store, port.host_leader_of(port.layout.by_name(name).rank), {
                 "op": "replace", "member": name, "generation": gen})
         edges = self._coord_edges(failed, gen)
         ready = self._wait(failed, survivors, gen, edges, stash, rec, t0)
         for name, edge in ready.items():
-            old = c.edges.get(name)
-            if old is not None:
-                old.close()
-            c.edges[name] = edge
-            c.start_pump(name, edge)
+            port.install_edge(name, edge)
         t_restore = time.monotonic()
         keep = self._replicas_usable(failed)
-        info = c.driver.recover(failed, keep_kv=keep)
+        info = port.driver.recover(failed, keep_kv=keep)
         rec.notes.update(info.notes)
         replays = self._restore(failed, info, drop_through, keep, rec, stash) if keep else {}
         if not keep:
             for name in sorted(failed):
-                c.send(name, Restore(info.states_for(name), drop_through))
-            if any(m in {x.name for x in c.layout.decode_pipeline} for m in failed):
+                port.send(name, Restore(info.states_for(name), drop_through))
+            if any(m in {x.name for x in port.layout.decode_pipeline} for m in failed):
                 rec.notes["kv_source"] = "recomputed from the tokens (no live replica)"
         rec.phases["restore_s"] = time.monotonic() - t_restore
         t_replay = time.monotonic()
         self._await_replays(replays, rec, stash, failed)
         rec.phases["replay_s"] = time.monotonic() - t_replay
         t_resume = time.monotonic()
-        for seq in info.redo:
-            self.pending[seq.seq_id] = rec
-            self.t_resume[seq.seq_id] = t_resume
         rec.phases["paused_s"] = t_resume - t0
-        self.first_token.append(rec)  # written once the pipeline produces again (and recomputes are done)
-        c.refresh_workers_file()
+        self.log.resumed(rec, [seq.seq_id for seq in info.redo], t_resume)
+        port.refresh_workers_file()
 
     def _replicas_usable(self, failed: set[str]) -> bool:
         """Every failed decode stage has a live replica holder (else KV is recomputed from tokens)."""
-        c = self.coord
-        decode = {m.name for m in c.layout.decode_pipeline}
-        holders = [c.layout.replica_holder(m) for m in failed if m in decode]
-        return c.cfg.ft.enabled and all(h is not None and h not in failed for h in holders)
+        port = self.port
+        decode = {m.name for m in port.layout.decode_pipeline}
+        holders = [port.layout.replica_holder(m) for m in failed if m in decode]
+        return self.ft.enabled and all(h is not None and h not in failed for h in holders)
 
     def _restore(self, failed, info, drop_through, keep, rec, stash) -> dict[str, int]:
         """KV back from the replica holders, the gap replayed; returns replays expected per member."""
-        c = self.coord
-        decode_names = [m.name for m in c.layout.decode_pipeline]
-        sched = c.driver.decode_scheduler
+        port = self.port
+        decode_names = [m.name for m in port.layout.decode_pipeline]
+        sched = port.driver.decode_scheduler
         replays: dict[str, int] = {}
         for x in sorted(failed):
             states = info.states_for(x)
             if x not in decode_names:
-                c.send(x, Restore(states, drop_through))
+                port.send(x, Restore(states, drop_through))
                 continue
-            holder = c.layout.replica_holder(x)
-            c.send(holder, ReplicaQuery(x, x, {sid: st.block_table for sid, st in states.items()}))
+            holder = port.layout.replica_holder(x)
+            port.send(holder, ReplicaQuery(x, x, {sid: st.block_table for sid, st in states.items()}))
             cov = self._await(lambda m: isinstance(m, ReplicaCoverage) and m.source == x, stash, failed)
             need = {sid: sched.seqs[sid].num_cached for sid in states}
             plans, recompute = replay_steps(sched.history, need, cov.covered)
@@ -209,7 +162,7 @@ class Recovery:
                 info.redo.append(sched.seqs[sid])
             # the holder ships nothing when it covers nothing (no sequence in flight, or none replicated
             # yet): a replacement told to wait for its chunk would wait forever
-            c.send(x, Restore(states, drop_through, replica_from=holder if cov.bytes else None, replay=len(plans)))
+            port.send(x, Restore(states, drop_through, replica_from=holder if cov.bytes else None, replay=len(plans)))
             self._send_replay(x, plans, set(states), stash, failed)
             replays[x] = len(plans)
             rec.notes.setdefault("replica_bytes", 0)
@@ -218,34 +171,34 @@ class Recovery:
             unrecorded = sum(x not in p.routing for p in plans)  # its last record had not left it yet
             rec.notes["steps_replayed_unrecorded"] = rec.notes.get("steps_replayed_unrecorded", 0) + unrecorded
             rec.notes["sequences_recomputed_from_tokens"] = len(info.redo)
-            source = c.layout.replica_source(x)
+            source = port.layout.replica_source(x)
             if source is not None and source not in failed:  # the replica x held is gone: send it again
-                c.send(source, Rereplicate(x, {sid: st.block_table for sid, st in states.items()}, need))
+                port.send(source, Rereplicate(x, {sid: st.block_table for sid, st in states.items()}, need))
         rec.notes["kv_source"] = "replica"
         return replays
 
     def _send_replay(self, x: str, plans, live: set[int], stash, failed) -> None:
         """From x's predecessor's checkpoints where it kept them all for a microbatch, else through
         the stages before x (the first stage embeds the recorded tokens)."""
-        c = self.coord
-        pipe = [m.name for m in c.layout.decode_pipeline]
-        prev = c.layout.by_name(x).prev
+        port = self.port
+        pipe = [m.name for m in port.layout.decode_pipeline]
+        prev = port.layout.by_name(x).prev
         by_mb: dict[int, list] = {}
         for p in plans:
             by_mb.setdefault(p.mb, []).append(for_replay(p, x, live))
         have: set = set()
         if prev != COORD and plans:
-            c.send(prev, ReplayQuery([(p.mb, p.step) for p in plans]))
+            port.send(prev, ReplayQuery([(p.mb, p.step) for p in plans]))
             have = set(map(tuple, self._await(lambda m: isinstance(m, ReplayHave) and m.member == prev, stash, failed).steps))
         for mb, mb_plans in by_mb.items():
             if prev == COORD:
                 for p in mb_plans:
-                    c.send(x, p)
+                    port.send(x, p)
             elif all((p.mb, p.step) in have for p in mb_plans):
-                c.send(prev, ReplaySteps(mb_plans, x))
+                port.send(prev, ReplaySteps(mb_plans, x))
             else:
                 for p in mb_plans:
-                    c.send(pipe[0], p)
+                    port.send(pipe[0], p)
 
     def _await_replays(self, replays: dict[str, int], rec, stash, failed) -> None:
         mismatches = 0
@@ -257,24 +210,25 @@ class Recovery:
 
     def _await(self, match, stash, failed):
         """The first inbox message ``match`` accepts; failures raise MoreFailures, the rest is kept."""
-        c = self.coord
-        deadline = time.monotonic() + c.cfg.ft.recovery_timeout_s
+        port = self.port
+        deadline = time.monotonic() + self.ft.recovery_timeout_s
         while time.monotonic() < deadline:
-            try:
-                source, msg = c.inbox.get(timeout=0.05)
-            except queue.Empty:
+            got = port.next_message(0.05)
+            if got is None:
                 continue
+            source, msg = got
             if match(msg):
                 return msg
             self._triage(source, msg, failed, stash)
-        raise RuntimeError(f"recovery of {sorted(failed)}: no answer within {c.cfg.ft.recovery_timeout_s:.0f}s")
+        raise RuntimeError(f"recovery of {sorted(failed)}: no answer within {self.ft.recovery_timeout_s:.0f}s")
 
     def _kill(self, name: str) -> None:
-        c = self.coord
-        info = get_json(c.store, keys.member(name)) if has(c.store, keys.member(name)) else None
+        port = self.port
+        info = get_json(port.store, keys.member(name)) if has(port.store, keys.member(name)) else None
         if info is not None:
-            commands.post(c.store, c.host_leader_of(info["rank"]), {"op": "kill", "pid": info["pid"], "why": f"{name} failed"})
-            commands.post(c.store, info["rank"], {"op": "kill", "pid": info["pid"], "why": f"{name} failed"})
+            kill = {"op": "kill", "pid": info["pid"], "why": f"{name} failed"}
+            commands.post(port.store, port.host_leader_of(info["rank"]), kill)
+            commands.post(port.store, info["rank"], kill)
 
     def _coord_edges(self, failed: set[str], gen: int) -> dict[str, "queue.Queue"]:
         """The coordinator's own edges to the replacements, built in the background (they block until
@@ -286,7 +240,7 @@ class Recovery:
 
             def build(name=name, box=box) -> None:
                 try:
-                    box.put(self.coord.make_edge(name, gen))
+                    box.put(self.port.make_edge(name, gen))
                 except Exception as e:  # the replacement never joined
                     box.put(e)
 
@@ -295,14 +249,14 @@ class Recovery:
 
     def _wait(self, failed, survivors, gen, edges, stash, rec, t0) -> dict[str, Edge]:
         """Until replacements are loaded and every rebuilt edge is up; timing replace/load/rebuild."""
-        c = self.coord
-        deadline = time.monotonic() + c.cfg.ft.recovery_timeout_s
+        port = self.port
+        deadline = time.monotonic() + self.ft.recovery_timeout_s
         loading, loaded, rebuilt, ready = set(), {}, set(), {}
         while len(ready) < len(failed) or rebuilt < survivors or len(loaded) < len(failed):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"recovery of {sorted(failed)} did not finish in {c.cfg.ft.recovery_timeout_s:.0f}s")
+                raise RuntimeError(f"recovery of {sorted(failed)} did not finish in {self.ft.recovery_timeout_s:.0f}s")
             for name in failed:
-                info = get_json(c.store, keys.member(name)) if has(c.store, keys.member(name)) else {}
+                info = get_json(port.store, keys.member(name)) if has(port.store, keys.member(name)) else {}
                 if info.get("generation") == gen and name not in loading:
                     loading.add(name)
                     rec.phases.setdefault("replace_s", time.monotonic() - t0)
@@ -311,8 +265,8 @@ class Recovery:
                     rec.phases["load_s"] = max(rec.phases.get("load_s", 0.0), info.get("load_s", 0.0))
                     rec.notes["takeover"] = info.get("takeover", False)
                     t_loaded = time.monotonic()
-                if has(c.store, keys.exit_(name, gen)):
-                    raise MoreFailures({name}, f"replacement {get_json(c.store, keys.exit_(name, gen))['how']}")
+                if has(port.store, keys.exit_(name, gen)):
+                    raise MoreFailures({name}, f"replacement {get_json(port.store, keys.exit_(name, gen))['how']}")
                 box = edges[name]
                 if name not in ready and not box.empty():
                     got = box.get()
@@ -326,25 +280,25 @@ class Recovery:
 
     def _drain(self, failed, survivors, gen, rebuilt, stash) -> None:
         """Handle what arrives meanwhile: acknowledgements of the rebuild, new failures; keep the rest."""
-        c = self.coord
+        port = self.port
         while True:
-            try:
-                source, msg = c.inbox.get_nowait()
-            except queue.Empty:
+            got = port.next_message(0)
+            if got is None:
                 return
+            source, msg = got
             if isinstance(msg, Rebuilt) and msg.generation == gen:
                 rebuilt.add(msg.member)
             else:
                 self._triage(source, msg, failed, stash)
 
     def _triage(self, source, msg, failed, stash) -> None:
-        c = self.coord
+        port = self.port
         if isinstance(msg, EdgeBroken) and msg.peer in failed:
             return  # old edges of the failed members
-        if c.is_loss(msg):
-            name = c.member_of(msg)
+        if port.is_loss(msg):
+            name = port.member_of(msg)
             if name not in failed:
-                raise MoreFailures({name}, c.why(msg))
+                raise MoreFailures({name}, port.why(msg))
         elif isinstance(msg, (EdgeBroken, MemberLost)):
             return  # news of an older generation
         elif source in failed and not isinstance(msg, (Replayed, ReplicaCoverage)):
@@ -354,57 +308,9 @@ class Recovery:
 
     # -- after the replay --------------------------------------------------------------------------
     def on_tokens(self, seq_ids: list[int]) -> None:
-        """Tokens arrived for these sequences: a recovery whose recomputations all produced one is done.
-        The first token after a recovery also lets supervisors refill their standbys (loading a stage
-        before it would compete with the recovery for the device)."""
-        self._refill_standbys()
-        for rec in self.first_token:
-            self._redate(rec)
-            rec.notes["kill_to_next_token_s"] = round(time.time() - rec.t_failure, 4)
-            rec.notes["resumed_at"] = round(time.time(), 4)  # wall clock: tools compare it with the fault's time
-            if rec not in self.pending.values():
-                self._write(rec)
-        self.first_token.clear()
-        for sid in seq_ids:
-            rec = self.pending.pop(sid, None)
-            if rec is None:
-                continue
-            t = self.t_resume.pop(sid)
-            rec.phases["recompute_s"] = max(rec.phases.get("recompute_s", 0.0), time.monotonic() - t)
-            if rec not in self.pending.values():
-                self._write(rec)
-
-    def _refill_standbys(self) -> None:
-        if self.first_token:
-            put_json(self.coord.store, keys.RECOVERED, {"generation": self.generation})
+        """Tokens arrived for these sequences: records of recoveries they end are written."""
+        self.log.on_tokens(seq_ids, self.generation)
 
     def finish(self) -> None:
         """End of run: write what is still open."""
-        self._flush_pending("run ended before it finished")
-
-    def _flush_pending(self, why: str) -> None:
-        """Write the records of earlier recoveries whose recomputation had not finished."""
-        self._refill_standbys()
-        for rec in self.first_token:
-            if rec not in self.pending.values():
-                self._write(rec)
-        self.first_token.clear()
-        for rec in {id(r): r for r in self.pending.values()}.values():
-            rec.notes["recompute"] = why
-            rec.phases["recompute_s"] = max(time.monotonic() - t for sid, t in self.t_resume.items() if self.pending[sid] is rec)
-            self._write(rec)
-        self.pending.clear()
-        self.t_resume.clear()
-
-    def _write(self, rec: RecoveryRecord) -> None:
-        if rec.notes.get("written"):
-            return
-        rec.notes["written"] = True
-        total = time.time() - rec.t_failure
-        notes = {k: v for k, v in rec.notes.items() if k != "written"}
-        doc = {"failed": rec.failed, "cause": rec.cause, "attempts": rec.attempts, "generation": self.generation,
-               "phases": {k: round(v, 4) for k, v in rec.phases.items()}, "recovered_s": round(total, 4), **notes}
-        self.records.append(doc)
-        with open(self.coord.cfg.run_dir / "recoveries.jsonl", "a") as f:
-            f.write(json.dumps(doc) + "\n")
-        _log.warning("recovered %s in %.2fs: %s", rec.failed, total, doc["phases"])
+        self.log.flush("run ended before it finished", self.generation)
