@@ -17,7 +17,7 @@ from dejavu_py.coordinator.request import (
     derive_seed,
     load_requests,
 )
-from dejavu_py.coordinator.tokenizer import Tokenizer, load_tokenizer
+from dejavu_py.tokenizer import Tokenizer, load_tokenizer
 from dejavu_py.errors import UserError
 from dejavu_py.protocol.sampling import SamplingParams
 

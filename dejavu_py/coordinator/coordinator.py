@@ -39,7 +39,7 @@ from dejavu_py.coordinator.request import RequestLimits, load_requests
 from dejavu_py.coordinator.scheduler import Scheduler
 from dejavu_py.coordinator.sink import JsonlSink, OutputSink
 from dejavu_py.coordinator.source import FileSource, RequestSource
-from dejavu_py.coordinator.tokenizer import load_tokenizer
+from dejavu_py.tokenizer import load_tokenizer
 from dejavu_py.coordinator.watch import MemberLost, watch
 from dejavu_py.errors import PipelineError, UserError
 from dejavu_py.protocol import keys

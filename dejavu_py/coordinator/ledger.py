@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from dejavu_py.coordinator.journal import Journal
     from dejavu_py.coordinator.request import Request
     from dejavu_py.coordinator.sink import OutputSink
-    from dejavu_py.coordinator.tokenizer import Tokenizer
+    from dejavu_py.tokenizer import Tokenizer
 
 
 class Ledger:

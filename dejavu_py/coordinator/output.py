@@ -28,7 +28,7 @@ from dejavu_py.errors import UserError
 if TYPE_CHECKING:
     from dejavu_py.coordinator.request import Request, RequestError
     from dejavu_py.coordinator.sequence import Sequence as Seq
-    from dejavu_py.coordinator.tokenizer import Tokenizer
+    from dejavu_py.tokenizer import Tokenizer
 
 _log = log.get(__name__)
 

@@ -27,7 +27,7 @@ from dejavu_py.protocol.sampling import (
 )
 
 if TYPE_CHECKING:
-    from dejavu_py.coordinator.tokenizer import Tokenizer
+    from dejavu_py.tokenizer import Tokenizer
 
 _log = log.get(__name__)
 
