@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -76,8 +77,15 @@ class Link:
         return thread
 
     def close(self) -> None:
+        """Shut the socket down before closing it: a reader thread blocked on it returns, and the other
+        end sees the link end at once."""
         if not self.closed:
             self.closed = True
+            try:
+                with socket.fromfd(self.conn.fileno(), socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 self.conn.close()
             except OSError:
