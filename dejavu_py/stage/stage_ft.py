@@ -99,7 +99,7 @@ class StageFT:
         if self.sender is not None:
             self.sender.buffers = runner.host
             if runner.device.type == "cuda":
-                self.sender.copier, self.sender.flusher = runner.copy_later, runner.flush_late
+                self.sender.defer_copy, self.sender.flush_deferred = runner.defer_copy, runner.flush_deferred_copies
         self.store = None
         if self.source:  # made ahead with the stage (a preloaded standby has it), else now
             self.store = runner.replica_store or replica_store_for(spec.cfg, layout, worker.me, runner.kv.spec, runner.device,

@@ -313,7 +313,7 @@ class Worker:
                 self.kept.append((done, out))
             self.times.end_step()
         if step is None:  # the last graph step's K/V too: no step may be launched behind it soon
-            self.runner.flush_late()
+            self.runner.flush_deferred_copies()
             self._keep(len(self.kept))
 
     def _keep(self, n: int) -> None:
