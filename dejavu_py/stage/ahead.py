@@ -140,7 +140,7 @@ class RunAhead:
             return None
         peer, msg, shape, dtype = out
         if msg is plan:  # activations to the next stage: FT's routing records ride along
-            self.w.ft.relay(plan)
+            self.w.ft.attach_routing(plan)
         edge = self.w.edges.get(peer)
         seq = edge.reserve(math.prod(shape) * dtype.itemsize) if edge is not None else None
         if seq is not None:

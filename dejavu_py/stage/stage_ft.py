@@ -7,7 +7,7 @@ stream its K/V to the replica holder, in the worker's idle time. On
 the replica edges a receiver thread keeps the replica of the ring predecessor and passes
 acknowledgements back. At recovery it answers the coordinator: ship a replica to a
 replacement, re-replicate to a replaced holder, tell which steps it can feed a replay from, feed it;
-and, on a replacement, take its KV back and count the replayed steps, checking their routing.
+and, on a replacement, restore its KV from the replica and count the replayed steps, checking their routing.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 _log = log.get(__name__)
 
-RELAY_BYTES = 64 << 10
+ATTACHED_ROUTING_BYTES = 64 << 10
 """A step's routing record up to this size (a decode step's: 24 KB at batch 64 on OLMoE's shapes) rides
 to the coordinator with the pipeline's next messages. A larger one (a batch of prompts': MBs) goes to the
 coordinator on its own, from the idle time: riding along, its pickling and unpickling at every hop
@@ -109,13 +109,13 @@ class StageFT:
             where = self.store.describe(me)  # published even when empty: it replaces a dead holder's
             put_json(worker.store, keys.replica_file(me), dataclasses.asdict(where) if where else {})
         self.rep_edges: dict = {}
-        self.outbox: list[StepRouting] = []
-        """This stage's routing records not yet sent on (``relay``)."""
+        self.unsent_routing: list[StepRouting] = []
+        """This stage's routing records not yet sent on (``attach_routing``)."""
         self.replay_left = -1
         self.replayed = 0
         self.mismatches = 0
-        self.bulk_from: str | None = None
-        self.bulk_done = False
+        self.restore_from: str | None = None
+        self.kv_restored = False
         if self.active:
             runner.enable_recording()
 
@@ -200,47 +200,47 @@ class StageFT:
         result takes the routing records relayed to it and its own of earlier steps (taking this step's
         record apart here would lengthen the chain: 0.1 ms at batch 1). True when this stage ends a
         replay: the step is kept and its routing checked now, and nothing goes on. The rest waits for
-        ``keep_step``."""
+        ``bookkeep``."""
         if not self.active:
             return False
         plan = done.plan
         if plan.replay_until != self.w.me.name:
             if isinstance(out, StepResult):
-                out.relayed = plan.relayed + self.outbox
-                self.outbox = []
+                out.relayed = plan.relayed + self.unsent_routing
+                self.unsent_routing = []
             return False
-        self.keep_step(done, out)
+        self.bookkeep(done, out)
         if plan.forced is not None:
             self.mismatches += routing_mismatches(plan, self.w.runner.ft_record(done).routing)
         self.replayed += 1
         self._maybe_done()
         return True
 
-    def keep_step(self, done: Launched, out) -> None:
-        """Off the chain (in the worker's idle time, see ``Worker.kept``): keep the step's routing for the
-        next plan this stage sends on (``relay``; the last stage: its next result), or send a large one
-        (a prompt's) to the coordinator now; then checkpoint the step's token state and send its K/V to
-        the replica."""
+    def bookkeep(self, done: Launched, out) -> None:
+        """Off the chain (in the worker's idle time, see ``Worker.awaiting_bookkeeping``): keep the step's
+        routing for the next plan this stage sends on (``attach_routing``; the last stage: its next result),
+        or send a large one (a prompt's) to the coordinator now; then checkpoint the step's token state and
+        send its K/V to the replica."""
         if not self.active:
             return
         plan, rec = done.plan, self.w.runner.ft_record(done)
         if plan.replay_until != self.w.me.name:
             record = StepRouting(plan.mb, plan.step, self.w.me.name, rec.routing)
-            if rec.routing.nbytes > RELAY_BYTES:
+            if rec.routing.nbytes > ATTACHED_ROUTING_BYTES:
                 self.w.send_coord(record)
             else:
-                self.outbox.append(record)
+                self.unsent_routing.append(record)
         self.ring.record(plan.mb, plan.step, plan.seq_ids, out if isinstance(out, torch.Tensor) else None, rec.routing)
         if self.sender is not None:
             self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, rec.slots, rec.phys_slots,
                               rec.step_kv, rec.kv_ready)
 
-    def relay(self, plan: StepPlan) -> None:
+    def attach_routing(self, plan: StepPlan) -> None:
         """Before ``plan`` goes on to the next stage: this stage's routing records go with it (a replay's
         plan ends before the last stage: nothing rides on it)."""
-        if self.outbox and plan.replay_until is None:
-            plan.relayed = plan.relayed + self.outbox
-            self.outbox = []
+        if self.unsent_routing and plan.replay_until is None:
+            plan.relayed = plan.relayed + self.unsent_routing
+            self.unsent_routing = []
 
     def on_prompt_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor, slots: list[int]) -> None:
         """Token stage: the prompt KV that just arrived (written at ``slots``) goes on to the replica as it is."""
@@ -252,11 +252,11 @@ class StageFT:
     # -- recovery --------------------------------------------------------------------------------
     def expect_restore(self, replica_from: str | None, replay: int) -> bool:
         """A replacement's Restore: returns whether it can serve now (its replica KV, if any, is in)."""
-        self.bulk_from, self.replay_left = replica_from, replay
+        self.restore_from, self.replay_left = replica_from, replay
         self._maybe_done()
-        return replica_from is None or self.bulk_done
+        return replica_from is None or self.kv_restored
 
-    def take_back(self, chunk: ReplicaChunk, kv: torch.Tensor | None) -> None:
+    def restore_kv(self, chunk: ReplicaChunk, kv: torch.Tensor | None) -> None:
         """Our own KV from the replica holder (its bytes, or its file on this host), into the cache."""
         slots, runner = chunk.slots, self.w.runner
         idx = torch.tensor(slots, dtype=torch.long, device=runner.kv.device)
@@ -287,7 +287,7 @@ class StageFT:
                 write(layer, kv[0, i], kv[1, i])
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)
-        self.bulk_done = True
+        self.kv_restored = True
         _log.info("restored %d KV slots of %d sequences from their replica%s", len(slots), len(chunk.seq_ids),
                   " file" if chunk.shm_path else "")
 

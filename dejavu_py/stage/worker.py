@@ -160,8 +160,8 @@ class Worker:
         busy: other messages (replica chunks held)."""
         self.pending: collections.deque[Launched] = collections.deque()
         """Steps launched and not finished, oldest first."""
-        self.kept: collections.deque[tuple[Launched, object]] = collections.deque()
-        """Finished steps (with their outputs) whose FT bookkeeping (``StageFT.keep_step``) waits for the
+        self.awaiting_bookkeeping: collections.deque[tuple[Launched, object]] = collections.deque()
+        """Finished steps (with their outputs) whose FT bookkeeping (``StageFT.bookkeep``) waits for the
         loop to be idle: off the chain of launches. With the steps in ``pending`` at most one, as many as
         an unfinished step would be: the coordinator's routing record and the replica lag the same."""
         self.ahead = RunAhead(self) if runs_ahead(spec) else None
@@ -216,8 +216,8 @@ class Worker:
         while True:
             trace.at(steps)
             self.times.mark("busy")  # whatever the last message cost, if not a step
-            if self.kept and self.inbox.empty():  # idle: a finished step's FT bookkeeping
-                self._keep(1)
+            if self.awaiting_bookkeeping and self.inbox.empty():  # idle: a finished step's FT bookkeeping
+                self._bookkeep(1)
                 continue
             peer, msg, x = self.inbox.get()
             self.times.mark("idle")
@@ -250,8 +250,8 @@ class Worker:
             elif isinstance(msg, Restore):
                 self._restore(msg)
             elif isinstance(msg, ReplicaChunk):
-                self.ft.take_back(msg, x)
-                if self.ft.bulk_from is not None and not self.restored:
+                self.ft.restore_kv(msg, x)
+                if self.ft.restore_from is not None and not self.restored:
                     self._serve_stash()
             elif isinstance(msg, (ReplicaQuery, Rereplicate, ReplayQuery, ReplaySteps)):
                 self.ft.handle(msg)
@@ -275,7 +275,7 @@ class Worker:
             self.streamer.begin(plan, seqs)
         if self.receiver is not None and plan.release:
             self.receiver.forget(plan.release)
-        self._keep(len(self.kept) + len(self.pending) - 1)  # at most one step's record not yet out
+        self._bookkeep(len(self.awaiting_bookkeeping) + len(self.pending) - 1)  # at most one step's record not out
         self.ft.before_step(plan)
         self.times.mark("replica_wait")  # back-pressure: the replica holder's acknowledgements
         ahead = self.ahead is not None and plan.replay_until is None
@@ -292,7 +292,8 @@ class Worker:
 
     def _finish_through(self, step: int | None) -> None:
         """Finish the launched steps up to ``step`` (None: all, their K/V copies and FT bookkeeping too),
-        oldest first: send the output, then leave the checkpoint and the replica chunk to ``kept``."""
+        oldest first: send the output, then leave the checkpoint and the replica chunk to
+        ``awaiting_bookkeeping``."""
         while self.pending and (step is None or self.pending[0].plan.step <= step):
             done = self.pending.popleft()
             waited = self.runner.wait.seconds
@@ -306,20 +307,20 @@ class Worker:
             if isinstance(out, StepResult):
                 self.send_to(self.me.next, out)
             elif not done.forwarded:
-                self.ft.relay(done.plan)
+                self.ft.attach_routing(done.plan)
                 self.send_to(self.me.next, done.plan, out)
             self.times.mark("send")
             if self.ft.active:
-                self.kept.append((done, out))
+                self.awaiting_bookkeeping.append((done, out))
             self.times.end_step()
         if step is None:  # the last graph step's K/V too: no step may be launched behind it soon
             self.runner.flush_deferred_copies()
-            self._keep(len(self.kept))
+            self._bookkeep(len(self.awaiting_bookkeeping))
 
-    def _keep(self, n: int) -> None:
-        """The FT bookkeeping of the ``n`` oldest finished steps (``kept``)."""
-        for _ in range(min(n, len(self.kept))):
-            self.ft.keep_step(*self.kept.popleft())
+    def _bookkeep(self, n: int) -> None:
+        """The FT bookkeeping of the ``n`` oldest finished steps (``awaiting_bookkeeping``)."""
+        for _ in range(min(n, len(self.awaiting_bookkeeping))):
+            self.ft.bookkeep(*self.awaiting_bookkeeping.popleft())
             self.times.mark("checkpoint")
 
     def send_coord(self, msg: object) -> None:
