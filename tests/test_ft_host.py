@@ -254,7 +254,7 @@ def test_the_last_stage_s_result_takes_its_records_of_earlier_steps_and_keeps_th
     records = []
     ft.active, ft.sender, ft.unsent_routing = True, None, [StepRouting(0, 4, "s1", "r4")]
     ft.ring = SimpleNamespace(record=lambda *a: records.append(a))
-    ft.w = SimpleNamespace(me=SimpleNamespace(name="s1"), runner=None)  # no record is taken on the chain
+    ft.port, ft.runner = SimpleNamespace(me=SimpleNamespace(name="s1")), None  # no record is taken on the chain
     plan = StepPlan(0, 5, [1], [9], [1], [7], [True], relayed=[StepRouting(0, 4, "s0", "up")])
     result = StepResult(0, 5, [1], [9])
     done = SimpleNamespace(plan=plan)
@@ -262,10 +262,10 @@ def test_the_last_stage_s_result_takes_its_records_of_earlier_steps_and_keeps_th
     assert [(r.stage, r.step) for r in result.relayed] == [("s0", 4), ("s1", 4)] and ft.unsent_routing == []
     small, large = SimpleNamespace(nbytes=ATTACHED_ROUTING_BYTES), SimpleNamespace(nbytes=ATTACHED_ROUTING_BYTES + 1)
     coord: list = []
-    ft.w.runner, ft.w.send_coord = SimpleNamespace(ft_record=lambda done: SimpleNamespace(routing=small)), coord.append
+    ft.runner, ft.port.send_coord = SimpleNamespace(ft_record=lambda done: SimpleNamespace(routing=small)), coord.append
     ft.bookkeep(done, result)
     assert [(r.stage, r.step, r.routing) for r in ft.unsent_routing] == [("s1", 5, small)] and len(records) == 1
-    ft.w.runner = SimpleNamespace(ft_record=lambda done: SimpleNamespace(routing=large))  # a batch of prompts'
+    ft.runner = SimpleNamespace(ft_record=lambda done: SimpleNamespace(routing=large))  # a batch of prompts'
     ft.bookkeep(SimpleNamespace(plan=dataclasses.replace(plan, step=6)), result)
     assert len(ft.unsent_routing) == 1 and [(r.stage, r.step, r.routing) for r in coord] == [("s1", 6, large)]
 

@@ -41,8 +41,8 @@ if TYPE_CHECKING:
     from dejavu_py.config import RunConfig
     from dejavu_py.models.kv_cache import CacheSpec
     from dejavu_py.protocol.layout import Layout, Member
-    from dejavu_py.stage.runner import Launched
-    from dejavu_py.stage.worker import Worker
+    from dejavu_py.stage.port import StagePort
+    from dejavu_py.stage.runner import Launched, StageRunner
 
 _log = log.get(__name__)
 
@@ -85,11 +85,12 @@ def host_reservation(cfg: RunConfig, layout: Layout, me: Member, mcfg, spec: Cac
 
 
 class StageFT:
-    def __init__(self, worker: Worker) -> None:
-        self.w = worker
-        spec, runner = worker.spec, worker.runner
-        ft, layout, me = spec.cfg.ft, spec.layout, worker.me.name
-        self.active = ft.enabled and worker.me.role in ("stage", "token")
+    """A decode stage's fault tolerance, given the worker's port and the stage's runner."""
+
+    def __init__(self, port: StagePort, runner: StageRunner) -> None:
+        self.port, self.runner = port, runner
+        ft, layout, me = port.cfg.ft, port.layout, port.me.name
+        self.active = ft.enabled and port.me.role in ("stage", "token")
         self.holder = layout.replica_holder(me) if self.active else None
         self.source = layout.replica_source(me) if self.active else None
         mcfg = runner.model.cfg
@@ -102,12 +103,12 @@ class StageFT:
                 self.sender.defer_copy, self.sender.flush_deferred = runner.defer_copy, runner.flush_deferred_copies
         self.store = None
         if self.source:  # made ahead with the stage (a preloaded standby has it), else now
-            self.store = runner.replica_store or replica_store_for(spec.cfg, layout, worker.me, runner.kv.spec, runner.device,
-                                                                   runner.model.dtype)
+            self.store = runner.replica_store or replica_store_for(port.cfg, layout, port.me, runner.kv.spec,
+                                                                   runner.device, runner.model.dtype)
             if self.store.path is not None:  # a replica file of the worker we replace is stale now
-                replica_shm.remove_stale(self.store.path.parent, spec.cfg.run_dir, me)
+                replica_shm.remove_stale(self.store.path.parent, port.cfg.run_dir, me)
             where = self.store.describe(me)  # published even when empty: it replaces a dead holder's
-            put_json(worker.store, keys.replica_file(me), dataclasses.asdict(where) if where else {})
+            put_json(port.store, keys.replica_file(me), dataclasses.asdict(where) if where else {})
         self.rep_edges: dict = {}
         self.unsent_routing: list[StepRouting] = []
         """This stage's routing records not yet sent on (``attach_routing``)."""
@@ -126,12 +127,12 @@ class StageFT:
         from dejavu_py.comm.edge import Edge
         from dejavu_py.comm.store import connect
 
-        wanted = self.w.spec.layout.replica_peers_of(self.w.me.name) if self.active else []
+        wanted = self.port.layout.replica_peers_of(self.port.me.name) if self.active else []
         if peers is not None:
             wanted = [p for p in wanted if p in peers]
-        edges = {p: Edge(connect(self.w.spec.store), self.w.me.name, p, generation,
-                         self.w.spec.cfg.runtime.comm_timeout_s, channel="rep") for p in wanted}
-        mapped, client = None, connect(self.w.spec.store) if self.holder in edges else None
+        edges = {p: Edge(connect(self.port.store_address), self.port.me.name, p, generation,
+                         self.port.cfg.runtime.comm_timeout_s, channel="rep") for p in wanted}
+        mapped, client = None, connect(self.port.store_address) if self.holder in edges else None
         where = get_json(client, keys.replica_file(self.holder)) if client is not None and has(client, keys.replica_file(self.holder)) else {}
         if where:
             mapped = replica_shm.attach(ReplicaShm(**where))
@@ -149,8 +150,8 @@ class StageFT:
             if old is not None:
                 old.close()
             self.rep_edges[peer] = edge
-            start_receiver(edge, peer, self._deliver(peer, edge), lambda event: self.w.inbox.put((peer, event, None)),
-                           lambda: self.w._closing)
+            start_receiver(edge, peer, self._deliver(peer, edge), lambda event: self.port.inbox.put((peer, event, None)),
+                           lambda: self.port.closing)
 
     def drop(self, failed: list[str]) -> None:
         for peer in failed:
@@ -167,8 +168,8 @@ class StageFT:
         def deliver(msg: object, t: object) -> bool:
             if isinstance(msg, ReplicaAck) and self.sender is not None:
                 self.sender.acked(msg)
-            elif isinstance(msg, ReplicaChunk) and msg.source == self.w.me.name:
-                self.w.inbox.put((peer, msg, t))  # our own KV coming back: the main loop writes it
+            elif isinstance(msg, ReplicaChunk) and msg.source == self.port.me.name:
+                self.port.inbox.put((peer, msg, t))  # our own KV coming back: the main loop writes it
             elif isinstance(msg, ReplicaChunk) and self.store is not None:  # from a source on another host
                 self.store.apply(msg, t)
                 if msg.acks():
@@ -191,7 +192,7 @@ class StageFT:
     # -- per step --------------------------------------------------------------------------------
     def before_step(self, plan: StepPlan) -> None:
         if self.sender is not None and plan.replay_until is None and plan.mb >= 0:
-            if not self.sender.wait_for(plan.mb, self.w.spec.cfg.ft.hang_timeout_s):
+            if not self.sender.wait_for(plan.mb, self.port.cfg.ft.hang_timeout_s):
                 _log.warning("replica holder %s is %d steps behind on microbatch %d; going on", self.holder,
                              len(self.sender.unacked.get(plan.mb, [])), plan.mb)
 
@@ -204,14 +205,14 @@ class StageFT:
         if not self.active:
             return False
         plan = done.plan
-        if plan.replay_until != self.w.me.name:
+        if plan.replay_until != self.port.me.name:
             if isinstance(out, StepResult):
                 out.relayed = plan.relayed + self.unsent_routing
                 self.unsent_routing = []
             return False
         self.bookkeep(done, out)
         if plan.forced is not None:
-            self.mismatches += routing_mismatches(plan, self.w.runner.ft_record(done).routing)
+            self.mismatches += routing_mismatches(plan, self.runner.ft_record(done).routing)
         self.replayed += 1
         self._maybe_done()
         return True
@@ -223,11 +224,11 @@ class StageFT:
         send its K/V to the replica."""
         if not self.active:
             return
-        plan, rec = done.plan, self.w.runner.ft_record(done)
-        if plan.replay_until != self.w.me.name:
-            record = StepRouting(plan.mb, plan.step, self.w.me.name, rec.routing)
+        plan, rec = done.plan, self.runner.ft_record(done)
+        if plan.replay_until != self.port.me.name:
+            record = StepRouting(plan.mb, plan.step, self.port.me.name, rec.routing)
             if rec.routing.nbytes > ATTACHED_ROUTING_BYTES:
-                self.w.send_coord(record)
+                self.port.send_coord(record)
             else:
                 self.unsent_routing.append(record)
         self.ring.record(plan.mb, plan.step, plan.seq_ids, out if isinstance(out, torch.Tensor) else None, rec.routing)
@@ -246,7 +247,7 @@ class StageFT:
         """Token stage: the prompt KV that just arrived (written at ``slots``) goes on to the replica as it is."""
         if self.sender is None:
             return
-        msg = ReplicaChunk(self.w.me.name, -1, -1, [chunk.layer], chunk.seq_ids, chunk.start_pos, chunk.num_tokens, slots)
+        msg = ReplicaChunk(self.port.me.name, -1, -1, [chunk.layer], chunk.seq_ids, chunk.start_pos, chunk.num_tokens, slots)
         self.sender.forward(msg, kv_2TKD.unsqueeze(1))
 
     # -- recovery --------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ class StageFT:
 
     def restore_kv(self, chunk: ReplicaChunk, kv: torch.Tensor | None) -> None:
         """Our own KV from the replica holder (its bytes, or its file on this host), into the cache."""
-        slots, runner = chunk.slots, self.w.runner
+        slots, runner = chunk.slots, self.runner
         idx = torch.tensor(slots, dtype=torch.long, device=runner.kv.device)
 
         def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -293,7 +294,7 @@ class StageFT:
 
     def _maybe_done(self) -> None:
         if self.active and self.replay_left >= 0 and self.replayed >= self.replay_left:
-            self.w.send_coord(Replayed(self.w.me.name, self.replayed, self.mismatches))
+            self.port.send_coord(Replayed(self.port.me.name, self.replayed, self.mismatches))
             self.replay_left = -1
 
     def handle(self, msg) -> None:
@@ -303,21 +304,21 @@ class StageFT:
             self._rereplicate(msg)
         elif isinstance(msg, ReplayQuery):
             have = [(mb, st) for mb, st in msg.steps if self.ring.has(st, mb)]
-            self.w.send_coord(ReplayHave(self.w.me.name, have))
+            self.port.send_coord(ReplayHave(self.port.me.name, have))
         elif isinstance(msg, ReplaySteps):
             for plan in msg.plans:
                 cp = self.ring.get(plan.mb, plan.step)
                 plan.replay_until = msg.until
-                self.w.send_to(msg.until, plan, cp.out if cp is not None else None)
+                self.port.send_to(msg.until, plan, cp.out if cp is not None else None)
 
     def _ship_replica(self, q: ReplicaQuery) -> None:
         """Tell the coordinator the coverage first (it plans the replay meanwhile), then ship the KV:
         the file's name to a replacement on this host, else the bytes."""
-        bs = self.w.spec.cfg.cache.block_size
+        bs = self.port.cfg.cache.block_size
         covered = self.store.coverage(q.tables, bs) if self.store is not None else {}
         slots = covered_slots(q.tables, covered, bs)
         nbytes = self.store.nbytes(len(slots), len(self.store.layers)) if slots else 0
-        self.w.send_coord(ReplicaCoverage(q.source, covered, nbytes))
+        self.port.send_coord(ReplicaCoverage(q.source, covered, nbytes))
         if not slots:
             return
         sids = sorted(q.tables)
@@ -330,24 +331,24 @@ class StageFT:
     def _same_host(self, member: str) -> bool:
 
         key = keys.member(member)
-        return has(self.w.store, key) and get_json(self.w.store, key).get("host") == socket.gethostname()
+        return has(self.port.store, key) and get_json(self.port.store, key).get("host") == socket.gethostname()
 
     def _rereplicate(self, msg: Rereplicate) -> None:
         sids = sorted(msg.tables)
-        slots = covered_slots(msg.tables, msg.lengths, self.w.spec.cfg.cache.block_size)
-        kv = self.w.runner.kv
-        if self.w.runner.swapper is not None:  # partitions may be on the device or at home on the host
-            pairs = [self.w.runner.swapper.read(layer, slots) for layer in kv.layers]
+        slots = covered_slots(msg.tables, msg.lengths, self.port.cfg.cache.block_size)
+        kv = self.runner.kv
+        if self.runner.swapper is not None:  # partitions may be on the device or at home on the host
+            pairs = [self.runner.swapper.read(layer, slots) for layer in kv.layers]
         else:
             idx = torch.tensor(slots, dtype=torch.long, device=kv.device)
             pairs = [kv.read(layer, idx) for layer in kv.layers]
         data = torch.stack((torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])))
-        self.sender.forward(ReplicaChunk(self.w.me.name, -1, -1, list(kv.layers), sids, [0] * len(sids),
+        self.sender.forward(ReplicaChunk(self.port.me.name, -1, -1, list(kv.layers), sids, [0] * len(sids),
                                          [msg.lengths[s] for s in sids], slots), data)
         _log.info("re-replicated %d sequences to %s", len(sids), msg.to)
 
     def stats(self) -> dict:
-        out = {**self.ring.stats(), "host_buffers_allocated": self.w.runner.host.allocated}
+        out = {**self.ring.stats(), "host_buffers_allocated": self.runner.host.allocated}
         if self.sender is not None:
             out.update(self.sender.stats())
         if self.store is not None:

@@ -134,14 +134,16 @@ def run_member(spec: WorkerSpec, store, runner: StageRunner | None, takeover: bo
 
 
 class Worker:
-    """One stage's serving loop."""
+    """One stage's serving loop. Its fault tolerance and running ahead see it through its port
+    (``stage.port.StagePort``: the attributes up to ``closing``, ``send_to``, ``send_coord``, ``step``)."""
 
     def __init__(self, spec: WorkerSpec, store, runner: StageRunner, device: torch.device) -> None:
         self.spec, self.store, self.runner, self.device = spec, store, runner, device
         self.me = spec.member
+        self.layout, self.cfg, self.store_address = spec.layout, spec.cfg, spec.store
         self.edges: dict[str, Edge] = {}
         self.inbox: queue.Queue = queue.Queue()
-        self._closing = False
+        self.closing = False
         self.drop_through = -1  # plans up to this step were in flight at a failure: dropped, re-issued
         self.restored = spec.generation == 0  # a replacement waits for the coordinator's Restore
         self._stash: list[tuple] = []
@@ -153,7 +155,7 @@ class Worker:
             runner.kv.on_update = self.streamer.on_update
         elif self.me.role == "token":
             self.receiver = KVReceiver(runner.kv, spec.cfg.cache.block_size, runner.swapper)
-        self.ft = StageFT(self)
+        self.ft = StageFT(self, runner)
         self.times = LoopTimes()
         """Per step: idle (waiting for input), replica_wait, launch, finish (device_wait of it included),
         record (routing to the coordinator), send, checkpoint (token state and replica chunk, after the send);
@@ -164,12 +166,12 @@ class Worker:
         """Finished steps (with their outputs) whose FT bookkeeping (``StageFT.bookkeep``) waits for the
         loop to be idle: off the chain of launches. With the steps in ``pending`` at most one, as many as
         an unfinished step would be: the coordinator's routing record and the replica lag the same."""
-        self.ahead = RunAhead(self) if runs_ahead(spec) else None
-        """Asynchronous scheduling (runtime/ahead.py)."""
+        self.ahead = RunAhead(self, runner, self.ft.attach_routing) if runs_ahead(spec.cfg, self.me) else None
+        """Asynchronous scheduling (stage/ahead.py)."""
 
     # -- edges ---------------------------------------------------------------------------------
     def connect(self) -> None:
-        for peer in self.spec.layout.peers_of(self.me.name):
+        for peer in self.layout.peers_of(self.me.name):
             self.edges[peer] = self._make_edge(peer, self.spec.generation)
         for peer in self._inbound(self.edges):
             self.listen(peer)
@@ -181,17 +183,17 @@ class Worker:
         stage sends to the first; a dead successor must release this stage's rings, see ``listen``)."""
         if self.ahead is not None:
             return list(peers)
-        wanted = {self.me.prev, COORD} | {p.name for p in self.spec.layout.kv_sources(self.me)}
+        wanted = {self.me.prev, COORD} | {p.name for p in self.layout.kv_sources(self.me)}
         return [p for p in peers if p in wanted]
 
     def _make_edge(self, peer: str, generation: int) -> Edge:
         """Blocks until the peer joins, on a store client of its own (see comm.store.connect)."""
-        timeout = self.spec.cfg.runtime.comm_timeout_s
-        rendezvous = connect(self.spec.store)
+        timeout = self.cfg.runtime.comm_timeout_s
+        rendezvous = connect(self.store_address)
         if peer == COORD:
             return Edge(rendezvous, self.me.name, peer, generation, timeout)
         mine = get_json(rendezvous, keys.member(self.me.name))
-        other = get_json(rendezvous, keys.member(peer), timeout_s=self.spec.cfg.ft.recovery_timeout_s)
+        other = get_json(rendezvous, keys.member(peer), timeout_s=self.cfg.ft.recovery_timeout_s)
         return Edge(rendezvous, self.me.name, peer, generation, timeout, data_backend(mine, other), self.device,
                     inbound_bytes=self.ahead.ring_bytes(peer) if self.ahead is not None else 0)
 
@@ -203,7 +205,7 @@ class Worker:
             self.inbox.put((peer, msg, x))
             return isinstance(msg, Stop)
 
-        start_receiver(self.edges[peer], peer, deliver, self._on_broken(peer), lambda: self._closing, release=True)
+        start_receiver(self.edges[peer], peer, deliver, self._on_broken(peer), lambda: self.closing, release=True)
 
     def _on_broken(self, peer: str):
         return lambda event: self.inbox.put((peer, event, None))
@@ -345,7 +347,7 @@ class Worker:
 
     def _take_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor | None) -> None:
         assert self.receiver is not None and kv_2TKD is not None
-        slots = step_slots(chunk.tables, chunk.start_pos, chunk.num_tokens, self.spec.cfg.cache.block_size)
+        slots = step_slots(chunk.tables, chunk.start_pos, chunk.num_tokens, self.cfg.cache.block_size)
         done = self.receiver.apply(chunk, kv_2TKD, slots)
         self.ft.on_prompt_kv(chunk, kv_2TKD, slots)
         if done:
@@ -379,7 +381,7 @@ class Worker:
             if edge is not None:
                 edge.close()
         self.ft.drop(msg.failed)
-        peers = [p for p in self.spec.layout.peers_of(self.me.name) if p in msg.failed]  # may be none: a replica peer
+        peers = [p for p in self.layout.peers_of(self.me.name) if p in msg.failed]  # may be none: a replica peer
 
         def rebuild() -> None:
             if self.device.type == "cuda":  # a new thread starts on device 0: the edges' rings belong to ours
@@ -422,14 +424,14 @@ class Worker:
 
     def close(self) -> None:
         """Abort every edge so that receiver threads blocked on them return."""
-        self._closing = True
+        self.closing = True
         for edge in self.edges.values():
             edge.close()
 
     def _broken(self, msg: EdgeBroken) -> None:
         if msg.peer == COORD:
             raise PipelineError(f"{self.me.name}: lost the coordinator ({msg.error})")
-        if self.spec.cfg.ft.enabled or msg.peer in {p.name for p in self.spec.layout.kv_sources(self.me)}:
+        if self.cfg.ft.enabled or msg.peer in {p.name for p in self.layout.kv_sources(self.me)}:
             _log.warning("edge to %s broke (%s); waiting for the coordinator", msg.peer, msg.error)
             return
         raise PipelineError(f"{self.me.name}: edge to {msg.peer} broke: {msg.error}")

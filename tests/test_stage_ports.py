@@ -1,0 +1,33 @@
+"""A stage worker's parts (fault tolerance, running ahead) see the worker through a port, never the
+worker itself."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+STAGE = Path(__file__).resolve().parent.parent / "dejavu_py" / "stage"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, wherever the import stands (``if TYPE_CHECKING`` and functions too)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("part", ["stage_ft.py", "ahead.py"])
+def test_a_worker_s_part_does_not_import_the_worker(part):
+    assert "dejavu_py.stage.worker" not in imported_modules(STAGE / part)
+
+
+def test_the_import_check_sees_an_import_under_type_checking(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from dejavu_py.stage import worker\n")
+    assert "dejavu_py.stage.worker" in imported_modules(f)
