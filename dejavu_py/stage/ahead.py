@@ -28,6 +28,7 @@ from dejavu_py.stage.port import StagePort
 if TYPE_CHECKING:
     from dejavu_py.config import RunConfig
     from dejavu_py.protocol.layout import Member
+    from dejavu_py.stage.dispatch import MessageTable
     from dejavu_py.stage.runner import Launched, StageRunner
 
 RING_TOKENS = 1024
@@ -75,6 +76,10 @@ class AheadPort(StagePort, Protocol):
         """Launch ``plan`` now (``x``: its activations or a ring read of them); returns 1, a step."""
         ...
 
+    def finish_through(self, step: int | None) -> None:
+        """Finish the launched steps up to ``step`` (None: all): their outputs go on."""
+        ...
+
 
 class RunAhead:
     """A worker's running-ahead side: held plans, outputs sent at launch, the last-to-first ids.
@@ -89,6 +94,16 @@ class RunAhead:
         self.last = pipe[-1].name if len(pipe) > 1 and me.name == pipe[0].name else None
         self.blocked: collections.deque[tuple[StepPlan, object]] = collections.deque()
         """First stage: plans (in order) waiting for the sampled ids of the step they follow."""
+
+    def register(self, table: MessageTable) -> None:
+        """Its messages: the last stage's sampled ids (on a replacement, stashed until it is restored,
+        as plans are) and the waiter's reports."""
+        table.register(Sampled, self.on_sampled, finishes_steps=False, waits_for_restore=True)
+        table.register(StepDone, self._on_step_done, finishes_steps=False)
+
+    def _on_step_done(self, msg: StepDone, _: object = None) -> int:
+        self.port.finish_through(msg.step)
+        return 0
 
     def ring_bytes(self, peer: str) -> int:
         """Largest tensor ``peer`` sends this stage through a ring on a shared GPU: activations from the

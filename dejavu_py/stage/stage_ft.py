@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -33,6 +33,7 @@ from dejavu_py.protocol.recovery import (
 from dejavu_py.protocol.replica import ReplicaAck, ReplicaChunk, ReplicaCoverage
 from dejavu_py.stage import replica_shm
 from dejavu_py.stage.checkpoints import TokenStateRing, routing_mismatches
+from dejavu_py.stage.port import StagePort
 from dejavu_py.stage.replica_sender import PIECE_BYTES, ReplicaSender
 from dejavu_py.stage.replica_shm import ReplicaShm
 from dejavu_py.stage.replica_store import ReplicaStore, covered_slots
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from dejavu_py.config import RunConfig
     from dejavu_py.models.kv_cache import CacheSpec
     from dejavu_py.protocol.layout import Layout, Member
-    from dejavu_py.stage.port import StagePort
+    from dejavu_py.stage.dispatch import MessageTable
     from dejavu_py.stage.runner import Launched, StageRunner
 
 _log = log.get(__name__)
@@ -84,10 +85,18 @@ def host_reservation(cfg: RunConfig, layout: Layout, me: Member, mcfg, spec: Cac
     return sizes
 
 
+class FTPort(StagePort, Protocol):
+    """The worker as fault tolerance sees it: the stage's port, and the end of a replacement's wait."""
+
+    def resume_after_restore(self) -> None:
+        """This replacement's KV is back from the replica: if its Restore came too, serve what waited."""
+        ...
+
+
 class StageFT:
     """A decode stage's fault tolerance, given the worker's port and the stage's runner."""
 
-    def __init__(self, port: StagePort, runner: StageRunner) -> None:
+    def __init__(self, port: FTPort, runner: StageRunner) -> None:
         self.port, self.runner = port, runner
         ft, layout, me = port.cfg.ft, port.layout, port.me.name
         self.active = ft.enabled and port.me.role in ("stage", "token")
@@ -251,6 +260,22 @@ class StageFT:
         self.sender.forward(msg, kv_2TKD.unsqueeze(1))
 
     # -- recovery --------------------------------------------------------------------------------
+    def register(self, table: MessageTable) -> None:
+        """Its messages, all from recovery: the coordinator's questions and orders, and (a replacement)
+        its own KV coming back from the replica holder."""
+        table.register(ReplicaQuery, self._ship_replica)
+        table.register(Rereplicate, self._rereplicate)
+        table.register(ReplayQuery, self._answer_replay_query)
+        table.register(ReplaySteps, self._feed_replay)
+        table.register(ReplicaChunk, self._on_own_kv)
+
+    def _on_own_kv(self, chunk: ReplicaChunk, kv: torch.Tensor | None) -> int:
+        """A replacement's KV from the replica: once its Restore came too, it serves what waited."""
+        self.restore_kv(chunk, kv)
+        if self.restore_from is not None:
+            self.port.resume_after_restore()
+        return 0
+
     def expect_restore(self, replica_from: str | None, replay: int) -> bool:
         """A replacement's Restore: returns whether it can serve now (its replica KV, if any, is in)."""
         self.restore_from, self.replay_left = replica_from, replay
@@ -297,21 +322,21 @@ class StageFT:
             self.port.send_coord(Replayed(self.port.me.name, self.replayed, self.mismatches))
             self.replay_left = -1
 
-    def handle(self, msg) -> None:
-        if isinstance(msg, ReplicaQuery):
-            self._ship_replica(msg)
-        elif isinstance(msg, Rereplicate):
-            self._rereplicate(msg)
-        elif isinstance(msg, ReplayQuery):
-            have = [(mb, st) for mb, st in msg.steps if self.ring.has(st, mb)]
-            self.port.send_coord(ReplayHave(self.port.me.name, have))
-        elif isinstance(msg, ReplaySteps):
-            for plan in msg.plans:
-                cp = self.ring.get(plan.mb, plan.step)
-                plan.replay_until = msg.until
-                self.port.send_to(msg.until, plan, cp.out if cp is not None else None)
+    def _answer_replay_query(self, msg: ReplayQuery, _: object = None) -> int:
+        """Which of these steps this stage kept the output activations of (a replay can start here)."""
+        have = [(mb, st) for mb, st in msg.steps if self.ring.has(st, mb)]
+        self.port.send_coord(ReplayHave(self.port.me.name, have))
+        return 0
 
-    def _ship_replica(self, q: ReplicaQuery) -> None:
+    def _feed_replay(self, msg: ReplaySteps, _: object = None) -> int:
+        """Send the replacement ``msg.until`` the plans to replay, with this stage's kept outputs."""
+        for plan in msg.plans:
+            cp = self.ring.get(plan.mb, plan.step)
+            plan.replay_until = msg.until
+            self.port.send_to(msg.until, plan, cp.out if cp is not None else None)
+        return 0
+
+    def _ship_replica(self, q: ReplicaQuery, _: object = None) -> int:
         """Tell the coordinator the coverage first (it plans the replay meanwhile), then ship the KV:
         the file's name to a replacement on this host, else the bytes."""
         bs = self.port.cfg.cache.block_size
@@ -320,20 +345,21 @@ class StageFT:
         nbytes = self.store.nbytes(len(slots), len(self.store.layers)) if slots else 0
         self.port.send_coord(ReplicaCoverage(q.source, covered, nbytes))
         if not slots:
-            return
+            return 0
         sids = sorted(q.tables)
         chunk = ReplicaChunk(q.source, -1, -1, self.store.layers, sids, [0] * len(sids), [covered.get(s, 0) for s in sids], slots)
         if self.store.path is not None and self._same_host(q.to):
             self.rep_edges[q.to].send(dataclasses.replace(chunk, shm_path=str(self.store.path)))
         else:
             self.rep_edges[q.to].send(chunk, self.store.read(slots))
+        return 0
 
     def _same_host(self, member: str) -> bool:
 
         key = keys.member(member)
         return has(self.port.store, key) and get_json(self.port.store, key).get("host") == socket.gethostname()
 
-    def _rereplicate(self, msg: Rereplicate) -> None:
+    def _rereplicate(self, msg: Rereplicate, _: object = None) -> int:
         sids = sorted(msg.tables)
         slots = covered_slots(msg.tables, msg.lengths, self.port.cfg.cache.block_size)
         kv = self.runner.kv
@@ -346,6 +372,7 @@ class StageFT:
         self.sender.forward(ReplicaChunk(self.port.me.name, -1, -1, list(kv.layers), sids, [0] * len(sids),
                                          [msg.lengths[s] for s in sids], slots), data)
         _log.info("re-replicated %d sequences to %s", len(sids), msg.to)
+        return 0
 
     def stats(self) -> dict:
         out = {**self.ring.stats(), "host_buffers_allocated": self.runner.host.allocated}

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -34,19 +34,11 @@ from dejavu_py.errors import PipelineError, UserError
 from dejavu_py.models.attn_meta import step_slots
 from dejavu_py.protocol import keys
 from dejavu_py.protocol.layout import COORD, Layout, Member
-from dejavu_py.protocol.plan import KVAck, KVChunk, Sampled, StepPlan, StepResult, Stop
-from dejavu_py.protocol.recovery import (
-    Rebuilt,
-    Recover,
-    ReplayQuery,
-    ReplaySteps,
-    ReplicaQuery,
-    Rereplicate,
-    Restore,
-)
-from dejavu_py.protocol.replica import ReplicaChunk
-from dejavu_py.stage.ahead import RunAhead, StepDone, runs_ahead
+from dejavu_py.protocol.plan import KVAck, KVChunk, StepPlan, StepResult, Stop
+from dejavu_py.protocol.recovery import Rebuilt, Recover, Restore
+from dejavu_py.stage.ahead import RunAhead, runs_ahead
 from dejavu_py.stage.devices import data_backend, placement, resolve_device
+from dejavu_py.stage.dispatch import MessageTable
 from dejavu_py.stage.kv_stream import KVReceiver, KVStreamer
 from dejavu_py.stage.runner import Launched, StageRunner
 from dejavu_py.stage.stage_ft import StageFT
@@ -134,8 +126,8 @@ def run_member(spec: WorkerSpec, store, runner: StageRunner | None, takeover: bo
 
 
 class Worker:
-    """One stage's serving loop. Its fault tolerance and running ahead see it through its port
-    (``stage.port.StagePort``: the attributes up to ``closing``, ``send_to``, ``send_coord``, ``step``)."""
+    """One stage's serving loop. Its fault tolerance and running ahead see it through their ports
+    (``StagePort``, and ``FTPort`` and ``AheadPort`` beside those parts), never as a whole."""
 
     def __init__(self, spec: WorkerSpec, store, runner: StageRunner, device: torch.device) -> None:
         self.spec, self.store, self.runner, self.device = spec, store, runner, device
@@ -168,6 +160,14 @@ class Worker:
         an unfinished step would be: the coordinator's routing record and the replica lag the same."""
         self.ahead = RunAhead(self, runner, self.ft.attach_routing) if runs_ahead(spec.cfg, self.me) else None
         """Asynchronous scheduling (stage/ahead.py)."""
+        self._launch = self.ahead.admit if self.ahead is not None else self.step
+        self.stopped = False
+        self.messages = MessageTable()
+        """Message type -> handler: the core's, running ahead's and fault tolerance's (``serve``)."""
+        self._register(self.messages)
+        if self.ahead is not None:
+            self.ahead.register(self.messages)
+        self.ft.register(self.messages)
 
     # -- edges ---------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -211,11 +211,26 @@ class Worker:
         return lambda event: self.inbox.put((peer, event, None))
 
     # -- serving -------------------------------------------------------------------------------
+    def _register(self, table: MessageTable) -> None:
+        """The core's messages. Before a handler runs, a control message sees every launched step
+        finished; plans, and KV from prompt stages, wait in the stash on a replacement until it is
+        restored. A ``Recover`` finishes the launched steps itself: first it releases the failed
+        members' rings, which those steps may be waiting on."""
+        table.register(StepPlan, self._on_plan, finishes_steps=False, waits_for_restore=True)
+        table.register(KVChunk, self._take_kv, waits_for_restore=True)
+        table.register(Stop, self._stop)
+        table.register(Recover, self._recover, finishes_steps=False)
+        table.register(EdgesReady, self._edges_ready)
+        table.register(Restore, self._restore)
+        table.register(EdgeBroken, self._broken)
+
     def serve(self) -> int:
+        """Handle messages until told to stop; returns the steps launched."""
         steps = 0
         self.times = LoopTimes()  # from the first message on: connecting is no step's cost
         trace = StepTrace(self.me.name)
-        while True:
+        routes, lookup = self.messages.routes, self.messages.lookup
+        while not self.stopped:
             trace.at(steps)
             self.times.mark("busy")  # whatever the last message cost, if not a step
             if self.awaiting_bookkeeping and self.inbox.empty():  # idle: a finished step's FT bookkeeping
@@ -223,44 +238,31 @@ class Worker:
                 continue
             peer, msg, x = self.inbox.get()
             self.times.mark("idle")
-            if isinstance(msg, StepDone):
-                self._finish_through(msg.step)
-                continue
-            if isinstance(msg, Recover):
-                self._release(msg.failed)  # launched steps may wait on the failed members' rings
-            if not isinstance(msg, (StepPlan, Sampled)):
-                self._finish_through(None)  # control messages see every launched step finished
-            if not self.restored and isinstance(msg, (StepPlan, KVChunk, Sampled)):
+            route = routes.get(type(msg)) or lookup(type(msg))
+            if route is None:
+                self._unexpected(peer, msg)
+            handle, finishes_steps, waits_for_restore = route
+            if finishes_steps:
+                self.finish_through(None)  # control messages see every launched step finished
+            if waits_for_restore and not self.restored:
                 self._stash.append((peer, msg, x))
                 continue
-            if isinstance(msg, StepPlan):
-                if msg.step > self.drop_through or msg.replay_until is not None:
-                    steps += self.ahead.admit(msg, x) if self.ahead is not None else self.step(msg, x)
-                elif isinstance(x, RingRead):
-                    x.skip()
-            elif isinstance(msg, Sampled) and self.ahead is not None:
-                steps += self.ahead.on_sampled(msg, x)
-            elif isinstance(msg, KVChunk):
-                self._take_kv(msg, x)
-            elif isinstance(msg, Stop):
-                if self._stop(msg):
-                    return steps
-            elif isinstance(msg, Recover):
-                self._recover(msg)
-            elif isinstance(msg, EdgesReady):
-                self._edges_ready(msg)
-            elif isinstance(msg, Restore):
-                self._restore(msg)
-            elif isinstance(msg, ReplicaChunk):
-                self.ft.restore_kv(msg, x)
-                if self.ft.restore_from is not None and not self.restored:
-                    self._serve_stash()
-            elif isinstance(msg, (ReplicaQuery, Rereplicate, ReplayQuery, ReplaySteps)):
-                self.ft.handle(msg)
-            elif isinstance(msg, EdgeBroken):
-                self._broken(msg)
-            else:
-                raise PipelineError(f"{self.me.name}: unexpected {type(msg).__name__} from {peer}")
+            steps += handle(msg, x)
+        return steps
+
+    def _on_plan(self, plan: StepPlan, x) -> int:
+        """Launch a plan (or, running ahead, hold it), unless it was in flight at a failure: the
+        coordinator re-issues those (a replay's plans always run)."""
+        if plan.step > self.drop_through or plan.replay_until is not None:
+            return self._launch(plan, x)
+        if isinstance(x, RingRead):
+            x.skip()
+        return 0
+
+    def _unexpected(self, peer: str, msg: object) -> NoReturn:
+        self.finish_through(None)
+        raise PipelineError(f"{self.me.name}: unexpected {type(msg).__name__} from {peer}: no handler for it "
+                            f"(register one with Worker.messages)")
 
     def _release(self, failed: list[str]) -> None:
         for peer in failed:
@@ -287,12 +289,12 @@ class Worker:
             self.ahead.forward(self.pending[-1], out)
         self.times.mark("launch")
         if not ahead:
-            self._finish_through(None)
+            self.finish_through(None)
         elif len(self.pending) > 1:
-            self._finish_through(self.pending[-2].plan.step)
+            self.finish_through(self.pending[-2].plan.step)
         return 1
 
-    def _finish_through(self, step: int | None) -> None:
+    def finish_through(self, step: int | None) -> None:
         """Finish the launched steps up to ``step`` (None: all, their K/V copies and FT bookkeeping too),
         oldest first: send the output, then leave the checkpoint and the replica chunk to
         ``awaiting_bookkeeping``."""
@@ -345,33 +347,39 @@ class Worker:
     def _send_kv(self, owner: str, chunk: KVChunk, kv_2TKD: torch.Tensor) -> None:
         self.send_to(owner, chunk, kv_2TKD)
 
-    def _take_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor | None) -> None:
+    def _take_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor | None) -> int:
         assert self.receiver is not None and kv_2TKD is not None
         slots = step_slots(chunk.tables, chunk.start_pos, chunk.num_tokens, self.cfg.cache.block_size)
         done = self.receiver.apply(chunk, kv_2TKD, slots)
         self.ft.on_prompt_kv(chunk, kv_2TKD, slots)
         if done:
             self.send_coord(KVAck(self.me.name, [s for s, _ in done], [b for _, b in done]))
+        return 0
 
-    def _stop(self, msg: Stop) -> bool:
+    def _stop(self, msg: Stop, _: object = None) -> int:
+        """Report this stage's figures, pass the stop on if asked to, and end the loop."""
+        self.stopped = True
         stats = {**self.ft.stats(), **(self.runner.swapper.stats() if self.runner.swapper else {}),
                  "loop": self.times.per_step_ms()}
         _log.info("per step: %s", self.times.per_step_ms())
         put_json(self.store, keys.ft_stats(self.me.name), stats)  # before the stop marker moves on
         if not msg.forward:
             _log.info("told to stop: %s", msg.reason)
-            return True
+            return 0
         for name, edge in self.edges.items():
             if name != self.me.next:
                 edge.flush()  # KV still on its way to token stages
         nxt = self.edges[self.me.next]
         nxt.send(msg)
         nxt.flush()
-        return True
+        return 0
 
     # -- recovery ------------------------------------------------------------------------------
-    def _recover(self, msg: Recover) -> None:
-        """Abort the edges to the failed members, drop in-flight plans, rebuild those edges."""
+    def _recover(self, msg: Recover, _: object = None) -> int:
+        """Release the failed members' rings (launched steps may wait on them) and finish the launched
+        steps; abort the edges to the failed members, drop in-flight plans, rebuild those edges."""
+        self._release(msg.failed)
+        self.finish_through(None)
         _log.warning("recovery (generation %d): %s failed", msg.generation, ", ".join(msg.failed))
         self.drop_through = max(self.drop_through, msg.drop_through)
         if self.ahead is not None:
@@ -395,8 +403,9 @@ class Worker:
             self.inbox.put((COORD, EdgesReady(msg.generation, edges, rep), None))
 
         threading.Thread(target=rebuild, name=f"rebuild-{msg.generation}", daemon=True).start()
+        return 0
 
-    def _edges_ready(self, msg: EdgesReady) -> None:
+    def _edges_ready(self, msg: EdgesReady, _: object = None) -> int:
         for peer, edge in msg.edges.items():
             if peer in self.edges:  # a later recovery already replaced it
                 edge.close()
@@ -407,13 +416,20 @@ class Worker:
                 self.listen(peer)
         self.ft.install(msg.rep)
         self.send_coord(Rebuilt(self.me.name, msg.generation))
+        return 0
 
-    def _restore(self, msg: Restore) -> None:
+    def _restore(self, msg: Restore, _: object = None) -> int:
         """A replacement learns the sequences in flight (block tables, sampling) and starts serving."""
         self.runner.seqs.update(msg.seqs)
         self.drop_through = max(self.drop_through, msg.drop_through)
         _log.info("restoring %d sequences (KV from %s, %d steps to replay)", len(msg.seqs), msg.replica_from, msg.replay)
         if self.ft.expect_restore(msg.replica_from, msg.replay):
+            self._serve_stash()
+        return 0
+
+    def resume_after_restore(self) -> None:
+        """Fault tolerance restored this replacement's KV after its Restore came: serve what waited."""
+        if not self.restored:
             self._serve_stash()
 
     def _serve_stash(self) -> None:
@@ -428,10 +444,10 @@ class Worker:
         for edge in self.edges.values():
             edge.close()
 
-    def _broken(self, msg: EdgeBroken) -> None:
+    def _broken(self, msg: EdgeBroken, _: object = None) -> int:
         if msg.peer == COORD:
             raise PipelineError(f"{self.me.name}: lost the coordinator ({msg.error})")
         if self.cfg.ft.enabled or msg.peer in {p.name for p in self.layout.kv_sources(self.me)}:
             _log.warning("edge to %s broke (%s); waiting for the coordinator", msg.peer, msg.error)
-            return
+            return 0
         raise PipelineError(f"{self.me.name}: edge to {msg.peer} broke: {msg.error}")
