@@ -252,7 +252,7 @@ def test_the_last_stage_s_result_takes_its_records_of_earlier_steps_and_keeps_th
 
     ft = StageFT.__new__(StageFT)
     records = []
-    ft.active, ft.sender, ft.unsent_routing = True, None, [StepRouting(0, 4, "s1", "r4")]
+    ft.sender, ft.unsent_routing = None, [StepRouting(0, 4, "s1", "r4")]
     ft.ring = SimpleNamespace(record=lambda *a: records.append(a))
     ft.port, ft.runner = SimpleNamespace(me=SimpleNamespace(name="s1")), None  # no record is taken on the chain
     plan = StepPlan(0, 5, [1], [9], [1], [7], [True], relayed=[StepRouting(0, 4, "s0", "up")])

@@ -1,8 +1,9 @@
 """A stage worker's parts (fault tolerance, running ahead) see the worker through a port, never the
-worker itself."""
+worker itself; with fault tolerance off the worker holds an object of the same interface instead."""
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,15 @@ def test_the_import_check_sees_an_import_under_type_checking(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from dejavu_py.stage import worker\n")
     assert "dejavu_py.stage.worker" in imported_modules(f)
+
+
+def test_ft_off_has_every_public_method_of_stage_ft_with_its_parameters():
+    from dejavu_py.stage.ft_off import FTOff
+    from dejavu_py.stage.stage_ft import StageFT
+
+    methods = {n: f for n, f in inspect.getmembers(StageFT, inspect.isfunction) if not n.startswith("_")}
+    assert {"after_step", "bookkeep_next", "attach_routing", "register", "stats"} <= set(methods)
+    for name, fn in methods.items():
+        assert hasattr(FTOff, name), f"FTOff lacks {name}"
+        assert list(inspect.signature(getattr(FTOff, name)).parameters) == list(inspect.signature(fn).parameters), name
+    assert FTOff.awaiting_bookkeeping == ()

@@ -140,3 +140,18 @@ def test_a_table_finds_the_route_of_a_subclass_and_none_for_an_unknown_type():
     table.register(Stop, lambda msg, _: 0)
     assert table.lookup(LastStop) is table.routes[Stop] and table.lookup(Ping) is None
     assert table.routes[Stop].finishes_steps and not table.routes[Stop].waits_for_restore
+
+
+def test_with_ft_off_the_worker_holds_a_stand_in_that_records_and_answers_nothing(ckpt, tmp_path):
+    from dejavu_py.protocol.recovery import ReplicaQuery
+    from dejavu_py.stage.ft_off import FTOff
+
+    w, log = make_worker(ckpt, tmp_path, flags=("--ft", "off"))
+    assert isinstance(w.ft, FTOff) and ReplicaQuery not in w.messages.routes and not w.runner.record_routing
+    put(w, prefill(0))
+    put(w, decode(1))
+    stop(w)
+    assert w.serve() == 2 and steps_of(log, StepResult) == [0, 1]
+    assert all(m.relayed == [] for _, m in sent(log, StepResult)) and not w.awaiting_bookkeeping
+    stats = w.ft.stats()
+    assert stats["checkpoints"] == 0 and "host_buffers_allocated" in stats and "policy" in stats

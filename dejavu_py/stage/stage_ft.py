@@ -11,6 +11,7 @@ and, on a replacement, restore its KV from the replica and count the replayed st
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import socket
 from typing import TYPE_CHECKING, Protocol
@@ -33,6 +34,7 @@ from dejavu_py.protocol.recovery import (
 from dejavu_py.protocol.replica import ReplicaAck, ReplicaChunk, ReplicaCoverage
 from dejavu_py.stage import replica_shm
 from dejavu_py.stage.checkpoints import TokenStateRing, routing_mismatches
+from dejavu_py.stage.ft_off import FTOff
 from dejavu_py.stage.port import StagePort
 from dejavu_py.stage.replica_sender import PIECE_BYTES, ReplicaSender
 from dejavu_py.stage.replica_shm import ReplicaShm
@@ -54,10 +56,21 @@ coordinator on its own, from the idle time: riding along, its pickling and unpic
 lengthened the first decode step after the prompts by tens of ms."""
 
 
+def ft_applies(cfg: RunConfig, me: Member) -> bool:
+    """Whether the stage keeps fault tolerance: FT is on and it decodes (a prompt stage's work is redone
+    from the prompt instead)."""
+    return cfg.ft.enabled and me.role in ("stage", "token")
+
+
+def fault_tolerance(port: FTPort, runner: StageRunner) -> StageFT | FTOff:
+    """The stage's fault tolerance, or (``ft_applies`` false) the object that does nothing in its place."""
+    return StageFT(port, runner) if ft_applies(port.cfg, port.me) else FTOff(port.cfg, runner)
+
+
 def replica_store_for(cfg: RunConfig, layout: Layout, me: Member, spec: CacheSpec, device: torch.device,
                       dtype: torch.dtype) -> ReplicaStore | None:
     """Host buffers for the replica ``me`` holds of its ring predecessor's cache (None when it holds none)."""
-    source = layout.replica_source(me.name) if cfg.ft.enabled and me.role in ("stage", "token") else None
+    source = layout.replica_source(me.name) if ft_applies(cfg, me) else None
     if source is None:
         return None
     blocks = cfg.swap_partitions * cfg.cache.partition_blocks if cfg.cache.swap else cfg.cache.num_blocks
@@ -73,7 +86,7 @@ def host_reservation(cfg: RunConfig, layout: Layout, me: Member, mcfg, spec: Cac
     when the stage is built (``HostBuffers.reserve``): a decode step's K/V at the largest batch, for every
     step the replica may lag and the few in flight; an eager step's routing (the prompts); and the pieces
     of a prompt's replica in flight. Empty when FT is off for the stage."""
-    if not (cfg.ft.enabled and me.role in ("stage", "token")):
+    if not ft_applies(cfg, me):
         return []
     elem = dtype.itemsize
     step_kv = 2 * len(layers) * cfg.scheduler.max_batch_size * spec.num_kv_heads * spec.head_dim * elem
@@ -94,14 +107,14 @@ class FTPort(StagePort, Protocol):
 
 
 class StageFT:
-    """A decode stage's fault tolerance, given the worker's port and the stage's runner."""
+    """A decode stage's fault tolerance, given the worker's port and the stage's runner (made only where
+    ``ft_applies``; ``FTOff`` stands in elsewhere)."""
 
     def __init__(self, port: FTPort, runner: StageRunner) -> None:
         self.port, self.runner = port, runner
         ft, layout, me = port.cfg.ft, port.layout, port.me.name
-        self.active = ft.enabled and port.me.role in ("stage", "token")
-        self.holder = layout.replica_holder(me) if self.active else None
-        self.source = layout.replica_source(me) if self.active else None
+        self.holder = layout.replica_holder(me)
+        self.source = layout.replica_source(me)
         mcfg = runner.model.cfg
         self.ring = TokenStateRing(ft.checkpoint_policy, ft.checkpoint_interval, ft.max_checkpoints,
                                    mcfg.num_experts or 0)
@@ -124,10 +137,15 @@ class StageFT:
         self.replay_left = -1
         self.replayed = 0
         self.mismatches = 0
+        self.awaiting_bookkeeping: collections.deque[tuple[Launched, object]] = collections.deque()
+        """Finished steps (with their outputs) whose bookkeeping (``bookkeep``) waits for the worker's
+        loop to be idle: off the chain of launches. With the steps the worker has launched and not
+        finished, at most one, as many as an unfinished step would be: the coordinator's routing record
+        and the replica lag the same."""
         self.restore_from: str | None = None
+        """A replacement: the replica holder its KV comes from (set by its Restore)."""
         self.kv_restored = False
-        if self.active:
-            runner.enable_recording()
+        runner.enable_recording()
 
     # -- edges -----------------------------------------------------------------------------------
     def connect(self, generation: int, peers: list[str] | None = None) -> tuple[dict, replica_shm.Replica | None, str | None]:
@@ -136,7 +154,7 @@ class StageFT:
         from dejavu_py.comm.edge import Edge
         from dejavu_py.comm.store import connect
 
-        wanted = self.port.layout.replica_peers_of(self.port.me.name) if self.active else []
+        wanted = self.port.layout.replica_peers_of(self.port.me.name)
         if peers is not None:
             wanted = [p for p in wanted if p in peers]
         edges = {p: Edge(connect(self.port.store_address), self.port.me.name, p, generation,
@@ -211,8 +229,6 @@ class StageFT:
         record apart here would lengthen the chain: 0.1 ms at batch 1). True when this stage ends a
         replay: the step is kept and its routing checked now, and nothing goes on. The rest waits for
         ``bookkeep``."""
-        if not self.active:
-            return False
         plan = done.plan
         if plan.replay_until != self.port.me.name:
             if isinstance(out, StepResult):
@@ -226,13 +242,19 @@ class StageFT:
         self._maybe_done()
         return True
 
+    def defer_bookkeeping(self, done: Launched, out) -> None:
+        """A finished step whose output has gone on: its bookkeeping waits (``awaiting_bookkeeping``)."""
+        self.awaiting_bookkeeping.append((done, out))
+
+    def bookkeep_next(self) -> None:
+        """The bookkeeping of the oldest step waiting for it."""
+        self.bookkeep(*self.awaiting_bookkeeping.popleft())
+
     def bookkeep(self, done: Launched, out) -> None:
-        """Off the chain (in the worker's idle time, see ``Worker.awaiting_bookkeeping``): keep the step's
-        routing for the next plan this stage sends on (``attach_routing``; the last stage: its next result),
-        or send a large one (a prompt's) to the coordinator now; then checkpoint the step's token state and
+        """Off the chain (in the worker's idle time, see ``awaiting_bookkeeping``): keep the step's routing
+        for the next plan this stage sends on (``attach_routing``; the last stage: its next result), or
+        send a large one (a prompt's) to the coordinator now; then checkpoint the step's token state and
         send its K/V to the replica."""
-        if not self.active:
-            return
         plan, rec = done.plan, self.runner.ft_record(done)
         if plan.replay_until != self.port.me.name:
             record = StepRouting(plan.mb, plan.step, self.port.me.name, rec.routing)
@@ -318,7 +340,7 @@ class StageFT:
                   " file" if chunk.shm_path else "")
 
     def _maybe_done(self) -> None:
-        if self.active and self.replay_left >= 0 and self.replayed >= self.replay_left:
+        if self.replay_left >= 0 and self.replayed >= self.replay_left:
             self.port.send_coord(Replayed(self.port.me.name, self.replayed, self.mismatches))
             self.replay_left = -1
 

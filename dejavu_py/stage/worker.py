@@ -41,7 +41,7 @@ from dejavu_py.stage.devices import data_backend, placement, resolve_device
 from dejavu_py.stage.dispatch import MessageTable
 from dejavu_py.stage.kv_stream import KVReceiver, KVStreamer
 from dejavu_py.stage.runner import Launched, StageRunner
-from dejavu_py.stage.stage_ft import StageFT
+from dejavu_py.stage.stage_ft import fault_tolerance
 from dejavu_py.stage.stage_load import load_runner
 from dejavu_py.stage.trace import StepTrace
 from dejavu_py.timing import LoopTimes
@@ -147,17 +147,17 @@ class Worker:
             runner.kv.on_update = self.streamer.on_update
         elif self.me.role == "token":
             self.receiver = KVReceiver(runner.kv, spec.cfg.cache.block_size, runner.swapper)
-        self.ft = StageFT(self, runner)
+        self.ft = fault_tolerance(self, runner)
+        """``StageFT``, or where the stage keeps none, ``FTOff``: the same calls, doing nothing."""
         self.times = LoopTimes()
         """Per step: idle (waiting for input), replica_wait, launch, finish (device_wait of it included),
         record (routing to the coordinator), send, checkpoint (token state and replica chunk, after the send);
         busy: other messages (replica chunks held)."""
         self.pending: collections.deque[Launched] = collections.deque()
         """Steps launched and not finished, oldest first."""
-        self.awaiting_bookkeeping: collections.deque[tuple[Launched, object]] = collections.deque()
-        """Finished steps (with their outputs) whose FT bookkeeping (``StageFT.bookkeep``) waits for the
-        loop to be idle: off the chain of launches. With the steps in ``pending`` at most one, as many as
-        an unfinished step would be: the coordinator's routing record and the replica lag the same."""
+        self.awaiting_bookkeeping = self.ft.awaiting_bookkeeping
+        """Finished steps whose FT bookkeeping waits for the loop to be idle: ``StageFT``'s queue, read
+        (never changed) here, on every pass of the loop."""
         self.ahead = RunAhead(self, runner, self.ft.attach_routing) if runs_ahead(spec.cfg, self.me) else None
         """Asynchronous scheduling (stage/ahead.py)."""
         self._launch = self.ahead.admit if self.ahead is not None else self.step
@@ -314,8 +314,7 @@ class Worker:
                 self.ft.attach_routing(done.plan)
                 self.send_to(self.me.next, done.plan, out)
             self.times.mark("send")
-            if self.ft.active:
-                self.awaiting_bookkeeping.append((done, out))
+            self.ft.defer_bookkeeping(done, out)
             self.times.end_step()
         if step is None:  # the last graph step's K/V too: no step may be launched behind it soon
             self.runner.flush_deferred_copies()
@@ -324,7 +323,7 @@ class Worker:
     def _bookkeep(self, n: int) -> None:
         """The FT bookkeeping of the ``n`` oldest finished steps (``awaiting_bookkeeping``)."""
         for _ in range(min(n, len(self.awaiting_bookkeeping))):
-            self.ft.bookkeep(*self.awaiting_bookkeeping.popleft())
+            self.ft.bookkeep_next()
             self.times.mark("checkpoint")
 
     def send_coord(self, msg: object) -> None:
