@@ -56,7 +56,6 @@ def make_worker(ckpt: Path, run_dir: Path, name: str = "s1", stages: int = 2, ge
     spec = WorkerSpec(layout.by_name(name), layout, cfg, address, rank=0, local_rank=0, generation=generation)
     runner, _ = load_runner(spec, torch.device("cpu"))
     worker = Worker(spec, store, runner, torch.device("cpu"))
-    worker._store_server = store  # keeps the server up as long as the worker
     log: list = []
     for peer in [*layout.peers_of(name), COORD]:
         worker.edges[peer] = RecordingEdge(peer, log)
