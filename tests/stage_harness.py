@@ -12,8 +12,9 @@ from dejavu_py.comm.store import StoreAddress, connect, free_port
 from dejavu_py.models.config import load_model_config
 from dejavu_py.protocol.layout import COORD, build_layout
 from dejavu_py.protocol.plan import SeqState, StepPlan
+from dejavu_py.stage.loop import Worker
 from dejavu_py.stage.stage_load import load_runner
-from dejavu_py.stage.worker import Worker, WorkerSpec
+from dejavu_py.stage.worker import WorkerSpec
 
 BLOCK = 8
 PROMPT = [5, 9, 11, 3, 7]

@@ -64,12 +64,12 @@ def test_a_decode_step_runs_only_the_stage_s_code(ckpt, tmp_path, name):
     steps: list[int] = []
     ran = package_files_run(lambda: steps.append(w.serve()))
     assert steps == [1] and len(log) > 0
-    assert {"stage/worker.py", "stage/runner.py", "stage/stage_ft.py", "stage/ahead.py"} <= ran
+    assert {"stage/loop.py", "stage/runner.py", "stage/stage_ft.py", "stage/ahead.py"} <= ran
     assert any(f.startswith("models/") for f in ran)  # the profiler saw the step's model code
     assert outside_the_stage(ran) == set(), f"a stage's decode step ran code of {sorted(outside_the_stage(ran))}"
 
 
 def test_the_scope_check_names_files_of_other_processes():
-    ran = {"stage/worker.py", "models/qwen3.py", "comm/edge.py", "log.py", "coordinator/scheduler.py", "runtime/rank.py",
+    ran = {"stage/loop.py", "models/qwen3.py", "comm/edge.py", "log.py", "coordinator/scheduler.py", "runtime/rank.py",
            "config.py"}
     assert outside_the_stage(ran) == {"coordinator/scheduler.py", "runtime/rank.py", "config.py"}

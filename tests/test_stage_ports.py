@@ -23,9 +23,10 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("part", ["stage_ft.py", "ahead.py"])
+@pytest.mark.parametrize("part", ["stage_ft.py", "ahead.py", "ft_off.py", "port.py", "dispatch.py"])
 def test_a_worker_s_part_does_not_import_the_worker(part):
-    assert "dejavu_py.stage.worker" not in imported_modules(STAGE / part)
+    """Neither the process's entry (worker.py) nor its loop (loop.py)."""
+    assert not {"dejavu_py.stage.worker", "dejavu_py.stage.loop"} & imported_modules(STAGE / part)
 
 
 def test_the_import_check_sees_an_import_under_type_checking(tmp_path):

@@ -63,7 +63,7 @@ class Stage:
 
     def run(self, plans: list, t: dict[str, float]) -> None:
         """Decode steps as a worker running ahead runs them: each launched before the one before it is
-        finished, whose FT bookkeeping follows (``Worker._finish_through``, ``StageFT.bookkeep``); adds
+        finished, whose FT bookkeeping follows (``Worker.finish_through``, ``StageFT.bookkeep``); adds
         each phase's host seconds to ``t``."""
         pending = None
         for plan in [*plans, None]:
