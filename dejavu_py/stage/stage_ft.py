@@ -35,6 +35,7 @@ from dejavu_py.protocol.replica import ReplicaAck, ReplicaChunk, ReplicaCoverage
 from dejavu_py.stage import replica_shm
 from dejavu_py.stage.checkpoints import TokenStateRing, routing_mismatches
 from dejavu_py.stage.ft_off import FTOff
+from dejavu_py.stage.kv_restore import restore_into_cache
 from dejavu_py.stage.port import StagePort
 from dejavu_py.stage.replica_sender import PIECE_BYTES, ReplicaSender
 from dejavu_py.stage.replica_shm import ReplicaShm
@@ -306,37 +307,10 @@ class StageFT:
 
     def restore_kv(self, chunk: ReplicaChunk, kv: torch.Tensor | None) -> None:
         """Our own KV from the replica holder (its bytes, or its file on this host), into the cache."""
-        slots, runner = chunk.slots, self.runner
-        idx = torch.tensor(slots, dtype=torch.long, device=runner.kv.device)
-
-        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            k, v = k.to(runner.kv.device, non_blocking=True), v.to(runner.kv.device, non_blocking=True)
-            if runner.swapper is not None:
-                runner.swapper.write(layer, slots, k, v)
-            else:
-                runner.kv.write(layer, idx, k, v)
-
-        if chunk.shm_path is not None:  # the holder's file: the one we replicate into, already mapped
-            shape = (2, len(chunk.layers), *runner.kv.k_NKD[chunk.layers[0]].shape)
-            replica = self.sender.shm if self.sender is not None and self.sender.shm_path == chunk.shm_path else \
-                replica_shm.attach(ReplicaShm("", socket.gethostname(), chunk.shm_path, shape,
-                                              str(runner.model.dtype).removeprefix("torch.")))
-            if replica is None:
-                raise RuntimeError(f"replica file {chunk.shm_path} is gone: cannot restore the KV")
-            mapped = replica.kv_2LNKD
-            if runner.swapper is not None:  # virtual slots: gather them
-                for i, layer in enumerate(chunk.layers):
-                    kv_2TKD = mapped[:, i].index_select(1, torch.tensor(slots, dtype=torch.long))
-                    write(layer, kv_2TKD[0], kv_2TKD[1])
-            else:
-                replica_shm.copy_spans(mapped, chunk.layers, slots, runner.kv.k_NKD, runner.kv.v_NKD)
-        else:
-            for i, layer in enumerate(chunk.layers):
-                write(layer, kv[0, i], kv[1, i])
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize(runner.device)
+        same_file = self.sender is not None and chunk.shm_path is not None and self.sender.shm_path == chunk.shm_path
+        restore_into_cache(self.runner, chunk, kv, self.sender.shm if same_file else None)
         self.kv_restored = True
-        _log.info("restored %d KV slots of %d sequences from their replica%s", len(slots), len(chunk.seq_ids),
+        _log.info("restored %d KV slots of %d sequences from their replica%s", len(chunk.slots), len(chunk.seq_ids),
                   " file" if chunk.shm_path else "")
 
     def _maybe_done(self) -> None:
