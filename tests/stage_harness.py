@@ -2,6 +2,7 @@
 inbox, what it sends recorded by stand-in edges (no peers, no threads of ours)."""
 from __future__ import annotations
 
+import inspect
 import threading
 from pathlib import Path
 
@@ -96,3 +97,13 @@ def serve_in_thread(worker: Worker) -> tuple[threading.Thread, list]:
 
 def sent(log: list, kind: type) -> list:
     return [(peer, msg) for peer, msg, _ in log if isinstance(msg, kind)]
+
+
+def port_members(port: type) -> set[str]:
+    """The attributes and methods a port (a ``typing.Protocol``) names, its bases' included."""
+    names: set[str] = set()
+    for cls in port.__mro__:
+        if cls.__module__.startswith("dejavu_py."):
+            names |= set(inspect.get_annotations(cls))
+            names |= {n for n, v in vars(cls).items() if inspect.isfunction(v) and not n.startswith("_")}
+    return names

@@ -7,6 +7,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+from stage_harness import port_members
 
 STAGE = Path(__file__).resolve().parent.parent / "dejavu_py" / "stage"
 
@@ -45,3 +46,20 @@ def test_ft_off_has_every_public_method_of_stage_ft_with_its_parameters():
         assert hasattr(FTOff, name), f"FTOff lacks {name}"
         assert list(inspect.signature(getattr(FTOff, name)).parameters) == list(inspect.signature(fn).parameters), name
     assert FTOff.awaiting_bookkeeping == ()
+
+
+def used_on(path: Path, owner: str) -> set[str]:
+    """The attributes a file reads off ``self.<owner>``."""
+    return {node.attr for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+            and node.value.attr == owner and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+
+
+def test_a_part_uses_nothing_of_the_worker_its_port_does_not_name():
+    from dejavu_py.stage.ahead import AheadPort
+    from dejavu_py.stage.stage_ft import FTPort
+
+    for part, port in (("stage_ft.py", FTPort), ("ahead.py", AheadPort)):
+        used = used_on(STAGE / part, "port")
+        assert used and used <= port_members(port), f"{part} uses {sorted(used - port_members(port))} off its port"
+    assert "step" in port_members(AheadPort) and "me" in port_members(AheadPort)

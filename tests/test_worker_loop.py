@@ -14,6 +14,7 @@ from stage_harness import (
     PROMPT,
     decode,
     make_worker,
+    port_members,
     prefill,
     put,
     sent,
@@ -155,3 +156,13 @@ def test_with_ft_off_the_worker_holds_a_stand_in_that_records_and_answers_nothin
     assert all(m.relayed == [] for _, m in sent(log, StepResult)) and not w.awaiting_bookkeeping
     stats = w.ft.stats()
     assert stats["checkpoints"] == 0 and "host_buffers_allocated" in stats and "policy" in stats
+
+
+def test_the_worker_has_every_member_its_parts_ports_name(ckpt, tmp_path):
+    from dejavu_py.stage.ahead import AheadPort
+    from dejavu_py.stage.stage_ft import FTPort
+
+    w, _ = make_worker(ckpt, tmp_path)
+    for port in (FTPort, AheadPort):
+        missing = {n for n in port_members(port) if not hasattr(w, n)}
+        assert not missing, f"Worker lacks {sorted(missing)} of {port.__name__}"

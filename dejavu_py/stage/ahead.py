@@ -39,7 +39,7 @@ edge is rebuilt after a failure, so it stays small."""
 
 @dataclass
 class StepDone:
-    """Put in the inbox when the device has finished a launched step."""
+    """Posted to the loop's inbox when the device has finished a launched step."""
 
     step: int
 
@@ -47,8 +47,8 @@ class StepDone:
 class StepWaiter:
     """A thread that waits, with the GIL released, for launched steps' events and reports each done."""
 
-    def __init__(self, inbox: queue.Queue) -> None:
-        self.inbox = inbox
+    def __init__(self, post: Callable[[str, object], None]) -> None:
+        self.post = post
         self.todo: queue.Queue = queue.Queue()
         threading.Thread(target=self._run, name="step-waiter", daemon=True).start()
 
@@ -60,7 +60,7 @@ class StepWaiter:
             step, event = self.todo.get()
             if event is not None:  # on CPU the step is done when launched
                 event.synchronize()
-            self.inbox.put((COORD, StepDone(step), None))
+            self.post(COORD, StepDone(step))
 
 
 def runs_ahead(cfg: RunConfig, member: Member) -> bool:
@@ -87,7 +87,7 @@ class RunAhead:
 
     def __init__(self, port: AheadPort, runner: StageRunner, attach_routing: Callable[[StepPlan], None]) -> None:
         self.port, self.runner, self.attach_routing = port, runner, attach_routing
-        self.waiter = StepWaiter(port.inbox)
+        self.waiter = StepWaiter(port.post)
         me, pipe = port.me, port.layout.decode_pipeline
         self.first = pipe[0].name if len(pipe) > 1 and me.name == pipe[-1].name else None
         """The last of several stages: where its sampled ids go (the first stage embeds them)."""

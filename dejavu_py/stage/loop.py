@@ -51,7 +51,6 @@ class EdgesReady:
     rep: dict[str, Any] = field(default_factory=dict)
 
 
-
 class Worker:
     """One stage's serving loop. Its fault tolerance and running ahead see it through their ports
     (``StagePort``, and ``FTPort`` and ``AheadPort`` beside those parts), never as a whole."""
@@ -136,6 +135,9 @@ class Worker:
 
     def _on_broken(self, peer: str):
         return lambda event: self.inbox.put((peer, event, None))
+
+    def post(self, peer: str, msg: object, x: object = None) -> None:
+        self.inbox.put((peer, msg, x))
 
     # -- serving -------------------------------------------------------------------------------
     def _register(self, table: MessageTable) -> None:

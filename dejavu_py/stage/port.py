@@ -1,13 +1,12 @@
 """What a stage worker's parts may use of the worker: the port fault tolerance (``StageFT``) and running
 ahead (``RunAhead``) are given instead of the worker itself.
 
-They send to peers and to the coordinator, put events into the loop's inbox, look up an edge, and read
+They send to peers and to the coordinator, post events to the loop's inbox, look up an edge, and read
 the stage's place and configuration. The worker's loop, stash and recovery are not theirs to touch: the
 worker may change without them, and a test may drive them with a stand-in.
 """
 from __future__ import annotations
 
-import queue
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -30,8 +29,6 @@ class StagePort(Protocol):
     """The run's store, a client shared for quick calls."""
     store_address: StoreAddress
     """Where the store is: a part that blocks on a rendezvous connects a client of its own."""
-    inbox: queue.Queue
-    """The loop's inbox of (peer, message, tensor or ring read)."""
     edges: dict[str, Edge]
     """The stage's main edges by peer: a failed peer's is removed, its rebuilt one put in its place."""
     closing: bool
@@ -44,4 +41,8 @@ class StagePort(Protocol):
 
     def send_coord(self, msg: object) -> None:
         """Send to the coordinator."""
+        ...
+
+    def post(self, peer: str, msg: object, x: object = None) -> None:
+        """Put ``msg`` (from ``peer``, with its tensor ``x``) into the loop's inbox; from any thread."""
         ...

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import socket
 from typing import TYPE_CHECKING, Protocol
 
@@ -178,7 +179,7 @@ class StageFT:
             if old is not None:
                 old.close()
             self.rep_edges[peer] = edge
-            start_receiver(edge, peer, self._deliver(peer, edge), lambda event: self.port.inbox.put((peer, event, None)),
+            start_receiver(edge, peer, self._deliver(peer, edge), functools.partial(self.port.post, peer),
                            lambda: self.port.closing)
 
     def drop(self, failed: list[str]) -> None:
@@ -197,7 +198,7 @@ class StageFT:
             if isinstance(msg, ReplicaAck) and self.sender is not None:
                 self.sender.acked(msg)
             elif isinstance(msg, ReplicaChunk) and msg.source == self.port.me.name:
-                self.port.inbox.put((peer, msg, t))  # our own KV coming back: the main loop writes it
+                self.port.post(peer, msg, t)  # our own KV coming back: the main loop writes it
             elif isinstance(msg, ReplicaChunk) and self.store is not None:  # from a source on another host
                 self.store.apply(msg, t)
                 if msg.acks():
