@@ -231,15 +231,15 @@ def test_a_stage_s_routing_records_ride_with_the_next_plan_it_sends_on():
     from dejavu_py.protocol.plan import StepRouting
     from dejavu_py.stage.stage_ft import StageFT
 
-    ft = StageFT.__new__(StageFT)  # only its outbox is used here
-    ft.outbox = [StepRouting(0, 3, "s1", "r3"), StepRouting(1, 4, "s1", "r4")]
+    ft = StageFT.__new__(StageFT)  # only its unsent routing records are used here
+    ft.unsent_routing = [StepRouting(0, 3, "s1", "r3"), StepRouting(1, 4, "s1", "r4")]
     replay = StepPlan(0, 5, [1], [9], [1], [7], [True], replay_until="s2")
-    ft.relay(replay)
-    assert replay.relayed == [] and len(ft.outbox) == 2
+    ft.attach_routing(replay)
+    assert replay.relayed == [] and len(ft.unsent_routing) == 2
     plan = StepPlan(0, 6, [1], [9], [1], [7], [True], relayed=[StepRouting(0, 3, "s0", "up")])
-    ft.relay(plan)
-    assert [(r.stage, r.step) for r in plan.relayed] == [("s0", 3), ("s1", 3), ("s1", 4)] and ft.outbox == []
-    ft.relay(plan)
+    ft.attach_routing(plan)
+    assert [(r.stage, r.step) for r in plan.relayed] == [("s0", 3), ("s1", 3), ("s1", 4)] and ft.unsent_routing == []
+    ft.attach_routing(plan)
     assert len(plan.relayed) == 3
 
 
@@ -248,26 +248,26 @@ def test_the_last_stage_s_result_takes_its_records_of_earlier_steps_and_keeps_th
     relayed to it and its own kept ones; this step's is kept in the idle time, for the next result. A
     large record (a batch of prompts') goes to the coordinator on its own instead."""
     from dejavu_py.protocol.plan import StepResult, StepRouting
-    from dejavu_py.stage.stage_ft import RELAY_BYTES, StageFT
+    from dejavu_py.stage.stage_ft import ATTACHED_ROUTING_BYTES, StageFT
 
     ft = StageFT.__new__(StageFT)
     records = []
-    ft.active, ft.sender, ft.outbox = True, None, [StepRouting(0, 4, "s1", "r4")]
+    ft.sender, ft.unsent_routing = None, [StepRouting(0, 4, "s1", "r4")]
     ft.ring = SimpleNamespace(record=lambda *a: records.append(a))
-    ft.w = SimpleNamespace(me=SimpleNamespace(name="s1"), runner=None)  # no record is taken on the chain
+    ft.port, ft.runner = SimpleNamespace(me=SimpleNamespace(name="s1")), None  # no record is taken on the chain
     plan = StepPlan(0, 5, [1], [9], [1], [7], [True], relayed=[StepRouting(0, 4, "s0", "up")])
     result = StepResult(0, 5, [1], [9])
     done = SimpleNamespace(plan=plan)
     assert ft.after_step(done, result) is False
-    assert [(r.stage, r.step) for r in result.relayed] == [("s0", 4), ("s1", 4)] and ft.outbox == []
-    small, large = SimpleNamespace(nbytes=RELAY_BYTES), SimpleNamespace(nbytes=RELAY_BYTES + 1)
+    assert [(r.stage, r.step) for r in result.relayed] == [("s0", 4), ("s1", 4)] and ft.unsent_routing == []
+    small, large = SimpleNamespace(nbytes=ATTACHED_ROUTING_BYTES), SimpleNamespace(nbytes=ATTACHED_ROUTING_BYTES + 1)
     coord: list = []
-    ft.w.runner, ft.w.send_coord = SimpleNamespace(ft_record=lambda done: SimpleNamespace(routing=small)), coord.append
-    ft.keep_step(done, result)
-    assert [(r.stage, r.step, r.routing) for r in ft.outbox] == [("s1", 5, small)] and len(records) == 1
-    ft.w.runner = SimpleNamespace(ft_record=lambda done: SimpleNamespace(routing=large))  # a batch of prompts'
-    ft.keep_step(SimpleNamespace(plan=dataclasses.replace(plan, step=6)), result)
-    assert len(ft.outbox) == 1 and [(r.stage, r.step, r.routing) for r in coord] == [("s1", 6, large)]
+    ft.runner, ft.port.send_coord = SimpleNamespace(ft_record=lambda done: SimpleNamespace(routing=small)), coord.append
+    ft.bookkeep(done, result)
+    assert [(r.stage, r.step, r.routing) for r in ft.unsent_routing] == [("s1", 5, small)] and len(records) == 1
+    ft.runner = SimpleNamespace(ft_record=lambda done: SimpleNamespace(routing=large))  # a batch of prompts'
+    ft.bookkeep(SimpleNamespace(plan=dataclasses.replace(plan, step=6)), result)
+    assert len(ft.unsent_routing) == 1 and [(r.stage, r.step, r.routing) for r in coord] == [("s1", 6, large)]
 
 
 def test_host_buffers_reserved_ahead_serve_the_sizes_they_were_reserved_for():

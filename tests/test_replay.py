@@ -4,6 +4,8 @@ bit, routing must match the record, and a replayed step must not touch blocks it
 sequences gave away."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from make_checkpoint import make_checkpoint
@@ -13,10 +15,12 @@ from dejavu_py.models.config import load_model_config
 from dejavu_py.models.kv_cache import CacheSpec, KVCache
 from dejavu_py.models.loader import load_stage
 from dejavu_py.protocol.plan import SeqState, StepPlan
+from dejavu_py.protocol.replica import ReplicaChunk
 from dejavu_py.protocol.split import split_stages
 from dejavu_py.stage import replica_shm
 from dejavu_py.stage.checkpoints import routing_mismatches
 from dejavu_py.stage.decode_graphs import DecodeGraphs
+from dejavu_py.stage.kv_restore import restore_into_cache
 from dejavu_py.stage.replica_sender import ReplicaSender
 from dejavu_py.stage.replica_store import ReplicaStore, covered_slots
 from dejavu_py.stage.runner import StageRunner
@@ -114,12 +118,12 @@ def test_restore_and_replay_give_back_the_exact_kv(ckpt, tmp_path, shared):
     b = runner_for(ckpt, static=shared)  # the replacement: an empty cache
     b.seqs.update({s: state(tables[s]) for s in live})
     slots = covered_slots({s: tables[s] for s in live}, covered, BS)
-    kv = store.read(slots)
-    if shared:  # what a replacement on the holder's host does: map the file, copy the slots out of it
-        replica_shm.copy_spans(replica_shm.attach(store.describe("holder")).kv_2LNKD, store.layers, slots, b.kv.k_NKD, b.kv.v_NKD)
+    sids = sorted(live)
+    chunk = ReplicaChunk("x", -1, -1, list(store.layers), sids, [0] * len(sids), [covered[s] for s in sids], slots)
+    if shared:  # a replacement on the holder's host maps the file and copies the slots out of it
+        restore_into_cache(b, dataclasses.replace(chunk, shm_path=str(store.path)), None)
     else:
-        for i, layer in enumerate(store.layers):
-            b.kv.write(layer, torch.tensor(slots), kv[0, i], kv[1, i])
+        restore_into_cache(b, chunk, store.read(slots))
     plans, recompute = replay_steps(history, live, covered)
     assert not recompute and 0 < len(plans) <= len(history[0])
     assert any(for_replay(p, "x", set(live)).scratch_seqs for p in plans)  # a finished sequence is in there

@@ -178,26 +178,26 @@ def test_a_stage_waiting_on_back_pressure_queues_the_copies_a_bulk_job_asks_for(
     launches nothing: unless it queues them while it waits, nothing moves until the wait times out."""
     from dejavu_py.protocol.replica import ReplicaAck
     from dejavu_py.stage.host_buffers import HostBuffers
-    from dejavu_py.stage.host_copies import LateCopy, queue_copies
+    from dejavu_py.stage.host_copies import DeferredCopy, queue_copies
 
-    asked: list[LateCopy] = []
+    asked: list[DeferredCopy] = []
     lock = threading.Lock()
 
-    def copy_later(src, dst, after):  # StageRunner.copy_later: queued by the stage's thread later
-        late = LateCopy(src, dst, after=after)
+    def defer_copy(src, dst, after):  # StageRunner.defer_copy: queued by the stage's thread later
+        copy = DeferredCopy(src, dst, after=after)
         with lock:
-            asked.append(late)
-        return late
+            asked.append(copy)
+        return copy
 
-    def flush_late():  # StageRunner.flush_late
+    def flush_deferred_copies():  # StageRunner.flush_deferred_copies
         with lock:
-            lates = asked[:]
+            deferred = asked[:]
             asked.clear()
-        for late in lates:
-            if late.after is not None:
-                torch.cuda.current_stream().wait_event(late.after)
-            late.event = queue_copies([(late.src, late.dst)], blocking=True)
-            late.queued.set()
+        for copy in deferred:
+            if copy.after is not None:
+                torch.cuda.current_stream().wait_event(copy.after)
+            copy.event = queue_copies([(copy.src, copy.dst)], blocking=True)
+            copy.queued.set()
 
     sent: list = []
 
@@ -208,7 +208,7 @@ def test_a_stage_waiting_on_back_pressure_queues_the_copies_a_bulk_job_asks_for(
 
     sender = ReplicaSender("s0", SimpleNamespace(layers=[0, 1], device=torch.device("cuda")), lag=2, send=holder,
                            piece_bytes=PIECE)
-    sender.buffers, sender.copier, sender.flusher = HostBuffers(reuse=True), copy_later, flush_late
+    sender.buffers, sender.defer_copy, sender.flush_deferred = HostBuffers(reuse=True), defer_copy, flush_deferred_copies
     msg, kv = _prompt({1: 4, 2: 3})
     sender.forward(msg, kv.cuda())  # step 0 of microbatch 0: a bulk job of 4 pieces
     sender.chunk(0, 1, [1, 2], [4, 3], [1, 1], [12, 19], written=torch.ones(2, L, 2, K, D))

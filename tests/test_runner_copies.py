@@ -65,19 +65,19 @@ def decode_steps(r: StageRunner, steps: int) -> list:
     last = r.ft_record(prev)
     if last.kv_ready is not None:  # no step was launched behind the last one: its copy waits for a flush
         assert not last.kv_ready.synchronize(timeout_s=0.05)
-        r.flush_late()
+        r.flush_deferred_copies()
     return out + [(prev.plan, last)]
 
 
-@pytest.mark.parametrize("late", [False, True], ids=["inline", "late"])
-def test_graph_steps_hand_their_written_kv_and_routing_to_the_host(ckpt, monkeypatch, late):
-    monkeypatch.setattr(runner_mod, "INLINE_COPY_BYTES", 0 if late else 1 << 40)
+@pytest.mark.parametrize("deferred", [False, True], ids=["inline", "deferred"])
+def test_graph_steps_hand_their_written_kv_and_routing_to_the_host(ckpt, monkeypatch, deferred):
+    monkeypatch.setattr(runner_mod, "INLINE_COPY_BYTES", 0 if deferred else 1 << 40)
     r = runner_for(ckpt, graphs=True)
     recs = decode_steps(r, STEPS)
     eager = {plan.step: rec for plan, rec in decode_steps(runner_for(ckpt, graphs=False), STEPS)}
     torch.cuda.synchronize()
     assert len(recs) == STEPS and all(rec.step_kv is not None for _, rec in recs)
-    assert all((rec.kv_ready is not None) == late for _, rec in recs)
+    assert all((rec.kv_ready is not None) == deferred for _, rec in recs)
     for plan, rec in recs:
         if rec.kv_ready is not None:
             rec.kv_ready.synchronize()
@@ -96,12 +96,12 @@ def test_a_copy_asked_for_by_another_thread_goes_with_the_next_step(ckpt):
     src = torch.arange(1 << 16, dtype=torch.float32, device="cuda")
     dst = torch.zeros(1 << 16, dtype=torch.float32).pin_memory()
     asked: list = []
-    t = threading.Thread(target=lambda: asked.append(r.copy_later(src, dst)))
+    t = threading.Thread(target=lambda: asked.append(r.defer_copy(src, dst)))
     t.start()
     t.join()
     assert not asked[0].synchronize(timeout_s=0.05)  # no step launched yet
     decode_steps(r, 1)
     assert asked[0].synchronize(timeout_s=10) and torch.equal(dst, src.cpu())
-    again = r.copy_later(src * 2, dst)
-    r.flush_late()  # no step coming: the worker flushes
+    again = r.defer_copy(src * 2, dst)
+    r.flush_deferred_copies()  # no step coming: the worker flushes
     assert again.synchronize(timeout_s=10) and torch.equal(dst, (src * 2).cpu())

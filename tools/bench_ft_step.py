@@ -57,13 +57,13 @@ class Stage:
                                  kv.k_NKD[spec.layers[0]].shape[2], model.dtype, True, shm_dir / "replica.kv")
             self.sender = ReplicaSender("s0", kv, a.lag, send=lambda m, t: None)
             self.sender.buffers = self.runner.host
-            self.sender.copier, self.sender.flusher = self.runner.copy_later, self.runner.flush_late
+            self.sender.defer_copy, self.sender.flush_deferred = self.runner.defer_copy, self.runner.flush_deferred_copies
             self.sender.attach(store.replica, str(store.path))
         self.graphs.capture_all()
 
     def run(self, plans: list, t: dict[str, float]) -> None:
         """Decode steps as a worker running ahead runs them: each launched before the one before it is
-        finished, whose FT bookkeeping follows (``Worker._finish_through``, ``StageFT.keep_step``); adds
+        finished, whose FT bookkeeping follows (``Worker.finish_through``, ``StageFT.bookkeep``); adds
         each phase's host seconds to ``t``."""
         pending = None
         for plan in [*plans, None]:
@@ -108,7 +108,7 @@ def measure(stage: Stage, batch: int, a, step0: int) -> dict[str, float]:
     torch.cuda.synchronize()
     t = dict.fromkeys(PHASES, 0.0)
     stage.run([plan_for(batch, a.ctx, a.block_size, step0 + 1 + i)[0] for i in range(a.iters)], t)
-    stage.runner.flush_late()
+    stage.runner.flush_deferred_copies()
     if stage.sender is not None:
         stage.sender.flush()
     torch.cuda.synchronize()
@@ -125,7 +125,7 @@ def kernels(stage: Stage, batch: int, a, step0: int, steps: int = 40) -> dict:
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         stage.run(plans[4:], dict.fromkeys(PHASES, 0.0))
-        stage.runner.flush_late()
+        stage.runner.flush_deferred_copies()
         torch.cuda.synchronize()
     n = steps - 4
     rows = sorted(((e.key, e.count / n, e.device_time_total / n) for e in prof.key_averages() if e.device_time_total > 0),

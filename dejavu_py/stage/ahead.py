@@ -1,4 +1,4 @@
-"""Asynchronous scheduling on the stage side (see engine.scheduler for the coordinator's side).
+"""Asynchronous scheduling on the stage side (see coordinator.scheduler for the coordinator's side).
 
 A stage of the decode pipeline launches a step before finishing the one before it; a waiter thread
 tells the loop when the device is done with a step. Its output leaves as soon as the step is queued:
@@ -14,18 +14,22 @@ import collections
 import math
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from dejavu_py.comm.host_ring import RingRead
 from dejavu_py.protocol.layout import COORD
 from dejavu_py.protocol.plan import Sampled, StepPlan
+from dejavu_py.stage.port import StagePort
 
 if TYPE_CHECKING:
-    from dejavu_py.stage.runner import Launched
-    from dejavu_py.stage.worker import Worker, WorkerSpec
+    from dejavu_py.config import RunConfig
+    from dejavu_py.protocol.layout import Member
+    from dejavu_py.stage.dispatch import MessageTable
+    from dejavu_py.stage.runner import Launched, StageRunner
 
 RING_TOKENS = 1024
 """Tokens of activations a ring slot between two stages on one GPU holds (at least a full decode batch;
@@ -35,7 +39,7 @@ edge is rebuilt after a failure, so it stays small."""
 
 @dataclass
 class StepDone:
-    """Put in the inbox when the device has finished a launched step."""
+    """Posted to the loop's inbox when the device has finished a launched step."""
 
     step: int
 
@@ -43,8 +47,8 @@ class StepDone:
 class StepWaiter:
     """A thread that waits, with the GIL released, for launched steps' events and reports each done."""
 
-    def __init__(self, inbox: queue.Queue) -> None:
-        self.inbox = inbox
+    def __init__(self, post: Callable[[str, object], None]) -> None:
+        self.post = post
         self.todo: queue.Queue = queue.Queue()
         threading.Thread(target=self._run, name="step-waiter", daemon=True).start()
 
@@ -56,34 +60,56 @@ class StepWaiter:
             step, event = self.todo.get()
             if event is not None:  # on CPU the step is done when launched
                 event.synchronize()
-            self.inbox.put((COORD, StepDone(step), None))
+            self.post(COORD, StepDone(step))
 
 
-def runs_ahead(spec: WorkerSpec) -> bool:
+def runs_ahead(cfg: RunConfig, member: Member) -> bool:
     """Asynchronous scheduling applies: a stage of the decode pipeline without KV swapping (the
     coordinator plans its steps two deep). On CPU a step is done when launched; the loop is the same."""
-    cfg = spec.cfg
-    return cfg.pipeline.async_scheduling and not cfg.cache.swap and spec.member.role in ("stage", "token")
+    return cfg.pipeline.async_scheduling and not cfg.cache.swap and member.role in ("stage", "token")
+
+
+class AheadPort(StagePort, Protocol):
+    """The worker as running ahead sees it: the stage's port, and the launch of a plan."""
+
+    def step(self, plan: StepPlan, x: object) -> int:
+        """Launch ``plan`` now (``x``: its activations or a ring read of them); returns 1, a step."""
+        ...
+
+    def finish_through(self, step: int | None) -> None:
+        """Finish the launched steps up to ``step`` (None: all): their outputs go on."""
+        ...
 
 
 class RunAhead:
-    """A worker's running-ahead side: held plans, outputs sent at launch, the last-to-first ids."""
+    """A worker's running-ahead side: held plans, outputs sent at launch, the last-to-first ids.
+    ``attach_routing``: fault tolerance's, called on a plan before it goes on to the next stage."""
 
-    def __init__(self, worker: Worker) -> None:
-        self.w = worker
-        self.waiter = StepWaiter(worker.inbox)
-        me, pipe = worker.me, worker.spec.layout.decode_pipeline
+    def __init__(self, port: AheadPort, runner: StageRunner, attach_routing: Callable[[StepPlan], None]) -> None:
+        self.port, self.runner, self.attach_routing = port, runner, attach_routing
+        self.waiter = StepWaiter(port.post)
+        me, pipe = port.me, port.layout.decode_pipeline
         self.first = pipe[0].name if len(pipe) > 1 and me.name == pipe[-1].name else None
         """The last of several stages: where its sampled ids go (the first stage embeds them)."""
         self.last = pipe[-1].name if len(pipe) > 1 and me.name == pipe[0].name else None
         self.blocked: collections.deque[tuple[StepPlan, object]] = collections.deque()
         """First stage: plans (in order) waiting for the sampled ids of the step they follow."""
 
+    def register(self, table: MessageTable) -> None:
+        """Its messages: the last stage's sampled ids (on a replacement, stashed until it is restored,
+        as plans are) and the waiter's reports."""
+        table.register(Sampled, self.on_sampled, finishes_steps=False, waits_for_restore=True)
+        table.register(StepDone, self._on_step_done, finishes_steps=False)
+
+    def _on_step_done(self, msg: StepDone, _: object = None) -> int:
+        self.port.finish_through(msg.step)
+        return 0
+
     def ring_bytes(self, peer: str) -> int:
         """Largest tensor ``peer`` sends this stage through a ring on a shared GPU: activations from the
         predecessor, sampled ids from the last stage to the first."""
-        sc, model = self.w.spec.cfg.scheduler, self.w.runner.model
-        if peer == self.w.me.prev:
+        sc, model = self.port.cfg.scheduler, self.runner.model
+        if peer == self.port.me.prev:
             tokens = min(sc.max_batch_tokens, max(sc.max_batch_size, RING_TOKENS))
             return tokens * model.cfg.hidden_size * model.dtype.itemsize
         return sc.max_batch_size * 8 if peer == self.last else 0
@@ -95,22 +121,22 @@ class RunAhead:
         if self.blocked or not self._ready(plan):
             self.blocked.append((plan, x))
             return 0
-        self.w.step(plan, x)
+        self.port.step(plan, x)
         return 1
 
     def _ready(self, plan: StepPlan) -> bool:
-        return plan.follows is None or not self.w.me.stage.has_embed or plan.follows in self.w.runner.sampled
+        return plan.follows is None or not self.port.me.stage.has_embed or plan.follows in self.runner.sampled
 
     def on_sampled(self, msg: Sampled, ids) -> int:
         """First stage: the last stage's ids of a step (clamped: a ring released after a failure holds
         stale bytes, and the embedding must not read out of range); launches the plans they free."""
-        runner = self.w.runner
+        runner = self.runner
         ids = ids.take() if isinstance(ids, RingRead) else ids.to(runner.device)
         runner.sampled[msg.step] = ids.clamp_(0, runner.model.cfg.vocab_size - 1)
         runner.trim_sampled()
         n = 0
         while self.blocked and self._ready(self.blocked[0][0]):
-            self.w.step(*self.blocked.popleft())
+            self.port.step(*self.blocked.popleft())
             n += 1
         return n
 
@@ -124,9 +150,9 @@ class RunAhead:
     # -- output out ------------------------------------------------------------------------------
     def _output_for(self, plan: StepPlan) -> tuple[str, object, tuple[int, ...], torch.dtype] | None:
         """Where a step's output goes, with what message, and its shape and dtype."""
-        if not self.w.me.stage.has_head:
-            model = self.w.runner.model
-            return self.w.me.next, plan, (plan.total_tokens, model.cfg.hidden_size), model.dtype
+        if not self.port.me.stage.has_head:
+            model = self.runner.model
+            return self.port.me.next, plan, (plan.total_tokens, model.cfg.hidden_size), model.dtype
         if self.first is not None:
             return self.first, Sampled(plan.mb, plan.step), (sum(plan.wants_token),), torch.long
         return None
@@ -140,11 +166,11 @@ class RunAhead:
             return None
         peer, msg, shape, dtype = out
         if msg is plan:  # activations to the next stage: FT's routing records ride along
-            self.w.ft.relay(plan)
-        edge = self.w.edges.get(peer)
+            self.attach_routing(plan)
+        edge = self.port.edges.get(peer)
         seq = edge.reserve(math.prod(shape) * dtype.itemsize) if edge is not None else None
         if seq is not None:
-            self.w.send_to(peer, msg, ring=(seq, shape, dtype))
+            self.port.send_to(peer, msg, ring=(seq, shape, dtype))
         return peer, msg, seq
 
     def forward(self, done: Launched, out: tuple[str, object, int | None] | None) -> None:
@@ -154,11 +180,11 @@ class RunAhead:
         if out is None:
             return
         peer, msg, seq = out
-        tensor = self.w.runner.sampled[done.plan.step] if self.w.me.stage.has_head else done.out
+        tensor = self.runner.sampled[done.plan.step] if self.port.me.stage.has_head else done.out
         if seq is not None:
-            edge = self.w.edges.get(peer)
+            edge = self.port.edges.get(peer)
             if edge is not None and not edge.closed:
                 edge.put(seq, tensor)
         else:
-            self.w.send_to(peer, msg, tensor, fast=True)
+            self.port.send_to(peer, msg, tensor, fast=True)
         done.forwarded = True

@@ -1,5 +1,5 @@
 """Copies from the device to the host and the waits for them: what the stage's thread waits for with
-the GIL released, and the copies another thread waits for (``LateCopy``)."""
+the GIL released, and the copies another thread waits for (``DeferredCopy``)."""
 from __future__ import annotations
 
 import threading
@@ -43,10 +43,10 @@ def queue_copies(copies: list[tuple[torch.Tensor, torch.Tensor]], blocking: bool
 
 
 @dataclass
-class LateCopy:
+class DeferredCopy:
     """A copy to the host queued when the next step is launched and started with that step's kernels
-    (``engine.runner.StageRunner._queue_late``): a graph step's K/V, or one another thread asked for
-    (``StageRunner.copy_later``). The copy engine moves it while this stage computes: right behind its own
+    (``stage.runner.StageRunner._queue_deferred``): a graph step's K/V, or one another thread asked for
+    (``StageRunner.defer_copy``). The copy engine moves it while this stage computes: right behind its own
     step it would hold up the stages sharing the GPU (their contexts take turns with this one's copies),
     and no step waits for it (only the reuse of a K/V staging buffer, two steps later)."""
 
@@ -67,7 +67,7 @@ class LateCopy:
 
     def synchronize(self, timeout_s: float | None = None) -> bool:
         """Wait until ``dst`` holds the bytes (the copy is queued by the stage's thread, at its next launch
-        or ``StageRunner.flush_late``); False if it was not queued within ``timeout_s``."""
+        or ``StageRunner.flush_deferred_copies``); False if it was not queued within ``timeout_s``."""
         if not self.queued.wait(timeout_s):
             return False
         self.event.synchronize()

@@ -9,7 +9,7 @@ acknowledges.
 
 A large chunk (a prompt's KV: hundreds of MB for a batch of prompts) goes as a *bulk* job, in pieces
 of one layer's token range (``PIECE_BYTES``), copied off the device two pieces ahead, with the stage's
-next steps (``copier``) where it has them. With the holder's file mapped, the steps' chunks that arrive
+next steps (``defer_copy``) where it has them. With the holder's file mapped, the steps' chunks that arrive
 meanwhile are written between two pieces, so no decode step waits for a prompt's replica (the tags
 make a sequence's coverage a prefix whatever the order). Across hosts the pieces go in order, each its
 own message.
@@ -41,7 +41,7 @@ _log = log.get(__name__)
 
 
 class Waitable(Protocol):
-    """A CUDA event, or a copy another thread queues later (``engine.host_copies.LateCopy``)."""
+    """A CUDA event, or a copy another thread queues later (``stage.host_copies.DeferredCopy``)."""
 
     def synchronize(self) -> object: ...
 
@@ -113,12 +113,12 @@ class ReplicaSender:
         """Bumped whenever the holder changes: what was written for an older one is never announced."""
         self.buffers = HostBuffers(reuse=kv.device.type == "cuda")
         """Pinned buffers for K/V on the host, given back once written (a stage's sender shares its runner's)."""
-        self.copier: Callable[[torch.Tensor, torch.Tensor, torch.cuda.Event | None], Waitable] | None = None
-        """``StageRunner.copy_later`` (CUDA): a bulk piece's copy off the device goes with the stage's next
+        self.defer_copy: Callable[[torch.Tensor, torch.Tensor, torch.cuda.Event | None], Waitable] | None = None
+        """``StageRunner.defer_copy`` (CUDA): a bulk piece's copy off the device goes with the stage's next
         step; None: right away, on a side stream of the sender's."""
-        self.flusher: Callable[[], None] | None = None
-        """``StageRunner.flush_late``, with ``copier``: what the stage's thread calls while it waits on
-        back-pressure (no step is launched then, and the copies asked for meanwhile must still go)."""
+        self.flush_deferred: Callable[[], None] | None = None
+        """``StageRunner.flush_deferred_copies``, with ``defer_copy``: what the stage's thread calls while it
+        waits on back-pressure (no step is launched then, and the copies asked for meanwhile must still go)."""
         self._flush_wanted = False
         self._index = {l: i for i, l in enumerate(kv.layers)}
         self._stream: torch.cuda.Stream | None = None
@@ -205,15 +205,15 @@ class ReplicaSender:
     def wait_for(self, mb: int, timeout_s: float) -> bool:
         """Back-pressure: block while ``mb`` has ``lag`` or more unacknowledged steps (the chunks held
         to go with the next ones leave now). Meanwhile the copies off the device this thread owes the
-        sender are queued (``flusher``) as the sender asks for them: a bulk job's pieces, which no step
-        launched behind them would queue while this thread waits."""
+        sender are queued (``flush_deferred``) as the sender asks for them: a bulk job's pieces, which no
+        step launched behind them would queue while this thread waits."""
         t0 = time.monotonic()
         deadline = t0 + timeout_s
         with self.cv:
             if self.full(mb):
                 self._queue.put((None, None, None))  # a nudge: send what is held
                 self._flush_wanted = True  # the last step's K/V copy may still be waiting for the next launch
-            flush = self.flusher
+            flush = self.flush_deferred
             while self.full(mb) and time.monotonic() < deadline:
                 if self._flush_wanted and flush is not None:
                     self._flush_wanted = False
@@ -371,14 +371,14 @@ class ReplicaSender:
         src = job.kv_2LTKD[:, i:i + 1, a:b]
         if src.device.type != "cuda":
             return piece, src, None
-        if self.copier is not None:
+        if self.defer_copy is not None:
             host = self.buffers.take(tuple(src.shape), src.dtype)
             ready, job.ready = job.ready, None
-            late = self.copier(src, host, ready)
+            deferred = self.defer_copy(src, host, ready)
             with self.cv:  # the stage's thread may be waiting on back-pressure: it queues the copy then
                 self._flush_wanted = True
                 self.cv.notify_all()
-            return piece, host, late
+            return piece, host, deferred
         side = self._side()
         if job.ready is not None:
             side.wait_event(job.ready)

@@ -14,7 +14,12 @@ from dejavu_py.protocol.routing import EMPTY, RoutingRecord, compact
 from dejavu_py.protocol.split import StageSpec
 from dejavu_py.stage.decode_graphs import DecodeGraphs, stack_routing
 from dejavu_py.stage.host_buffers import HostBuffers
-from dejavu_py.stage.host_copies import DeviceWait, LateCopy, queue_copies, record_event
+from dejavu_py.stage.host_copies import (
+    DeferredCopy,
+    DeviceWait,
+    queue_copies,
+    record_event,
+)
 from dejavu_py.stage.sampler import sample
 from dejavu_py.stage.swap import Swapper
 
@@ -29,8 +34,8 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
 INLINE_COPY_BYTES = 256 << 10
 """A graph step's K/V up to this size (a few tokens' worth) goes to the host right behind its kernels, on
 its stream, as its other copies do: the next step waits a few microseconds for it, less than the host
-time a late copy costs a small batch, whose stages are host-bound. Above it, it goes out later, on the
-copy stream, while the next step computes (``LateCopy``)."""
+time a deferred copy costs a small batch, whose stages are host-bound. Above it, it goes out later, on the
+copy stream, while the next step computes (``DeferredCopy``)."""
 
 
 @dataclass
@@ -44,8 +49,8 @@ class StepFT:
     """The same slots on the device (differ from ``slots`` with KV swapping)."""
     step_kv: torch.Tensor | None
     """A graph step's new K/V [2, L, B, K, D] on the host (None: read it back from the cache)."""
-    kv_ready: LateCopy | None
-    """Wait on it (``synchronize``) before reading ``step_kv`` (CUDA, a late copy; None: it holds its bytes)."""
+    kv_ready: DeferredCopy | None
+    """Wait on it (``synchronize``) before reading ``step_kv`` (CUDA, a deferred copy; None: it holds its bytes)."""
 
 
 @dataclass
@@ -73,7 +78,7 @@ class Launched:
     from them off the pipeline's chain (``StageRunner.ft_record``)."""
     phys_tables: list[list[int]] | None = None
     """The same on the device, when they differ (KV swapping)."""
-    kv_copy: LateCopy | None = None
+    kv_copy: DeferredCopy | None = None
     """CUDA: how ``step_kv`` gets filled (its event, once queued, says when)."""
     record: StepFT | None = None
     """FT: what the step recorded, once taken (``StageRunner.ft_record``)."""
@@ -129,14 +134,14 @@ class StageRunner:
         self.wait = DeviceWait()
         """Time this stage's thread spent waiting for its steps' kernels (the rest of a step is host work)."""
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        """A graph step's K/V over ``INLINE_COPY_BYTES`` goes to the host here (``LateCopy``)."""
+        """A graph step's K/V over ``INLINE_COPY_BYTES`` goes to the host here (``DeferredCopy``)."""
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._late: LateCopy | None = None
-        """The last graph step's K/V copy, until the next step is launched (or ``flush_late``)."""
-        self._later: collections.deque[LateCopy] = collections.deque()
-        """Copies other threads asked for (``copy_later``), queued the same way."""
+        self._deferred_kv: DeferredCopy | None = None
+        """The last graph step's K/V copy, until the next step is launched (or ``flush_deferred_copies``)."""
+        self._deferred_asked: collections.deque[DeferredCopy] = collections.deque()
+        """Copies other threads asked for (``defer_copy``), queued the same way."""
         self._staging: list[list] = []
-        """Two [device buffer, the LateCopy that last read it] for graph steps' K/V, in turn."""
+        """Two [device buffer, the DeferredCopy that last read it] for graph steps' K/V, in turn."""
 
     def enable_recording(self) -> None:
         self.record_routing = True
@@ -163,7 +168,7 @@ class StageRunner:
         """Queue the step's kernels (sampling included) without waiting for them (another step may be
         launched before this one is finished: what it records for FT is copied out behind it)."""
         self._apply(plan)
-        lates = self._take_late()  # the last step's K/V (and others'): copied out while this one computes
+        deferred = self._take_deferred()  # the last step's K/V (and others'): copied out while this one computes
         if self.spec.has_embed:
             x = self._input_ids(plan)
         elif x is None:
@@ -177,7 +182,7 @@ class StageRunner:
         static = self._static_ok(plan)
         if plan.forced is not None:
             self.model.routing_override = {layer: (torch.as_tensor(ids), torch.as_tensor(w)) for layer, ids, w in plan.forced}
-        start = record_event() if lates else None  # this step's kernels begin here
+        start = record_event() if deferred else None  # this step's kernels begin here
         try:
             out = self._decode_static(plan, x) if static else self._eager(plan, x)
         finally:
@@ -191,7 +196,7 @@ class StageRunner:
                 rec = rec.rows(len(plan.seq_ids))
                 kv = rec.kv_2LBKD
                 if kv.is_cuda and kv.numel() * kv.element_size() > INLINE_COPY_BYTES:
-                    done.step_kv, done.kv_copy = self._late_kv(kv)
+                    done.step_kv, done.kv_copy = self._defer_kv_copy(kv)
                 else:
                     done.step_kv = self._to_host(kv, copy=True)
                 done.routing = self._routing_to_host(rec.layers, rec.routing_2RBK)
@@ -210,30 +215,30 @@ class StageRunner:
             done.ids = self._to_host(ids)
             self.trim_sampled()
         if self.device.type == "cuda":
-            if lates:
-                self._queue_late(lates, start)
+            if deferred:
+                self._queue_deferred(deferred, start)
             done.event = queue_copies(self._copies)  # right behind the step, on its stream
             done.sources = [src for src, _ in self._copies]  # alive until the step is finished: the copies read them
             self._copies = []
         return done
 
-    def copy_later(self, src: torch.Tensor, dst: torch.Tensor, after: torch.cuda.Event | None = None) -> LateCopy:
+    def defer_copy(self, src: torch.Tensor, dst: torch.Tensor, after: torch.cuda.Event | None = None) -> DeferredCopy:
         """From any thread: copy device tensor ``src`` into pinned ``dst`` with this stage's next step, as a
-        graph step's late K/V goes (the pieces of a prompt's replica: a copy of this context started
-        between steps would hold up the stages sharing the GPU). Wait on the LateCopy returned."""
-        late = LateCopy(src, dst, after=after)
-        self._later.append(late)
-        return late
+        graph step's deferred K/V goes (the pieces of a prompt's replica: a copy of this context started
+        between steps would hold up the stages sharing the GPU). Wait on the DeferredCopy returned."""
+        copy = DeferredCopy(src, dst, after=after)
+        self._deferred_asked.append(copy)
+        return copy
 
-    def _take_late(self) -> list[LateCopy]:
-        lates = [] if self._late is None else [self._late]
-        self._late = None
-        while self._later:
-            lates.append(self._later.popleft())
-        return lates
+    def _take_deferred(self) -> list[DeferredCopy]:
+        deferred = [] if self._deferred_kv is None else [self._deferred_kv]
+        self._deferred_kv = None
+        while self._deferred_asked:
+            deferred.append(self._deferred_asked.popleft())
+        return deferred
 
-    def _queue_late(self, lates: list[LateCopy], start: torch.cuda.Event | None) -> None:
-        """Late copies to the host on the copy stream: from ``start`` on (the next step's kernels begin),
+    def _queue_deferred(self, deferred: list[DeferredCopy], start: torch.cuda.Event | None) -> None:
+        """Deferred copies to the host on the copy stream: from ``start`` on (the next step's kernels begin),
         or behind everything the step's stream holds now (None)."""
         side, main = self.copy_stream, torch.cuda.current_stream(self.device)
         with torch.cuda.stream(side):
@@ -241,19 +246,19 @@ class StageRunner:
                 side.wait_event(start)
             else:
                 side.wait_stream(main)
-            for late in lates:
-                if late.after is not None:
-                    side.wait_event(late.after)
-            event = queue_copies([(late.src, late.dst) for late in lates], blocking=True)  # waited for off the chain
-        for late in lates:
-            late.event = event
-            late.queued.set()
+            for copy in deferred:
+                if copy.after is not None:
+                    side.wait_event(copy.after)
+            event = queue_copies([(copy.src, copy.dst) for copy in deferred], blocking=True)  # waited for off the chain
+        for copy in deferred:
+            copy.event = event
+            copy.queued.set()
 
-    def flush_late(self) -> None:
-        """Queue the late copies now: no step is about to be launched behind them."""
-        lates = self._take_late()
-        if lates:
-            self._queue_late(lates, None)
+    def flush_deferred_copies(self) -> None:
+        """Queue the deferred copies now: no step is about to be launched behind them."""
+        deferred = self._take_deferred()
+        if deferred:
+            self._queue_deferred(deferred, None)
 
     def finish(self, done: Launched) -> torch.Tensor | StepResult:
         """Wait for a launched step; what ``step`` returns. Its FT record is taken apart (``ft_record``):
@@ -288,9 +293,9 @@ class StageRunner:
             self.routing, self.slots, self.phys_slots, self.step_kv = r.routing, r.slots, r.phys_slots, r.step_kv
         return done.record
 
-    def _late_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, LateCopy]:
+    def _defer_kv_copy(self, kv: torch.Tensor) -> tuple[torch.Tensor, DeferredCopy]:
         """A graph step's K/V [2, L, B, K, D] (on the device, over ``INLINE_COPY_BYTES``) for the host: a
-        pinned buffer filled by a ``LateCopy`` from a device copy (the next step overwrites the record)."""
+        pinned buffer filled by a ``DeferredCopy`` from a device copy (the next step overwrites the record)."""
         if not self._staging or self._staging[0][0].numel() < kv.numel():
             self._staging = [[torch.empty(kv.numel(), dtype=kv.dtype, device=kv.device), None] for _ in range(2)]
         self._staging.reverse()  # the other one: the step before's is still to be copied out
@@ -298,8 +303,8 @@ class StageRunner:
         if last is not None and last.event is not None:  # queued at the step after it: long done, as a rule
             torch.cuda.current_stream(self.device).wait_event(last.event)
         src = buf[:kv.numel()].view(kv.shape).copy_(kv)
-        self._late = self._staging[0][1] = LateCopy(src, self.host.take(tuple(kv.shape), kv.dtype))
-        return self._late.dst, self._late
+        self._deferred_kv = self._staging[0][1] = DeferredCopy(src, self.host.take(tuple(kv.shape), kv.dtype))
+        return self._deferred_kv.dst, self._deferred_kv
 
     def _to_host(self, t: torch.Tensor, copy: bool = False) -> torch.Tensor:
         """A host copy of device tensor ``t`` (a pinned buffer of ``host``, valid once the step's event is

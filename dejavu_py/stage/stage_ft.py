@@ -7,13 +7,15 @@ stream its K/V to the replica holder, in the worker's idle time. On
 the replica edges a receiver thread keeps the replica of the ring predecessor and passes
 acknowledgements back. At recovery it answers the coordinator: ship a replica to a
 replacement, re-replicate to a replaced holder, tell which steps it can feed a replay from, feed it;
-and, on a replacement, take its KV back and count the replayed steps, checking their routing.
+and, on a replacement, restore its KV from the replica and count the replayed steps, checking their routing.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -33,6 +35,9 @@ from dejavu_py.protocol.recovery import (
 from dejavu_py.protocol.replica import ReplicaAck, ReplicaChunk, ReplicaCoverage
 from dejavu_py.stage import replica_shm
 from dejavu_py.stage.checkpoints import TokenStateRing, routing_mismatches
+from dejavu_py.stage.ft_off import FTOff
+from dejavu_py.stage.kv_restore import restore_into_cache
+from dejavu_py.stage.port import StagePort
 from dejavu_py.stage.replica_sender import PIECE_BYTES, ReplicaSender
 from dejavu_py.stage.replica_shm import ReplicaShm
 from dejavu_py.stage.replica_store import ReplicaStore, covered_slots
@@ -41,22 +46,33 @@ if TYPE_CHECKING:
     from dejavu_py.config import RunConfig
     from dejavu_py.models.kv_cache import CacheSpec
     from dejavu_py.protocol.layout import Layout, Member
-    from dejavu_py.stage.runner import Launched
-    from dejavu_py.stage.worker import Worker
+    from dejavu_py.stage.dispatch import MessageTable
+    from dejavu_py.stage.runner import Launched, StageRunner
 
 _log = log.get(__name__)
 
-RELAY_BYTES = 64 << 10
+ATTACHED_ROUTING_BYTES = 64 << 10
 """A step's routing record up to this size (a decode step's: 24 KB at batch 64 on OLMoE's shapes) rides
 to the coordinator with the pipeline's next messages. A larger one (a batch of prompts': MBs) goes to the
 coordinator on its own, from the idle time: riding along, its pickling and unpickling at every hop
 lengthened the first decode step after the prompts by tens of ms."""
 
 
+def ft_applies(cfg: RunConfig, me: Member) -> bool:
+    """Whether the stage keeps fault tolerance: FT is on and it decodes (a prompt stage's work is redone
+    from the prompt instead)."""
+    return cfg.ft.enabled and me.role in ("stage", "token")
+
+
+def fault_tolerance(port: FTPort, runner: StageRunner) -> StageFT | FTOff:
+    """The stage's fault tolerance, or (``ft_applies`` false) the object that does nothing in its place."""
+    return StageFT(port, runner) if ft_applies(port.cfg, port.me) else FTOff(port.cfg, runner)
+
+
 def replica_store_for(cfg: RunConfig, layout: Layout, me: Member, spec: CacheSpec, device: torch.device,
                       dtype: torch.dtype) -> ReplicaStore | None:
     """Host buffers for the replica ``me`` holds of its ring predecessor's cache (None when it holds none)."""
-    source = layout.replica_source(me.name) if cfg.ft.enabled and me.role in ("stage", "token") else None
+    source = layout.replica_source(me.name) if ft_applies(cfg, me) else None
     if source is None:
         return None
     blocks = cfg.swap_partitions * cfg.cache.partition_blocks if cfg.cache.swap else cfg.cache.num_blocks
@@ -72,7 +88,7 @@ def host_reservation(cfg: RunConfig, layout: Layout, me: Member, mcfg, spec: Cac
     when the stage is built (``HostBuffers.reserve``): a decode step's K/V at the largest batch, for every
     step the replica may lag and the few in flight; an eager step's routing (the prompts); and the pieces
     of a prompt's replica in flight. Empty when FT is off for the stage."""
-    if not (cfg.ft.enabled and me.role in ("stage", "token")):
+    if not ft_applies(cfg, me):
         return []
     elem = dtype.itemsize
     step_kv = 2 * len(layers) * cfg.scheduler.max_batch_size * spec.num_kv_heads * spec.head_dim * elem
@@ -84,14 +100,23 @@ def host_reservation(cfg: RunConfig, layout: Layout, me: Member, mcfg, spec: Cac
     return sizes
 
 
+class FTPort(StagePort, Protocol):
+    """The worker as fault tolerance sees it: the stage's port, and the end of a replacement's wait."""
+
+    def resume_after_restore(self) -> None:
+        """This replacement's KV is back from the replica: if its Restore came too, serve what waited."""
+        ...
+
+
 class StageFT:
-    def __init__(self, worker: Worker) -> None:
-        self.w = worker
-        spec, runner = worker.spec, worker.runner
-        ft, layout, me = spec.cfg.ft, spec.layout, worker.me.name
-        self.active = ft.enabled and worker.me.role in ("stage", "token")
-        self.holder = layout.replica_holder(me) if self.active else None
-        self.source = layout.replica_source(me) if self.active else None
+    """A decode stage's fault tolerance, given the worker's port and the stage's runner (made only where
+    ``ft_applies``; ``FTOff`` stands in elsewhere)."""
+
+    def __init__(self, port: FTPort, runner: StageRunner) -> None:
+        self.port, self.runner = port, runner
+        ft, layout, me = port.cfg.ft, port.layout, port.me.name
+        self.holder = layout.replica_holder(me)
+        self.source = layout.replica_source(me)
         mcfg = runner.model.cfg
         self.ring = TokenStateRing(ft.checkpoint_policy, ft.checkpoint_interval, ft.max_checkpoints,
                                    mcfg.num_experts or 0)
@@ -99,25 +124,30 @@ class StageFT:
         if self.sender is not None:
             self.sender.buffers = runner.host
             if runner.device.type == "cuda":
-                self.sender.copier, self.sender.flusher = runner.copy_later, runner.flush_late
+                self.sender.defer_copy, self.sender.flush_deferred = runner.defer_copy, runner.flush_deferred_copies
         self.store = None
         if self.source:  # made ahead with the stage (a preloaded standby has it), else now
-            self.store = runner.replica_store or replica_store_for(spec.cfg, layout, worker.me, runner.kv.spec, runner.device,
-                                                                   runner.model.dtype)
+            self.store = runner.replica_store or replica_store_for(port.cfg, layout, port.me, runner.kv.spec,
+                                                                   runner.device, runner.model.dtype)
             if self.store.path is not None:  # a replica file of the worker we replace is stale now
-                replica_shm.remove_stale(self.store.path.parent, spec.cfg.run_dir, me)
+                replica_shm.remove_stale(self.store.path.parent, port.cfg.run_dir, me)
             where = self.store.describe(me)  # published even when empty: it replaces a dead holder's
-            put_json(worker.store, keys.replica_file(me), dataclasses.asdict(where) if where else {})
+            put_json(port.store, keys.replica_file(me), dataclasses.asdict(where) if where else {})
         self.rep_edges: dict = {}
-        self.outbox: list[StepRouting] = []
-        """This stage's routing records not yet sent on (``relay``)."""
+        self.unsent_routing: list[StepRouting] = []
+        """This stage's routing records not yet sent on (``attach_routing``)."""
         self.replay_left = -1
         self.replayed = 0
         self.mismatches = 0
-        self.bulk_from: str | None = None
-        self.bulk_done = False
-        if self.active:
-            runner.enable_recording()
+        self.awaiting_bookkeeping: collections.deque[tuple[Launched, object]] = collections.deque()
+        """Finished steps (with their outputs) whose bookkeeping (``bookkeep``) waits for the worker's
+        loop to be idle: off the chain of launches. With the steps the worker has launched and not
+        finished, at most one, as many as an unfinished step would be: the coordinator's routing record
+        and the replica lag the same."""
+        self.restore_from: str | None = None
+        """A replacement: the replica holder its KV comes from (set by its Restore)."""
+        self.kv_restored = False
+        runner.enable_recording()
 
     # -- edges -----------------------------------------------------------------------------------
     def connect(self, generation: int, peers: list[str] | None = None) -> tuple[dict, replica_shm.Replica | None, str | None]:
@@ -126,12 +156,12 @@ class StageFT:
         from dejavu_py.comm.edge import Edge
         from dejavu_py.comm.store import connect
 
-        wanted = self.w.spec.layout.replica_peers_of(self.w.me.name) if self.active else []
+        wanted = self.port.layout.replica_peers_of(self.port.me.name)
         if peers is not None:
             wanted = [p for p in wanted if p in peers]
-        edges = {p: Edge(connect(self.w.spec.store), self.w.me.name, p, generation,
-                         self.w.spec.cfg.runtime.comm_timeout_s, channel="rep") for p in wanted}
-        mapped, client = None, connect(self.w.spec.store) if self.holder in edges else None
+        edges = {p: Edge(connect(self.port.store_address), self.port.me.name, p, generation,
+                         self.port.cfg.runtime.comm_timeout_s, channel="rep") for p in wanted}
+        mapped, client = None, connect(self.port.store_address) if self.holder in edges else None
         where = get_json(client, keys.replica_file(self.holder)) if client is not None and has(client, keys.replica_file(self.holder)) else {}
         if where:
             mapped = replica_shm.attach(ReplicaShm(**where))
@@ -149,8 +179,8 @@ class StageFT:
             if old is not None:
                 old.close()
             self.rep_edges[peer] = edge
-            start_receiver(edge, peer, self._deliver(peer, edge), lambda event: self.w.inbox.put((peer, event, None)),
-                           lambda: self.w._closing)
+            start_receiver(edge, peer, self._deliver(peer, edge), functools.partial(self.port.post, peer),
+                           lambda: self.port.closing)
 
     def drop(self, failed: list[str]) -> None:
         for peer in failed:
@@ -167,8 +197,8 @@ class StageFT:
         def deliver(msg: object, t: object) -> bool:
             if isinstance(msg, ReplicaAck) and self.sender is not None:
                 self.sender.acked(msg)
-            elif isinstance(msg, ReplicaChunk) and msg.source == self.w.me.name:
-                self.w.inbox.put((peer, msg, t))  # our own KV coming back: the main loop writes it
+            elif isinstance(msg, ReplicaChunk) and msg.source == self.port.me.name:
+                self.port.post(peer, msg, t)  # our own KV coming back: the main loop writes it
             elif isinstance(msg, ReplicaChunk) and self.store is not None:  # from a source on another host
                 self.store.apply(msg, t)
                 if msg.acks():
@@ -191,7 +221,7 @@ class StageFT:
     # -- per step --------------------------------------------------------------------------------
     def before_step(self, plan: StepPlan) -> None:
         if self.sender is not None and plan.replay_until is None and plan.mb >= 0:
-            if not self.sender.wait_for(plan.mb, self.w.spec.cfg.ft.hang_timeout_s):
+            if not self.sender.wait_for(plan.mb, self.port.cfg.ft.hang_timeout_s):
                 _log.warning("replica holder %s is %d steps behind on microbatch %d; going on", self.holder,
                              len(self.sender.unacked.get(plan.mb, [])), plan.mb)
 
@@ -200,154 +230,149 @@ class StageFT:
         result takes the routing records relayed to it and its own of earlier steps (taking this step's
         record apart here would lengthen the chain: 0.1 ms at batch 1). True when this stage ends a
         replay: the step is kept and its routing checked now, and nothing goes on. The rest waits for
-        ``keep_step``."""
-        if not self.active:
-            return False
+        ``bookkeep``."""
         plan = done.plan
-        if plan.replay_until != self.w.me.name:
+        if plan.replay_until != self.port.me.name:
             if isinstance(out, StepResult):
-                out.relayed = plan.relayed + self.outbox
-                self.outbox = []
+                out.relayed = plan.relayed + self.unsent_routing
+                self.unsent_routing = []
             return False
-        self.keep_step(done, out)
+        self.bookkeep(done, out)
         if plan.forced is not None:
-            self.mismatches += routing_mismatches(plan, self.w.runner.ft_record(done).routing)
+            self.mismatches += routing_mismatches(plan, self.runner.ft_record(done).routing)
         self.replayed += 1
         self._maybe_done()
         return True
 
-    def keep_step(self, done: Launched, out) -> None:
-        """Off the chain (in the worker's idle time, see ``Worker.kept``): keep the step's routing for the
-        next plan this stage sends on (``relay``; the last stage: its next result), or send a large one
-        (a prompt's) to the coordinator now; then checkpoint the step's token state and send its K/V to
-        the replica."""
-        if not self.active:
-            return
-        plan, rec = done.plan, self.w.runner.ft_record(done)
-        if plan.replay_until != self.w.me.name:
-            record = StepRouting(plan.mb, plan.step, self.w.me.name, rec.routing)
-            if rec.routing.nbytes > RELAY_BYTES:
-                self.w.send_coord(record)
+    def defer_bookkeeping(self, done: Launched, out) -> None:
+        """A finished step whose output has gone on: its bookkeeping waits (``awaiting_bookkeeping``)."""
+        self.awaiting_bookkeeping.append((done, out))
+
+    def bookkeep_next(self) -> None:
+        """The bookkeeping of the oldest step waiting for it."""
+        self.bookkeep(*self.awaiting_bookkeeping.popleft())
+
+    def bookkeep(self, done: Launched, out) -> None:
+        """Off the chain (in the worker's idle time, see ``awaiting_bookkeeping``): keep the step's routing
+        for the next plan this stage sends on (``attach_routing``; the last stage: its next result), or
+        send a large one (a prompt's) to the coordinator now; then checkpoint the step's token state and
+        send its K/V to the replica."""
+        plan, rec = done.plan, self.runner.ft_record(done)
+        if plan.replay_until != self.port.me.name:
+            record = StepRouting(plan.mb, plan.step, self.port.me.name, rec.routing)
+            if rec.routing.nbytes > ATTACHED_ROUTING_BYTES:
+                self.port.send_coord(record)
             else:
-                self.outbox.append(record)
+                self.unsent_routing.append(record)
         self.ring.record(plan.mb, plan.step, plan.seq_ids, out if isinstance(out, torch.Tensor) else None, rec.routing)
         if self.sender is not None:
             self.sender.chunk(plan.mb, plan.step, plan.seq_ids, plan.start_pos, plan.num_tokens, rec.slots, rec.phys_slots,
                               rec.step_kv, rec.kv_ready)
 
-    def relay(self, plan: StepPlan) -> None:
+    def attach_routing(self, plan: StepPlan) -> None:
         """Before ``plan`` goes on to the next stage: this stage's routing records go with it (a replay's
         plan ends before the last stage: nothing rides on it)."""
-        if self.outbox and plan.replay_until is None:
-            plan.relayed = plan.relayed + self.outbox
-            self.outbox = []
+        if self.unsent_routing and plan.replay_until is None:
+            plan.relayed = plan.relayed + self.unsent_routing
+            self.unsent_routing = []
 
     def on_prompt_kv(self, chunk: KVChunk, kv_2TKD: torch.Tensor, slots: list[int]) -> None:
         """Token stage: the prompt KV that just arrived (written at ``slots``) goes on to the replica as it is."""
         if self.sender is None:
             return
-        msg = ReplicaChunk(self.w.me.name, -1, -1, [chunk.layer], chunk.seq_ids, chunk.start_pos, chunk.num_tokens, slots)
+        msg = ReplicaChunk(self.port.me.name, -1, -1, [chunk.layer], chunk.seq_ids, chunk.start_pos, chunk.num_tokens, slots)
         self.sender.forward(msg, kv_2TKD.unsqueeze(1))
 
     # -- recovery --------------------------------------------------------------------------------
+    def register(self, table: MessageTable) -> None:
+        """Its messages, all from recovery: the coordinator's questions and orders, and (a replacement)
+        its own KV coming back from the replica holder."""
+        table.register(ReplicaQuery, self._ship_replica)
+        table.register(Rereplicate, self._rereplicate)
+        table.register(ReplayQuery, self._answer_replay_query)
+        table.register(ReplaySteps, self._feed_replay)
+        table.register(ReplicaChunk, self._on_own_kv)
+
+    def _on_own_kv(self, chunk: ReplicaChunk, kv: torch.Tensor | None) -> int:
+        """A replacement's KV from the replica: once its Restore came too, it serves what waited."""
+        self.restore_kv(chunk, kv)
+        if self.restore_from is not None:
+            self.port.resume_after_restore()
+        return 0
+
     def expect_restore(self, replica_from: str | None, replay: int) -> bool:
         """A replacement's Restore: returns whether it can serve now (its replica KV, if any, is in)."""
-        self.bulk_from, self.replay_left = replica_from, replay
+        self.restore_from, self.replay_left = replica_from, replay
         self._maybe_done()
-        return replica_from is None or self.bulk_done
+        return replica_from is None or self.kv_restored
 
-    def take_back(self, chunk: ReplicaChunk, kv: torch.Tensor | None) -> None:
+    def restore_kv(self, chunk: ReplicaChunk, kv: torch.Tensor | None) -> None:
         """Our own KV from the replica holder (its bytes, or its file on this host), into the cache."""
-        slots, runner = chunk.slots, self.w.runner
-        idx = torch.tensor(slots, dtype=torch.long, device=runner.kv.device)
-
-        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            k, v = k.to(runner.kv.device, non_blocking=True), v.to(runner.kv.device, non_blocking=True)
-            if runner.swapper is not None:
-                runner.swapper.write(layer, slots, k, v)
-            else:
-                runner.kv.write(layer, idx, k, v)
-
-        if chunk.shm_path is not None:  # the holder's file: the one we replicate into, already mapped
-            shape = (2, len(chunk.layers), *runner.kv.k_NKD[chunk.layers[0]].shape)
-            replica = self.sender.shm if self.sender is not None and self.sender.shm_path == chunk.shm_path else \
-                replica_shm.attach(ReplicaShm("", socket.gethostname(), chunk.shm_path, shape,
-                                              str(runner.model.dtype).removeprefix("torch.")))
-            if replica is None:
-                raise RuntimeError(f"replica file {chunk.shm_path} is gone: cannot restore the KV")
-            mapped = replica.kv_2LNKD
-            if runner.swapper is not None:  # virtual slots: gather them
-                for i, layer in enumerate(chunk.layers):
-                    kv_2TKD = mapped[:, i].index_select(1, torch.tensor(slots, dtype=torch.long))
-                    write(layer, kv_2TKD[0], kv_2TKD[1])
-            else:
-                replica_shm.copy_spans(mapped, chunk.layers, slots, runner.kv.k_NKD, runner.kv.v_NKD)
-        else:
-            for i, layer in enumerate(chunk.layers):
-                write(layer, kv[0, i], kv[1, i])
-        if runner.device.type == "cuda":
-            torch.cuda.synchronize(runner.device)
-        self.bulk_done = True
-        _log.info("restored %d KV slots of %d sequences from their replica%s", len(slots), len(chunk.seq_ids),
+        same_file = self.sender is not None and chunk.shm_path is not None and self.sender.shm_path == chunk.shm_path
+        restore_into_cache(self.runner, chunk, kv, self.sender.shm if same_file else None)
+        self.kv_restored = True
+        _log.info("restored %d KV slots of %d sequences from their replica%s", len(chunk.slots), len(chunk.seq_ids),
                   " file" if chunk.shm_path else "")
 
     def _maybe_done(self) -> None:
-        if self.active and self.replay_left >= 0 and self.replayed >= self.replay_left:
-            self.w.send_coord(Replayed(self.w.me.name, self.replayed, self.mismatches))
+        if self.replay_left >= 0 and self.replayed >= self.replay_left:
+            self.port.send_coord(Replayed(self.port.me.name, self.replayed, self.mismatches))
             self.replay_left = -1
 
-    def handle(self, msg) -> None:
-        if isinstance(msg, ReplicaQuery):
-            self._ship_replica(msg)
-        elif isinstance(msg, Rereplicate):
-            self._rereplicate(msg)
-        elif isinstance(msg, ReplayQuery):
-            have = [(mb, st) for mb, st in msg.steps if self.ring.has(st, mb)]
-            self.w.send_coord(ReplayHave(self.w.me.name, have))
-        elif isinstance(msg, ReplaySteps):
-            for plan in msg.plans:
-                cp = self.ring.get(plan.mb, plan.step)
-                plan.replay_until = msg.until
-                self.w.send_to(msg.until, plan, cp.out if cp is not None else None)
+    def _answer_replay_query(self, msg: ReplayQuery, _: object = None) -> int:
+        """Which of these steps this stage kept the output activations of (a replay can start here)."""
+        have = [(mb, st) for mb, st in msg.steps if self.ring.has(st, mb)]
+        self.port.send_coord(ReplayHave(self.port.me.name, have))
+        return 0
 
-    def _ship_replica(self, q: ReplicaQuery) -> None:
+    def _feed_replay(self, msg: ReplaySteps, _: object = None) -> int:
+        """Send the replacement ``msg.until`` the plans to replay, with this stage's kept outputs."""
+        for plan in msg.plans:
+            cp = self.ring.get(plan.mb, plan.step)
+            plan.replay_until = msg.until
+            self.port.send_to(msg.until, plan, cp.out if cp is not None else None)
+        return 0
+
+    def _ship_replica(self, q: ReplicaQuery, _: object = None) -> int:
         """Tell the coordinator the coverage first (it plans the replay meanwhile), then ship the KV:
         the file's name to a replacement on this host, else the bytes."""
-        bs = self.w.spec.cfg.cache.block_size
+        bs = self.port.cfg.cache.block_size
         covered = self.store.coverage(q.tables, bs) if self.store is not None else {}
         slots = covered_slots(q.tables, covered, bs)
         nbytes = self.store.nbytes(len(slots), len(self.store.layers)) if slots else 0
-        self.w.send_coord(ReplicaCoverage(q.source, covered, nbytes))
+        self.port.send_coord(ReplicaCoverage(q.source, covered, nbytes))
         if not slots:
-            return
+            return 0
         sids = sorted(q.tables)
         chunk = ReplicaChunk(q.source, -1, -1, self.store.layers, sids, [0] * len(sids), [covered.get(s, 0) for s in sids], slots)
         if self.store.path is not None and self._same_host(q.to):
             self.rep_edges[q.to].send(dataclasses.replace(chunk, shm_path=str(self.store.path)))
         else:
             self.rep_edges[q.to].send(chunk, self.store.read(slots))
+        return 0
 
     def _same_host(self, member: str) -> bool:
 
         key = keys.member(member)
-        return has(self.w.store, key) and get_json(self.w.store, key).get("host") == socket.gethostname()
+        return has(self.port.store, key) and get_json(self.port.store, key).get("host") == socket.gethostname()
 
-    def _rereplicate(self, msg: Rereplicate) -> None:
+    def _rereplicate(self, msg: Rereplicate, _: object = None) -> int:
         sids = sorted(msg.tables)
-        slots = covered_slots(msg.tables, msg.lengths, self.w.spec.cfg.cache.block_size)
-        kv = self.w.runner.kv
-        if self.w.runner.swapper is not None:  # partitions may be on the device or at home on the host
-            pairs = [self.w.runner.swapper.read(layer, slots) for layer in kv.layers]
+        slots = covered_slots(msg.tables, msg.lengths, self.port.cfg.cache.block_size)
+        kv = self.runner.kv
+        if self.runner.swapper is not None:  # partitions may be on the device or at home on the host
+            pairs = [self.runner.swapper.read(layer, slots) for layer in kv.layers]
         else:
             idx = torch.tensor(slots, dtype=torch.long, device=kv.device)
             pairs = [kv.read(layer, idx) for layer in kv.layers]
         data = torch.stack((torch.stack([k for k, _ in pairs]), torch.stack([v for _, v in pairs])))
-        self.sender.forward(ReplicaChunk(self.w.me.name, -1, -1, list(kv.layers), sids, [0] * len(sids),
+        self.sender.forward(ReplicaChunk(self.port.me.name, -1, -1, list(kv.layers), sids, [0] * len(sids),
                                          [msg.lengths[s] for s in sids], slots), data)
         _log.info("re-replicated %d sequences to %s", len(sids), msg.to)
+        return 0
 
     def stats(self) -> dict:
-        out = {**self.ring.stats(), "host_buffers_allocated": self.w.runner.host.allocated}
+        out = {**self.ring.stats(), "host_buffers_allocated": self.runner.host.allocated}
         if self.sender is not None:
             out.update(self.sender.stats())
         if self.store is not None:
