@@ -96,6 +96,67 @@ def test_config_file_errors(capsys, ckpt, reqs, tmp_path):
     one_line_error(*run_main(capsys, "--config", str(tmp_path / "nope.yaml"), *base(ckpt, reqs, tmp_path)), "nope.yaml")
 
 
+def test_config_file_unknown_key_suggests_the_closest(capsys, ckpt, reqs, tmp_path):
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("max_batch_size: 4\nmax_batch_sise: 8\n")
+    line = one_line_error(*run_main(capsys, "--config", str(cfg), *base(ckpt, reqs, tmp_path)))
+    assert line == f"error: {cfg}: unknown key 'max_batch_sise'; did you mean 'max-batch-size'?"
+    cfg.write_text("zzz: 1\n")  # nothing close: every key is listed
+    one_line_error(*run_main(capsys, "--config", str(cfg), *base(ckpt, reqs, tmp_path)), "'zzz'", "known keys", "kv-capacity-tokens")
+
+
+def test_config_file_syntax_error_names_its_line(capsys, ckpt, reqs, tmp_path):
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("max_batch_size: 4\ndevice: cpu\n seed: 3\n")
+    line = one_line_error(*run_main(capsys, "--config", str(cfg), *base(ckpt, reqs, tmp_path)))
+    assert line == f"error: {cfg} line 3: mapping values are not allowed here"
+    cfg.write_text("device: cpu\nlayers_per_stage: [1, 3\n")  # an unclosed list: found at the end, begun on line 2
+    one_line_error(*run_main(capsys, "--config", str(cfg), *base(ckpt, reqs, tmp_path)), f"{cfg} line 3: ", "line 2")
+
+
+def test_boolean_flags_take_the_same_forms(capsys, ckpt, reqs, tmp_path):
+    parse = lambda *flags: cli.parse(["--model", "m", "--prompts", "p", *flags])[0]  # noqa: E731
+    on = parse("--swap", "--async-scheduling", "--ignore-eos", "--progress", "--standby-preload")
+    off = parse("--no-swap", "--no-async-scheduling", "--no-ignore-eos", "--no-progress", "--no-standby-preload")
+    for cfg, want in ((on, True), (off, False)):
+        assert (cfg.cache.swap, cfg.pipeline.async_scheduling, cfg.generation.ignore_eos, cfg.runtime.progress,
+                cfg.ft.standby_preload) == (want,) * 5
+    assert parse("--ft", "off").ft.enabled is False and parse("--ft", "on").ft.enabled is True
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, "--swap", "false")), "unrecognized", "false")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("swap: yes\nprogress: false\nft: off\n")  # YAML's booleans; ft's on/off too
+    run = parse("--config", str(cfg))
+    assert run.cache.swap is True and run.runtime.progress is False and run.ft.enabled is False
+    cfg.write_text("swap: maybe\n")
+    one_line_error(*run_main(capsys, "--config", str(cfg), *base(ckpt, reqs, tmp_path)), "'swap'", "true or false")
+
+
+def test_every_field_is_a_flag_with_the_dataclass_default():
+    """Defaults are written once, in the dataclasses: no flags give the dataclasses' values, every field
+    has a flag, and each flag's help shows its field's default."""
+    from dataclasses import MISSING, fields, is_dataclass
+
+    from dejavu_py import config, flags
+
+    run, _ = cli.parse(["--model", "m", "--prompts", "p"])
+    sections = {f.name: getattr(run, f.name) for f in fields(run) if is_dataclass(getattr(run, f.name))}
+    for name, value in sections.items():
+        assert value == type(value)(), name
+    helps = {a.dest: a.help for a in cli.build_parser()._actions}
+    by_field = {(fl.section, fl.field): fl for fl in flags.all_flags()}
+    for section, cls in {"": config.RunConfig, **{name: type(v) for name, v in sections.items()}}.items():
+        for f in fields(cls):
+            if section == "" and f.name in sections:
+                continue
+            flag = by_field[section, f.name]
+            if f.default not in (None, MISSING):
+                shown = {True: "on", False: "off"}.get(f.default) if isinstance(f.default, bool) else (
+                    f"{f.default:g}" if isinstance(f.default, float) else str(f.default))
+                assert helps[flag.dest].endswith(f"(default: {shown})"), (flag.name, helps[flag.dest])
+    names = {fl.name for fl in flags.all_flags()}
+    assert {"kv-capacity-tokens", "ft", "comm-timeout", "startup-timeout", "hang-timeout", "recovery-timeout"} <= names
+
+
 def test_config_file_sets_defaults_and_flags_win(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("max_batch_size: 4\nlayers_per_stage: [1, 3]\ndevice: cpu\nignore_eos: true\n")
