@@ -20,6 +20,8 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 AutoOnOff = Literal["auto", "on", "off"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 CheckpointPolicy = Literal["all", "interval", "adaptive"]
+MoEKernel = Literal["auto", "fused", "grouped", "loop"]
+MoEAlign = Literal["kernel", "torch"]
 
 
 def _positive(flag: str, value: int | float | None, allow_none: bool = False) -> None:
@@ -176,6 +178,31 @@ class RuntimeConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class KernelConfig:
+    """Which kernels a stage's forward runs; each stage resolves 'auto' once, when it loads, for its
+    device and dtype (models/kernels.py). The choices give the same results up to float rounding order."""
+
+    moe_kernel: MoEKernel = "auto"
+    """Routed experts: fused (Triton kernels), grouped (torch's grouped GEMM), loop (a GEMM pair per
+    expert), or auto (fused on CUDA with triton, grouped on CUDA bf16 without it, the loop elsewhere)."""
+    moe_align: MoEAlign = "kernel"
+    """How the fused MoE kernels group token rows by expert: kernel (one launch) or torch (torch ops)."""
+    triton_ops: bool = True
+    """Triton kernels for RMSNorm, residual add + norm, rotary with the KV cache write, SwiGLU and decode
+    attention where triton runs (CUDA); off: torch's kernels."""
+    fuse_projections: bool = True
+    """On CUDA, stack q/k/v (and a SwiGLU MLP's gate/up) into one weight after loading: one GEMM instead
+    of several."""
+    fold_moe: bool = True
+    """With --fuse-projections and the fused MoE kernels, fold each MoE block: one routing kernel, and a
+    shared expert run as more experts of the fused kernels."""
+
+    def __post_init__(self) -> None:
+        _choose("--moe-kernel", self.moe_kernel, MoEKernel)
+        _choose("--moe-align", self.moe_align, MoEAlign)
+
+
+@dataclass(kw_only=True, slots=True)
 class FTConfig:
     """Fault tolerance: detection, replacement, KV replicas and token-state checkpoints."""
 
@@ -254,6 +281,7 @@ class RunConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     ft: FTConfig = field(default_factory=FTConfig)
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ SECTIONS: dict[str, str] = {
     "cache": "batching and KV cache",
     "generation": "generation defaults",
     "runtime": "runtime",
+    "kernels": "kernels",
     "ft": "fault tolerance",
 }
 """RunConfig's field of each config section ('' = RunConfig's own fields) -> the help group it is listed in."""

@@ -116,11 +116,12 @@ def test_config_file_syntax_error_names_its_line(capsys, ckpt, reqs, tmp_path):
 
 def test_boolean_flags_take_the_same_forms(capsys, ckpt, reqs, tmp_path):
     parse = lambda *flags: cli.parse(["--model", "m", "--prompts", "p", *flags])[0]  # noqa: E731
-    on = parse("--swap", "--async-scheduling", "--ignore-eos", "--progress", "--standby-preload")
-    off = parse("--no-swap", "--no-async-scheduling", "--no-ignore-eos", "--no-progress", "--no-standby-preload")
+    on = parse("--swap", "--async-scheduling", "--ignore-eos", "--progress", "--standby-preload", "--triton-ops")
+    off = parse("--no-swap", "--no-async-scheduling", "--no-ignore-eos", "--no-progress", "--no-standby-preload",
+                "--no-triton-ops")
     for cfg, want in ((on, True), (off, False)):
         assert (cfg.cache.swap, cfg.pipeline.async_scheduling, cfg.generation.ignore_eos, cfg.runtime.progress,
-                cfg.ft.standby_preload) == (want,) * 5
+                cfg.ft.standby_preload, cfg.kernels.triton_ops) == (want,) * 6
     assert parse("--ft", "off").ft.enabled is False and parse("--ft", "on").ft.enabled is True
     one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, "--swap", "false")), "unrecognized", "false")
     cfg = tmp_path / "c.yaml"
@@ -154,7 +155,16 @@ def test_every_field_is_a_flag_with_the_dataclass_default():
                     f"{f.default:g}" if isinstance(f.default, float) else str(f.default))
                 assert helps[flag.dest].endswith(f"(default: {shown})"), (flag.name, helps[flag.dest])
     names = {fl.name for fl in flags.all_flags()}
-    assert {"kv-capacity-tokens", "ft", "comm-timeout", "startup-timeout", "hang-timeout", "recovery-timeout"} <= names
+    assert {"kv-capacity-tokens", "ft", "comm-timeout", "startup-timeout", "hang-timeout", "recovery-timeout",
+            "moe-kernel"} <= names
+
+
+def test_kernel_flags(capsys, ckpt, reqs, tmp_path):
+    run, _ = cli.parse(["--model", "m", "--prompts", "p", "--moe-kernel", "grouped", "--moe-align", "torch",
+                        "--no-fuse-projections", "--no-fold-moe"])
+    k = run.kernels
+    assert (k.moe_kernel, k.moe_align, k.fuse_projections, k.fold_moe, k.triton_ops) == ("grouped", "torch", False, False, True)
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, "--moe-kernel", "bogus")), "--moe-kernel", "bogus")
 
 
 def test_config_file_sets_defaults_and_flags_win(tmp_path):
