@@ -159,7 +159,7 @@ class GenerationConfig:
 
 @dataclass(kw_only=True, slots=True)
 class RuntimeConfig:
-    """Timeouts, logs and progress."""
+    """Timeouts, logs, progress and the opt-in device trace."""
 
     comm_timeout_s: float = 300.0
     """Seconds to wait for a pipeline neighbour's message before the run fails."""
@@ -169,12 +169,24 @@ class RuntimeConfig:
     """Level of the log files and of rank 0's console."""
     progress: bool = True
     """Progress bar on rank 0 when stderr is a terminal."""
+    trace_dir: Path | None = None
+    """Directory for a device trace of each stage worker's steps (torch.profiler: host calls with shapes
+    and stacks, device kernels and copies; DIR/<stage>.json in Chrome trace format), with --trace-steps.
+    None: no trace, no cost."""
+    trace_steps: tuple[int, int] | None = None
+    """The steps a trace covers, FIRST:LAST: from each worker's step FIRST up to step LAST, e.g. 100:120
+    (in a --config file a list, [100, 120]: YAML reads 100:20 as a number)."""
 
     def __post_init__(self) -> None:
         _positive("--comm-timeout", self.comm_timeout_s)
         _positive("--startup-timeout", self.startup_timeout_s)
         if self.log_level.upper() not in get_args(LogLevel):
             raise UserError(f"--log-level {self.log_level!r}: choose DEBUG, INFO, WARNING or ERROR")
+        if (self.trace_dir is None) != (self.trace_steps is None):
+            raise UserError("--trace-dir and --trace-steps go together: give both, e.g. --trace-dir traces --trace-steps 100:120")
+        if self.trace_steps is not None and not 0 <= self.trace_steps[0] < self.trace_steps[1]:
+            first, last = self.trace_steps
+            raise UserError(f"--trace-steps {first}:{last}: FIRST must be 0 or more and less than LAST")
 
 
 @dataclass(kw_only=True, slots=True)

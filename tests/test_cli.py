@@ -156,15 +156,22 @@ def test_every_field_is_a_flag_with_the_dataclass_default():
                 assert helps[flag.dest].endswith(f"(default: {shown})"), (flag.name, helps[flag.dest])
     names = {fl.name for fl in flags.all_flags()}
     assert {"kv-capacity-tokens", "ft", "comm-timeout", "startup-timeout", "hang-timeout", "recovery-timeout",
-            "moe-kernel"} <= names
+            "moe-kernel", "trace-steps"} <= names
 
 
-def test_kernel_flags(capsys, ckpt, reqs, tmp_path):
+def test_kernel_and_trace_flags(capsys, ckpt, reqs, tmp_path):
     run, _ = cli.parse(["--model", "m", "--prompts", "p", "--moe-kernel", "grouped", "--moe-align", "torch",
-                        "--no-fuse-projections", "--no-fold-moe"])
+                        "--no-fuse-projections", "--no-fold-moe", "--trace-dir", "t", "--trace-steps", "3:9"])
     k = run.kernels
     assert (k.moe_kernel, k.moe_align, k.fuse_projections, k.fold_moe, k.triton_ops) == ("grouped", "torch", False, False, True)
+    assert run.runtime.trace_dir == Path("t") and run.runtime.trace_steps == (3, 9)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("trace_dir: t\ntrace_steps: [100, 120]\nmoe_kernel: loop\ntriton_ops: false\n")
+    run, _ = cli.parse(["--config", str(cfg), "--model", "m", "--prompts", "p"])
+    assert run.runtime.trace_steps == (100, 120) and run.kernels.moe_kernel == "loop" and not run.kernels.triton_ops
     one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, "--moe-kernel", "bogus")), "--moe-kernel", "bogus")
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, "--trace-dir", "t")), "--trace-dir", "--trace-steps")
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, "--trace-dir", "t", "--trace-steps", "9:3")), "9:3")
 
 
 def test_config_file_sets_defaults_and_flags_win(tmp_path):

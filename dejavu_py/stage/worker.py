@@ -212,7 +212,7 @@ class Worker:
     def serve(self) -> int:
         steps = 0
         self.times = LoopTimes()  # from the first message on: connecting is no step's cost
-        trace = StepTrace(self.me.name)
+        trace = StepTrace(self.me.name, self.spec.cfg.runtime)
         while True:
             trace.at(steps)
             self.times.mark("busy")  # whatever the last message cost, if not a step
