@@ -131,6 +131,7 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
 
 def main(argv: list[str] | None = None) -> int:
     from dejavu_py.comm.store import RankInfo
+    from dejavu_py.runtime import user_errors
 
     info = RankInfo.from_env()
     try:
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--nproc-per-node {ns.nproc_per_node}: the launcher started {info.world_size} processes")
         from dejavu_py.runtime.rank import run_rank
 
-        code = run_rank(cfg, info, lambda e: print(f"error: {e}", file=sys.stderr, flush=True))
+        code = run_rank(cfg, info, lambda e: user_errors.report(str(e), info.rank))
         # A rank process ends here, without running C++ static destructors: threads of the
         # communication libraries may still be parked in their calls, and tearing those objects
         # down under them aborts the process ("terminate called without an active exception").
@@ -152,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     except UserError as e:
-        if info.rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        user_errors.report(str(e), info.rank)
         return e.exit_code
     except KeyboardInterrupt:
         return 130

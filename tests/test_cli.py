@@ -279,6 +279,42 @@ def test_under_torchrun_rank0_says_the_error(ckpt, reqs, tmp_path):
     ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(ours) == 1 and "'falcon'" in ours[0], proc.stderr  # torchrun appends its own report
     assert "dejavu_py/" not in proc.stderr  # no traceback through our code
+    # torchrun's report ends with its root cause, whose message is the rank's error file: our line
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+    assert set(lines[-1]) == {"="} and lines[-2] == f"traceback : {ours[0]}", proc.stderr[-2000:]
+
+
+def test_a_ranks_user_error_goes_to_the_launchers_error_file(tmp_path, monkeypatch, capsys):
+    """Each rank writes it where torchrun reads a failed rank's error; only rank 0 prints it, and not when
+    the front end prints it after the ranks have exited."""
+    from dejavu_py.runtime import user_errors
+
+    monkeypatch.delenv(user_errors.LAUNCHER_PRINTS, raising=False)
+    for rank in (1, 0):
+        monkeypatch.setenv(user_errors.ERROR_FILE, str(tmp_path / f"{rank}.json"))
+        user_errors.report("--x 3: too many", rank)
+        assert user_errors.reported_line(json.loads((tmp_path / f"{rank}.json").read_text())["message"]) == "error: --x 3: too many"
+    assert capsys.readouterr().err == "error: --x 3: too many\n"  # rank 0's alone
+    monkeypatch.setenv(user_errors.LAUNCHER_PRINTS, "1")
+    user_errors.report("--x 3: too many", 0)
+    assert capsys.readouterr().err == ""
+    assert user_errors.reported_line("Signal 9 (SIGKILL) received by PID 7") is None  # torch's own messages
+
+
+def test_front_end_prints_a_ranks_error_last(ckpt, reqs, tmp_path):
+    """A mistake only the running ranks find (here the output path, written once the requests are
+    served) is one line, printed by the front end after every rank has exited: the last line, and the
+    launcher's own failure report left out."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    proc = dejavu(base(ckpt, reqs, tmp_path, "--nproc-per-node", "2", "--config", str(ROOT / "configs/tiny-cpu.yaml"),
+                       "--output", str(blocked / "out.jsonl")))
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "started worker of s0" in proc.stderr, proc.stderr  # found by the ranks, not the front end's check
+    assert lines[-1] == f"error: output file {blocked / 'out.jsonl'}: cannot create it (File exists); choose a writable path"
+    assert [ln for ln in lines if "error: " in ln] == lines[-1:], proc.stderr
+    assert "Traceback" not in proc.stderr and "torch/distributed" not in proc.stderr, proc.stderr
 
 
 def test_front_end_runs_the_pipeline(ckpt, reqs, tmp_path):
