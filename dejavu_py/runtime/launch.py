@@ -86,4 +86,4 @@ def launch_local(cfg: RunConfig, nproc: int, argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["failure_line", "launch_local", "validate", "UserError"]
+__all__ = ["UserError", "failure_line", "launch_local", "validate"]
