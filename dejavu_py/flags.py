@@ -127,6 +127,7 @@ def step_window(text: str) -> tuple[int, int]:
 
 
 def on_off(text: str) -> bool:
+    """``on`` -> True, ``off`` -> False."""
     if text in ("on", "off"):
         return text == "on"
     raise argparse.ArgumentTypeError(f"{text!r}: choose on or off")
