@@ -1,15 +1,27 @@
 """Run configuration: one small dataclass per component, each checked in ``__post_init__``.
 
-The CLI (cli.py) fills these from a YAML file of defaults and the flags; workers receive the whole
-``RunConfig`` (it is picklable). Errors are ``UserError`` naming the flag and the value.
+Every default of a run is written here, once: the command line (cli.py, flags.py) is generated from
+these fields, its help text is each field's docstring (the string after it) and its default the
+field's. Workers receive the whole ``RunConfig`` (it is picklable). Errors are ``UserError`` naming
+the flag and the value.
 """
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 from dejavu_py.errors import UserError
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+AutoOnOff = Literal["auto", "on", "off"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+CheckpointPolicy = Literal["all", "interval", "adaptive"]
+MoEKernel = Literal["auto", "fused", "grouped", "loop"]
+MoEAlign = Literal["kernel", "torch"]
 
 
 def _positive(flag: str, value: int | float | None, allow_none: bool = False) -> None:
@@ -19,41 +31,50 @@ def _positive(flag: str, value: int | float | None, allow_none: bool = False) ->
         raise UserError(f"{flag} {value}: must be a positive number")
 
 
-@dataclass
+def _choose(flag: str, value: str, choices: object) -> None:
+    """``value`` is one of the Literal type ``choices``."""
+    names = get_args(choices)
+    if value not in names:
+        raise UserError(f"{flag} {value!r}: choose {', '.join(names[:-1])} or {names[-1]}")
+
+
+@dataclass(kw_only=True, slots=True)
 class PipelineConfig:
     """How the model is split and where stages run."""
 
     stages: int | None = None
-    """Pipeline stages (colocated mode); None = one per rank process."""
+    """Pipeline stages in the colocated mode; it must equal the process count. None: one per rank process."""
     layers_per_stage: list[int] | None = None
-    """Decoder layers of each (token) stage (e.g. [3, 5, 4]); None = balanced split."""
+    """Decoder layers of each (token) stage, e.g. 3,5,4. None: a balanced split, the embedding and the head
+    counted as layers."""
     prompt_stages: int = 0
-    """Stages of a separate prompt (prefill) pipeline; 0 = colocated prefill and decode."""
+    """Stages of a separate prompt (prefill) pipeline, whose KV streams layer by layer to the token stages;
+    0: prefill and decode colocated."""
     token_stages: int | None = None
-    """Stages of the token (decode) pipeline when disaggregated; None = the remaining processes."""
+    """Stages of the token (decode) pipeline with --prompt-stages. None: the remaining processes."""
     prompt_layers_per_stage: list[int] | None = None
-    """Decoder layers of each prompt stage; None = balanced split."""
+    """Decoder layers of each prompt stage, e.g. 8,8. None: a balanced split."""
     microbatches: int | None = None
-    """Microbatches in flight; None = as many as stages, which keeps every stage busy."""
-    device: str = "auto"
-    """'cpu', 'cuda' or 'auto' (cuda when a GPU is visible)."""
-    dtype: str = "auto"
-    """Compute and weight dtype: 'float32', 'bfloat16', 'float16' or 'auto' (float32 on CPU, bfloat16 on GPU)."""
+    """Microbatches in flight. None: as many as stages, which keeps every stage busy (with --swap: twice
+    --swap-resident)."""
+    device: Device = "auto"
+    """Where stages run: cpu, cuda, or auto (cuda when a GPU is visible)."""
+    dtype: DType = "auto"
+    """Weights and compute: float32, bfloat16, float16, or auto (float32 on CPU, bfloat16 on GPU)."""
     threads: int = 1
     """CPU threads per stage worker (intra-op)."""
-    cuda_graphs: str = "auto"
-    """Decode steps from captured CUDA graphs: 'auto' (on GPU), 'on', 'off'. 'on' on CPU runs the same
+    cuda_graphs: AutoOnOff = "auto"
+    """Decode steps replayed from captured CUDA graphs: auto (on GPU), on, off. 'on' on CPU runs the same
     static-buffer path without capture."""
     async_scheduling: bool = True
     """The decode pipeline gets each microbatch's next plan while the step before is still running; its
     stages send their output as soon as a step is queued and the last hands its sampled ids to the first,
     which launches the next step before that step's tokens reach the host: the host work of a step
-    (planning, messages, reading tokens back) overlaps the device's. Not with KV swapping. Off: one plan
-    in flight per microbatch, each stage sends its output once it is computed."""
+    (planning, messages, reading tokens back) overlaps the device's. Not with --swap. Off: one plan in
+    flight per microbatch, each stage sends its output once it is computed."""
 
     def __post_init__(self) -> None:
-        if self.cuda_graphs not in ("auto", "on", "off"):
-            raise UserError(f"--cuda-graphs {self.cuda_graphs!r}: choose auto, on or off")
+        _choose("--cuda-graphs", self.cuda_graphs, AutoOnOff)
         _positive("--stages", self.stages, allow_none=True)
         _positive("--token-stages", self.token_stages, allow_none=True)
         if self.prompt_stages < 0:
@@ -62,13 +83,11 @@ class PipelineConfig:
             raise UserError("--stages applies to the colocated mode; with --prompt-stages give --token-stages")
         _positive("--microbatches", self.microbatches, allow_none=True)
         _positive("--threads", self.threads)
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"--device {self.device!r}: choose auto, cpu or cuda")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise UserError(f"--dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
+        _choose("--device", self.device, Device)
+        _choose("--dtype", self.dtype, DType)
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class SchedulerConfig:
     """How many sequences and tokens a microbatch step may carry."""
 
@@ -82,22 +101,23 @@ class SchedulerConfig:
         _positive("--max-batch-tokens", self.max_batch_tokens)
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class CacheConfig:
     """The KV cache each stage keeps for its layers."""
 
     capacity_tokens: int = 16384
-    """Tokens the cache holds across all sequences (each stage, its own layers)."""
+    """KV cache capacity of each stage in tokens (its own layers, all sequences); requests wait until
+    theirs fits."""
     block_size: int = 16
-    """Tokens per cache block."""
-    max_model_len: int | None = None
-    """Longest sequence (prompt + output); None = the model's max_position_embeddings."""
+    """Tokens per KV cache block."""
     swap: bool = False
-    """Microbatch swapping: decode microbatches beyond ``swap_resident`` keep their KV in pinned host
-    memory and are swapped in before their turn."""
+    """Microbatch swapping: decode microbatches beyond --swap-resident keep their KV in pinned host memory
+    and are swapped in before their turn, so more fit in flight."""
     swap_resident: int = 2
-    """With swap: decode microbatches whose KV the device cache holds at once; each gets
-    capacity_tokens / swap_resident tokens."""
+    """With --swap: decode microbatches whose KV the device cache holds at once; each gets
+    capacity / resident tokens."""
+    max_model_len: int | None = None
+    """Longest sequence (prompt + output). None: the model's max_position_embeddings."""
 
     def __post_init__(self) -> None:
         _positive("--swap-resident", self.swap_resident)
@@ -120,12 +140,12 @@ class CacheConfig:
         return self.num_blocks // self.swap_resident if self.swap else self.num_blocks
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class GenerationConfig:
     """Defaults for requests that do not say."""
 
     max_new_tokens: int = 64
-    """New tokens for a request without max_new_tokens."""
+    """New tokens for a request that gives no max_new_tokens."""
     seed: int = 0
     """Run seed: a sampled request without a seed gets one derived from this and its id."""
     ignore_eos: bool = False
@@ -137,54 +157,94 @@ class GenerationConfig:
             raise UserError(f"--seed {self.seed}: must be in [0, 2**63)")
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class RuntimeConfig:
-    """Timeouts, logs and progress."""
+    """Timeouts, logs, progress and the opt-in device trace."""
 
     comm_timeout_s: float = 300.0
-    """Longest wait for a pipeline neighbour's message before the run fails."""
+    """Seconds to wait for a pipeline neighbour's message before the run fails."""
     startup_timeout_s: float = 600.0
-    """Longest wait for all workers to load their weights and connect."""
-    log_level: str = "INFO"
+    """Seconds for all workers to load their weights and connect."""
+    log_level: LogLevel = "INFO"
     """Level of the log files and of rank 0's console."""
     progress: bool = True
     """Progress bar on rank 0 when stderr is a terminal."""
+    trace_dir: Path | None = None
+    """Directory for a device trace of each stage worker's steps (torch.profiler: host calls with shapes
+    and stacks, device kernels and copies; DIR/<stage>.json in Chrome trace format), with --trace-steps.
+    None: no trace, no cost."""
+    trace_steps: tuple[int, int] | None = None
+    """The steps a trace covers, FIRST:LAST: from each worker's step FIRST up to step LAST, e.g. 100:120
+    (in a --config file a list, [100, 120]: YAML reads 100:20 as a number)."""
 
     def __post_init__(self) -> None:
         _positive("--comm-timeout", self.comm_timeout_s)
         _positive("--startup-timeout", self.startup_timeout_s)
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        if self.log_level.upper() not in get_args(LogLevel):
             raise UserError(f"--log-level {self.log_level!r}: choose DEBUG, INFO, WARNING or ERROR")
+        if (self.trace_dir is None) != (self.trace_steps is None):
+            raise UserError("--trace-dir and --trace-steps go together: give both, e.g. --trace-dir traces --trace-steps 100:120")
+        if self.trace_steps is not None and not 0 <= self.trace_steps[0] < self.trace_steps[1]:
+            first, last = self.trace_steps
+            raise UserError(f"--trace-steps {first}:{last}: FIRST must be 0 or more and less than LAST")
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
+class KernelConfig:
+    """Which kernels a stage's forward runs; each stage resolves 'auto' once, when it loads, for its
+    device and dtype (models/kernels.py). The choices give the same results up to float rounding order."""
+
+    moe_kernel: MoEKernel = "auto"
+    """Routed experts: fused (Triton kernels), grouped (torch's grouped GEMM), loop (a GEMM pair per
+    expert), or auto (fused on CUDA with triton, grouped on CUDA bf16 without it, the loop elsewhere)."""
+    moe_align: MoEAlign = "kernel"
+    """How the fused MoE kernels group token rows by expert: kernel (one launch) or torch (torch ops)."""
+    triton_ops: bool = True
+    """Triton kernels for RMSNorm, residual add + norm, rotary with the KV cache write, SwiGLU and decode
+    attention where triton runs (CUDA); off: torch's kernels."""
+    fuse_projections: bool = True
+    """On CUDA, stack q/k/v (and a SwiGLU MLP's gate/up) into one weight after loading: one GEMM instead
+    of several."""
+    fold_moe: bool = True
+    """With --fuse-projections and the fused MoE kernels, fold each MoE block: one routing kernel, and a
+    shared expert run as more experts of the fused kernels."""
+
+    def __post_init__(self) -> None:
+        _choose("--moe-kernel", self.moe_kernel, MoEKernel)
+        _choose("--moe-align", self.moe_align, MoEAlign)
+
+
+@dataclass(kw_only=True, slots=True)
 class FTConfig:
     """Fault tolerance: detection, replacement, KV replicas and token-state checkpoints."""
 
     enabled: bool = True
-    """Replace a failed stage and go on (on); or end the run on a failure, recomputing everything in
-    flight from its prompt when rerun (off, the baseline)."""
+    """on: a failed stage is replaced and replays from its peers while the others keep running; off: a
+    failure ends the run, and a rerun with the same --run-dir recomputes what was in flight (the baseline)."""
     hang_timeout_s: float = 5.0
-    """A worker whose heartbeat is older than this is hung (e.g. stopped): it is killed and replaced."""
+    """Seconds without a heartbeat after which a worker counts as hung (e.g. stopped): it is killed and
+    replaced."""
     standby: int = 0
-    """Warm processes per host (torch imported, device context made) that take over a failed stage."""
+    """Warm processes per host (torch imported, device context made) ready to take over a failed stage;
+    0: a replacement is spawned on a failure."""
     standby_preload: bool = False
     """Standbys also load a stage's weights ahead of time, so a takeover skips loading."""
     replica_lag: int = 4
-    """Steps a token stage may run ahead of its KV replica's acknowledgement, per microbatch."""
-    checkpoint_policy: str = "all"
-    """Token-state checkpoints of stage outputs: 'all' steps, every 'interval' steps, or 'adaptive'
-    (denser when routing entropy or expert load imbalance is high)."""
+    """Steps a token stage may run ahead of its KV replica's acknowledgement, per microbatch; the K/V of
+    lag/2 steps travels to the holder as one message."""
+    checkpoint_policy: CheckpointPolicy = "all"
+    """Which steps keep token-state checkpoints of stage outputs: all, every --checkpoint-interval steps
+    (interval), or adaptive (denser when routing entropy or expert load imbalance is high)."""
     checkpoint_interval: int = 4
     """Steps between checkpoints for the interval policy (and the adaptive policy's sparse rate)."""
     max_checkpoints: int = 100
     """Checkpoints kept per microbatch (a ring); older ones are dropped."""
     recovery_timeout_s: float = 120.0
-    """Longest a recovery may take (replacement start, weights, edges, KV, replay) before it fails."""
+    """Seconds a recovery may take (replacement start, weights, edges, KV, replay) before the run fails."""
     replica_shm_dir: str = "auto"
-    """RAM-backed directory for the KV replicas a stage holds: a source and a replacement on the
-    holder's host write and read it directly, without a socket. 'auto': /dev/shm where it exists;
-    'off': replicas in pinned memory, every byte over the replica edge."""
+    """RAM-backed directory for the KV replicas a stage holds: a source and a replacement on the holder's
+    host write and read it directly, without a socket. auto: /dev/shm where it exists; off: replicas in
+    pinned memory, every byte over the replica edge."""
 
     @property
     def shm_dir(self) -> str | None:
@@ -204,8 +264,7 @@ class FTConfig:
             raise UserError(f"--standby {self.standby}: must be 0 or more")
         if self.replica_shm_dir not in ("auto", "off") and not os.path.isdir(self.replica_shm_dir):
             raise UserError(f"--replica-shm-dir {self.replica_shm_dir}: not a directory; give one (tmpfs), auto or off")
-        if self.checkpoint_policy not in ("all", "interval", "adaptive"):
-            raise UserError(f"--checkpoint-policy {self.checkpoint_policy!r}: choose all, interval or adaptive")
+        _choose("--checkpoint-policy", self.checkpoint_policy, CheckpointPolicy)
         if self.replica_lag > self.max_checkpoints:
             raise UserError(
                 f"--replica-lag {self.replica_lag} exceeds --max-checkpoints {self.max_checkpoints}: steps the "
@@ -213,23 +272,28 @@ class FTConfig:
             )
 
 
-@dataclass
+def _new_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+@dataclass(kw_only=True, slots=True)
 class RunConfig:
     """Everything a run needs; built once by the CLI and handed to every process."""
 
     model: Path
-    """Checkpoint directory (config.json + safetensors)."""
+    """Checkpoint directory: config.json + safetensors (+ tokenizer.json)."""
     prompts: Path
-    """Request file (JSONL)."""
-    run_dir: Path
-    """Where logs, workers.json and (by default) the output go."""
+    """Request file, JSONL: one {id, input_ids|prompt, max_new_tokens, ...} per line."""
     output: Path | None = None
-    """Output JSONL; None = RUN_DIR/outputs.jsonl."""
+    """Output JSONL, one line per request in input order. None: RUN_DIR/outputs.jsonl."""
+    run_dir: Path = field(default_factory=_new_run_dir)
+    """Directory for logs, workers.json and state; by default runs/<date-time>."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     ft: FTConfig = field(default_factory=FTConfig)
 
     def __post_init__(self) -> None:

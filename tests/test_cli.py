@@ -100,6 +100,84 @@ def test_config_file_errors(capsys, ckpt, reqs, tmp_path):
     one_line_error(*run_main(capsys, "--config", str(tmp_path / "nope.yaml"), *base(ckpt, reqs, tmp_path)), "nope.yaml")
 
 
+def test_config_file_unknown_key_suggests_the_closest(capsys, ckpt, reqs, tmp_path):
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("max_batch_size: 4\nmax_batch_sise: 8\n")
+    line = one_line_error(*run_main(capsys, "--config", str(cfg), *base(ckpt, reqs, tmp_path)))
+    assert line == f"error: {cfg}: unknown key 'max_batch_sise'; did you mean 'max-batch-size'?"
+    cfg.write_text("zzz: 1\n")  # nothing close: every key is listed
+    one_line_error(*run_main(capsys, "--config", str(cfg), *base(ckpt, reqs, tmp_path)), "'zzz'", "known keys", "kv-capacity-tokens")
+
+
+def test_config_file_syntax_error_names_its_line(capsys, ckpt, reqs, tmp_path):
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("max_batch_size: 4\ndevice: cpu\n seed: 3\n")
+    line = one_line_error(*run_main(capsys, "--config", str(cfg), *base(ckpt, reqs, tmp_path)))
+    assert line == f"error: {cfg} line 3: mapping values are not allowed here"
+    cfg.write_text("device: cpu\nlayers_per_stage: [1, 3\n")  # an unclosed list: found at the end, begun on line 2
+    one_line_error(*run_main(capsys, "--config", str(cfg), *base(ckpt, reqs, tmp_path)), f"{cfg} line 3: ", "line 2")
+
+
+def test_boolean_flags_take_the_same_forms(capsys, ckpt, reqs, tmp_path):
+    parse = lambda *flags: cli.parse(["--model", "m", "--prompts", "p", *flags])[0]  # noqa: E731
+    on = parse("--swap", "--async-scheduling", "--ignore-eos", "--progress", "--standby-preload", "--triton-ops")
+    off = parse("--no-swap", "--no-async-scheduling", "--no-ignore-eos", "--no-progress", "--no-standby-preload",
+                "--no-triton-ops")
+    for cfg, want in ((on, True), (off, False)):
+        assert (cfg.cache.swap, cfg.pipeline.async_scheduling, cfg.generation.ignore_eos, cfg.runtime.progress,
+                cfg.ft.standby_preload, cfg.kernels.triton_ops) == (want,) * 6
+    assert parse("--ft", "off").ft.enabled is False and parse("--ft", "on").ft.enabled is True
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, "--swap", "false")), "unrecognized", "false")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("swap: yes\nprogress: false\nft: off\n")  # YAML's booleans; ft's on/off too
+    run = parse("--config", str(cfg))
+    assert run.cache.swap is True and run.runtime.progress is False and run.ft.enabled is False
+    cfg.write_text("swap: maybe\n")
+    one_line_error(*run_main(capsys, "--config", str(cfg), *base(ckpt, reqs, tmp_path)), "'swap'", "true or false")
+
+
+def test_every_field_is_a_flag_with_the_dataclass_default():
+    """Defaults are written once, in the dataclasses: no flags give the dataclasses' values, every field
+    has a flag, and each flag's help shows its field's default."""
+    from dataclasses import MISSING, fields, is_dataclass
+
+    from dejavu_py import config, flags
+
+    run, _ = cli.parse(["--model", "m", "--prompts", "p"])
+    sections = {f.name: getattr(run, f.name) for f in fields(run) if is_dataclass(getattr(run, f.name))}
+    for name, value in sections.items():
+        assert value == type(value)(), name
+    helps = {a.dest: a.help for a in cli.build_parser()._actions}
+    by_field = {(fl.section, fl.field): fl for fl in flags.all_flags()}
+    for section, cls in {"": config.RunConfig, **{name: type(v) for name, v in sections.items()}}.items():
+        for f in fields(cls):
+            if section == "" and f.name in sections:
+                continue
+            flag = by_field[section, f.name]
+            if f.default not in (None, MISSING):
+                shown = {True: "on", False: "off"}.get(f.default) if isinstance(f.default, bool) else (
+                    f"{f.default:g}" if isinstance(f.default, float) else str(f.default))
+                assert helps[flag.dest].endswith(f"(default: {shown})"), (flag.name, helps[flag.dest])
+    names = {fl.name for fl in flags.all_flags()}
+    assert {"kv-capacity-tokens", "ft", "comm-timeout", "startup-timeout", "hang-timeout", "recovery-timeout",
+            "moe-kernel", "trace-steps"} <= names
+
+
+def test_kernel_and_trace_flags(capsys, ckpt, reqs, tmp_path):
+    run, _ = cli.parse(["--model", "m", "--prompts", "p", "--moe-kernel", "grouped", "--moe-align", "torch",
+                        "--no-fuse-projections", "--no-fold-moe", "--trace-dir", "t", "--trace-steps", "3:9"])
+    k = run.kernels
+    assert (k.moe_kernel, k.moe_align, k.fuse_projections, k.fold_moe, k.triton_ops) == ("grouped", "torch", False, False, True)
+    assert run.runtime.trace_dir == Path("t") and run.runtime.trace_steps == (3, 9)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("trace_dir: t\ntrace_steps: [100, 120]\nmoe_kernel: loop\ntriton_ops: false\n")
+    run, _ = cli.parse(["--config", str(cfg), "--model", "m", "--prompts", "p"])
+    assert run.runtime.trace_steps == (100, 120) and run.kernels.moe_kernel == "loop" and not run.kernels.triton_ops
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, "--moe-kernel", "bogus")), "--moe-kernel", "bogus")
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, "--trace-dir", "t")), "--trace-dir", "--trace-steps")
+    one_line_error(*run_main(capsys, *base(ckpt, reqs, tmp_path, "--trace-dir", "t", "--trace-steps", "9:3")), "9:3")
+
+
 def test_config_file_sets_defaults_and_flags_win(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("max_batch_size: 4\nlayers_per_stage: [1, 3]\ndevice: cpu\nignore_eos: true\n")
@@ -261,6 +339,42 @@ def test_under_torchrun_rank0_says_the_error(ckpt, reqs, tmp_path):
     ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(ours) == 1 and "'falcon'" in ours[0], proc.stderr  # torchrun appends its own report
     assert "dejavu_py/" not in proc.stderr  # no traceback through our code
+    # torchrun's report ends with its root cause, whose message is the rank's error file: our line
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+    assert set(lines[-1]) == {"="} and lines[-2] == f"traceback : {ours[0]}", proc.stderr[-2000:]
+
+
+def test_a_ranks_user_error_goes_to_the_launchers_error_file(tmp_path, monkeypatch, capsys):
+    """Each rank writes it where torchrun reads a failed rank's error; only rank 0 prints it, and not when
+    the front end prints it after the ranks have exited."""
+    from dejavu_py.runtime import user_errors
+
+    monkeypatch.delenv(user_errors.LAUNCHER_PRINTS, raising=False)
+    for rank in (1, 0):
+        monkeypatch.setenv(user_errors.ERROR_FILE, str(tmp_path / f"{rank}.json"))
+        user_errors.report("--x 3: too many", rank)
+        assert user_errors.reported_line(json.loads((tmp_path / f"{rank}.json").read_text())["message"]) == "error: --x 3: too many"
+    assert capsys.readouterr().err == "error: --x 3: too many\n"  # rank 0's alone
+    monkeypatch.setenv(user_errors.LAUNCHER_PRINTS, "1")
+    user_errors.report("--x 3: too many", 0)
+    assert capsys.readouterr().err == ""
+    assert user_errors.reported_line("Signal 9 (SIGKILL) received by PID 7") is None  # torch's own messages
+
+
+def test_front_end_prints_a_ranks_error_last(ckpt, reqs, tmp_path):
+    """A mistake only the running ranks find (here the output path, written once the requests are
+    served) is one line, printed by the front end after every rank has exited: the last line, and the
+    launcher's own failure report left out."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    proc = dejavu(base(ckpt, reqs, tmp_path, "--nproc-per-node", "2", "--config", str(ROOT / "configs/tiny-cpu.yaml"),
+                       "--output", str(blocked / "out.jsonl")))
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "started worker of s0" in proc.stderr, proc.stderr  # found by the ranks, not the front end's check
+    assert lines[-1] == f"error: output file {blocked / 'out.jsonl'}: cannot create it (File exists); choose a writable path"
+    assert [ln for ln in lines if "error: " in ln] == lines[-1:], proc.stderr
+    assert "Traceback" not in proc.stderr and "torch/distributed" not in proc.stderr, proc.stderr
 
 
 def test_front_end_runs_the_pipeline(ckpt, reqs, tmp_path):

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from dejavu_py.models import fused_moe
-from dejavu_py.models.moe import expert_ffn, moe_kernel
+from dejavu_py.config import KernelConfig
+from dejavu_py.models.kernels import choose, moe_kernel
+from dejavu_py.models.moe import expert_ffn
 
 needs_triton = pytest.mark.skipif(not fused_moe.available(), reason="triton is not installed")
 
@@ -77,7 +79,7 @@ SHAPES = [(4, 1, 1), (4, 2, 3), (4, 4, 17), (4, 2, 64), (4, 4, 64), (8, 1, 17), 
 @pytest.mark.parametrize("E,K,T", SHAPES)
 def test_fused_matches_loop_float32(E: int, K: int, T: int) -> None:
     args = _problem(T, E, K, torch.float32)
-    loop = expert_ffn(*args, grouped=False)
+    loop = expert_ffn(*args, kernel="loop")
     fused = fused_moe.fused_expert_ffn(*args)
     assert fused.dtype == torch.float32 and fused.shape == (T, D)
     torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
@@ -90,17 +92,17 @@ def test_fused_block_configs_float32(E: int, K: int, T: int, config: dict[str, i
     """Tiles smaller than D and F: several N tiles, K loops with and without a masked tail."""
     args = _problem(T, E, K, torch.float32, seed=1)
     torch.testing.assert_close(
-        fused_moe.fused_expert_ffn(*args, config=config), expert_ffn(*args, grouped=False), atol=1e-5, rtol=1e-5
+        fused_moe.fused_expert_ffn(*args, config=config), expert_ffn(*args, kernel="loop"), atol=1e-5, rtol=1e-5
     )
 
 
 def _check_16bit(args: tuple, fused: torch.Tensor) -> None:
     """Within bf16/fp16 noise of the loop, and not much further from the float64 result than the loop is."""
-    loop = expert_ffn(*args, grouped=False)
+    loop = expert_ffn(*args, kernel="loop")
     assert fused.dtype == loop.dtype
     torch.testing.assert_close(fused.float(), loop.float(), atol=4e-2, rtol=4e-2)
     x, ids, w, w_gu, w_d = args
-    exact = expert_ffn(x.double(), ids, w.double(), w_gu.double(), w_d.double(), grouped=False)
+    exact = expert_ffn(x.double(), ids, w.double(), w_gu.double(), w_d.double(), kernel="loop")
     err_fused = (fused.double() - exact).abs().max().item()
     err_loop = (loop.double() - exact).abs().max().item()
     assert err_fused <= 1.5 * err_loop + 2e-3, (err_fused, err_loop)
@@ -134,18 +136,18 @@ def test_experts_without_tokens(dtype: torch.dtype) -> None:
     args = (x, ids, w.to(dtype), w_gu, w_d)
     fused = fused_moe.fused_expert_ffn(*args, config=SMALL)
     if dtype == torch.float32:
-        torch.testing.assert_close(fused, expert_ffn(*args, grouped=False), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused, expert_ffn(*args, kernel="loop"), atol=1e-5, rtol=1e-5)
     else:
         _check_16bit(args, fused)
 
 
 @needs_triton
-def test_expert_ffn_dispatches_to_fused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """DEJAVU_MOE_KERNEL=fused runs the Triton path from expert_ffn, on CPU under the interpreter."""
+def test_expert_ffn_dispatches_to_fused() -> None:
+    """--moe-kernel fused runs the Triton path from expert_ffn, on CPU under the interpreter."""
     args = _problem(5, 8, 2, torch.float32, seed=5)
-    monkeypatch.setenv("DEJAVU_MOE_KERNEL", "fused")
-    assert moe_kernel(args[0]) == "fused"
-    torch.testing.assert_close(expert_ffn(*args), expert_ffn(*args, grouped=False), atol=1e-5, rtol=1e-5)
+    kernels = choose(KernelConfig(moe_kernel="fused"), args[0].device, args[0].dtype)
+    assert kernels.moe == "fused"
+    torch.testing.assert_close(expert_ffn(*args, kernels.moe), expert_ffn(*args, kernel="loop"), atol=1e-5, rtol=1e-5)
 
 
 @needs_triton
@@ -155,20 +157,17 @@ def test_fused_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> 
         fused_moe.fused_expert_ffn(*_problem(2, 4, 2, torch.float32))
 
 
-def test_moe_kernel_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = torch.zeros(2, 4)
-    monkeypatch.delenv("DEJAVU_MOE_KERNEL", raising=False)
-    assert moe_kernel(x) == "loop"  # auto on CPU
-    assert moe_kernel(x, grouped=True) == "grouped" and moe_kernel(x, grouped=False) == "loop"
+def test_moe_kernel_choice() -> None:
+    """Made once per stage from its device and dtype: auto is the loop on CPU; a named kernel is taken as asked."""
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert moe_kernel(cpu, f32, "auto") == "loop"
+    assert moe_kernel(cpu, torch.bfloat16, "auto") == "loop"
     for name in ("fused", "grouped", "loop"):
-        monkeypatch.setenv("DEJAVU_MOE_KERNEL", name)
-        assert moe_kernel(x) == name
-        assert moe_kernel(x, grouped=False) == "loop"  # an explicit argument wins
-    monkeypatch.setenv("DEJAVU_MOE_KERNEL", "auto")
-    assert moe_kernel(x) == "loop"
-    monkeypatch.setenv("DEJAVU_MOE_KERNEL", "bogus")
+        assert moe_kernel(cpu, f32, name) == name
+        assert choose(KernelConfig(moe_kernel=name), cpu, f32).moe == name
+    assert choose(KernelConfig(), cpu, f32).moe == "loop"
     with pytest.raises(ValueError):
-        moe_kernel(x)
+        moe_kernel(cpu, f32, "bogus")
 
 
 ALIGNERS = [

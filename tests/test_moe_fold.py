@@ -27,6 +27,7 @@ def _moe_blocks(tmp_path, family: str, dtype: torch.dtype):
     """(eager, folded) copies of layer 0's MoE block of a tiny checkpoint of ``family``."""
     from make_checkpoint import make_checkpoint
 
+    from dejavu_py.config import KernelConfig
     from dejavu_py.models.config import load_model_config
     from dejavu_py.models.fuse import foldable, fuse_projections
     from dejavu_py.models.loader import load_stage
@@ -37,10 +38,11 @@ def _moe_blocks(tmp_path, family: str, dtype: torch.dtype):
     eager = load_stage(path, spec, dtype, "cpu").model.layers["0"].mlp
     folded_model = load_stage(path, spec, dtype, "cpu")
     folded = folded_model.model.layers["0"].mlp
-    assert foldable(folded)
-    fuse_projections(folded_model)  # on CPU under the interpreter: folds as a CUDA stage does
-    assert hasattr(folded, "router_w_XD")
-    assert not hasattr(folded, "shared_expert")
+    assert foldable(folded, KernelConfig())
+    assert not foldable(folded, KernelConfig(fold_moe=False)) and not foldable(folded, KernelConfig(moe_kernel="loop"))
+    fuse_projections(folded_model, KernelConfig())  # on CPU under the interpreter: folds as a CUDA stage does
+    assert folded.folded and hasattr(folded, "router_w_XD")
+    assert not hasattr(folded, "shared_expert") and not folded.has_shared
     return eager, folded
 
 

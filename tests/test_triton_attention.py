@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_fused_moe import _round_bf16_to_nearest
 
+from dejavu_py.config import KernelConfig
 from dejavu_py.models import triton_attention
 from dejavu_py.models.attn_meta import (
     SeqSlice,
@@ -18,6 +19,7 @@ from dejavu_py.models.attn_meta import (
     decode_meta,
     paged_attention,
 )
+from dejavu_py.models.kernels import choose
 
 needs_triton = pytest.mark.skipif(not triton_attention.available(), reason="triton is not installed")
 BS = 8  # block size
@@ -26,7 +28,6 @@ BS = 8  # block size
 @pytest.fixture
 def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("DEJAVU_TRITON_OPS", raising=False)
     _round_bf16_to_nearest(monkeypatch)
 
 
@@ -46,14 +47,12 @@ def _tables(lens: list[int], blocks: int, gen: torch.Generator) -> list[list[int
     return out
 
 
-def _both(monkeypatch, q, k, v, meta, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kernel, eager) outputs of the same step."""
-    assert triton_attention.enabled(q)
-    got = paged_attention(q, k, v, meta, scale)
-    monkeypatch.setenv("DEJAVU_TRITON_OPS", "0")
-    assert not triton_attention.enabled(q)
-    want = paged_attention(q, k, v, meta, scale)
-    monkeypatch.delenv("DEJAVU_TRITON_OPS")
+def _both(q, k, v, meta, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel, eager) outputs of the same step: what a stage runs with and without --triton-ops."""
+    on, off = (choose(KernelConfig(triton_ops=t), q.device, q.dtype) for t in (True, False))
+    assert triton_attention.supports(q.device, q.dtype) and on.triton and not off.triton
+    got = paged_attention(q, k, v, meta, scale, triton=on.triton)
+    want = paged_attention(q, k, v, meta, scale, triton=off.triton)
     return got, want
 
 
@@ -68,19 +67,19 @@ def _tol(dtype: torch.dtype) -> dict:
     (4, 2, [33, 64]),  # GQA 2
     (8, 2, [17, 5, 70]),  # GQA 4
 ])
-def test_decode_rows_match_eager(interpret, monkeypatch, dtype, H, K, lens):
+def test_decode_rows_match_eager(interpret, dtype, H, K, lens):
     gen = torch.Generator().manual_seed(H * 100 + sum(lens))
     Dh, blocks = 16, 40
     k, v = _cache(blocks, K, Dh, dtype, gen)
     tables = _tables(lens, blocks, gen)
     meta = build_attn_meta([SeqSlice(n - 1, 1, t) for n, t in zip(lens, tables)], BS)
     q = torch.randn(len(lens), H, Dh, generator=gen).to(dtype)
-    got, want = _both(monkeypatch, q, k, v, meta, Dh**-0.5)
+    got, want = _both(q, k, v, meta, Dh**-0.5)
     torch.testing.assert_close(got, want, **_tol(dtype))
 
 
 @needs_triton
-def test_decode_rows_beside_a_prefill(interpret, monkeypatch):
+def test_decode_rows_beside_a_prefill(interpret):
     """Decode rows sit between prefill tokens: the kernel reads and writes only its rows."""
     gen = torch.Generator().manual_seed(5)
     H, K, Dh, blocks = 4, 2, 16, 30
@@ -90,13 +89,13 @@ def test_decode_rows_beside_a_prefill(interpret, monkeypatch):
     meta = build_attn_meta(slices, BS)
     assert meta.decode_rows_B.tolist() == [0, 21]
     q = torch.randn(meta.num_tokens, H, Dh, generator=gen)
-    got, want = _both(monkeypatch, q, k, v, meta, 0.3)
+    got, want = _both(q, k, v, meta, 0.3)
     torch.testing.assert_close(got, want, **_tol(torch.float32))
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_split_context_merges(interpret, monkeypatch, dtype):
+def test_split_context_merges(interpret, dtype):
     """A wide static step (decode_meta, padded slot table) split over programs, then merged; rows whose
     length leaves whole splits empty merge only the splits they have."""
     gen = torch.Generator().manual_seed(9)
@@ -110,7 +109,7 @@ def test_split_context_merges(interpret, monkeypatch, dtype):
     tables_BM = torch.tensor([t + [blocks - 1] * (M - len(t)) for t in tables], dtype=torch.int32)
     meta = decode_meta(tables_BM, torch.tensor(lens, dtype=torch.int32), W, BS)
     q = torch.randn(len(lens), H, Dh, generator=gen).to(dtype)
-    got, want = _both(monkeypatch, q, k, v, meta, Dh**-0.5)
+    got, want = _both(q, k, v, meta, Dh**-0.5)
     torch.testing.assert_close(got, want, **_tol(dtype))
 
 
@@ -124,16 +123,15 @@ def test_splits_for():
 
 def test_disabled_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert not triton_attention.enabled(torch.zeros(2, 8))
+    assert not triton_attention.supports(torch.device("cpu"), torch.float32)
 
 
 @pytest.mark.skipif(not (triton_attention.available() and torch.cuda.is_available()), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("B,H,K,ctx", [(1, 16, 16, 192), (16, 16, 16, 192), (64, 16, 16, 250),
                                        (1, 16, 16, 3000), (2, 32, 4, 1500)])
-def test_cuda_kernel_matches_eager(monkeypatch, dtype, B, H, K, ctx):
+def test_cuda_kernel_matches_eager(dtype, B, H, K, ctx):
     """On the GPU, at the real models' shapes (OLMoE's 16 x 128 heads, Qwen3's GQA 8), one split and many."""
-    monkeypatch.delenv("DEJAVU_TRITON_OPS", raising=False)
     gen = torch.Generator().manual_seed(B * 7 + ctx)
     Dh, bs = 128, 16
     M = -(-ctx // bs)
@@ -146,5 +144,5 @@ def test_cuda_kernel_matches_eager(monkeypatch, dtype, B, H, K, ctx):
     lens = torch.randint(max(1, ctx - 40), ctx + 1, (B,), generator=gen, dtype=torch.int32)
     meta = decode_meta(torch.tensor(tables, dtype=torch.int32).cuda(), lens.cuda(), W, bs)
     q = torch.randn(B, H, Dh, generator=gen).to(dtype).cuda()
-    got, want = _both(monkeypatch, q, k, v, meta, Dh**-0.5)
+    got, want = _both(q, k, v, meta, Dh**-0.5)
     torch.testing.assert_close(got, want, atol=1e-4 if dtype == torch.float32 else 2e-2, rtol=1e-3 if dtype == torch.float32 else 2e-2)

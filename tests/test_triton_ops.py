@@ -11,8 +11,10 @@ import pytest
 import torch
 from test_fused_moe import _round_bf16_to_nearest
 
+from dejavu_py.config import KernelConfig
 from dejavu_py.models import triton_ops
 from dejavu_py.models.config import RopeConfig
+from dejavu_py.models.kernels import choose
 from dejavu_py.models.layers import RMSNorm, Rotary, apply_rotary, apply_rotary_qk
 
 needs_triton = pytest.mark.skipif(not triton_ops.available(), reason="triton is not installed")
@@ -24,7 +26,6 @@ NORM_SHAPES = ((1, 64), (5, 64), (5, 256), (1, 2048), (3, 4, 16), (5, 2, 128))  
 @pytest.fixture
 def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("DEJAVU_TRITON_OPS", raising=False)
     _round_bf16_to_nearest(monkeypatch)
 
 
@@ -32,7 +33,7 @@ def _eager_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     norm = RMSNorm(x.shape[-1], EPS).to(weight.dtype)
     with torch.no_grad():
         norm.weight.copy_(weight)
-    dtype = x.dtype  # RMSNorm.forward's eager body, whatever enabled() says
+    dtype = x.dtype  # RMSNorm.forward's eager body, whatever its kernels say
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)
     return norm.weight.detach() * h.to(dtype)
@@ -65,7 +66,7 @@ def _assert_near(got: torch.Tensor, want: torch.Tensor) -> None:
 def test_rms_norm_bitwise_on_exact_sums(interpret, shape, dtype):
     gen = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
     x, w = _grid(shape, gen).to(dtype), _weight(shape[-1], dtype, gen)
-    assert triton_ops.enabled(x)
+    assert triton_ops.supports(x.device, x.dtype)
     torch.testing.assert_close(triton_ops.rms_norm(x, w, EPS), _eager_norm(x, w), atol=0, rtol=0)
 
 
@@ -145,22 +146,28 @@ def test_rotary_writes_the_cache(interpret, dtype):
 
 @needs_triton
 def test_dispatch(interpret, monkeypatch):
-    """The modules take the Triton path under the interpreter and give what the eager path gives."""
+    """The modules take the Triton path their stage chose (under the interpreter) and give what the eager
+    path gives; --no-triton-ops chooses the eager path."""
     q, k, cos, sin = _qk_cos_sin(5, 4, 2, 32, torch.bfloat16, seed=1)
     norm = RMSNorm(32, EPS).bfloat16()
     x = _grid((5, 4, 32), torch.Generator().manual_seed(2)).bfloat16()
+    on, off = (choose(KernelConfig(triton_ops=t), x.device, x.dtype) for t in (True, False))
+    assert on.triton and not off.triton
+    calls = _count_calls(monkeypatch)
     with torch.no_grad():
-        fused = norm(x), apply_rotary_qk(q, k, cos, sin)
-        monkeypatch.setenv("DEJAVU_TRITON_OPS", "0")
-        assert not triton_ops.enabled(x)
-        eager = norm(x), apply_rotary_qk(q, k, cos, sin)
+        norm.kernels = on
+        fused = norm(x), apply_rotary_qk(q, k, cos, sin, on.triton)
+        assert calls == {"rms_norm": 1, "rotary": 1}
+        norm.kernels = off
+        eager = norm(x), apply_rotary_qk(q, k, cos, sin, off.triton)
+        assert calls == {"rms_norm": 1, "rotary": 1}
     torch.testing.assert_close(fused, eager, atol=0, rtol=0)
 
 
 def test_disabled_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("DEJAVU_TRITON_OPS", raising=False)
-    assert not triton_ops.enabled(torch.zeros(2, 8))
+    assert not triton_ops.supports(torch.device("cpu"), torch.float32)
+    assert not choose(KernelConfig(), "cpu", torch.float32).triton
 
 
 def _count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -183,7 +190,8 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("family", ["olmoe", "qwen3"])  # q/k norm over the projection, and per head
 def test_stage_forward_matches_eager(interpret, monkeypatch, tmp_path, family, dtype):
-    """A whole tiny model's prefill: the Triton path's logits equal the eager path's (to bf16 noise)."""
+    """A whole tiny model's prefill: the Triton path's logits equal the eager path's (to bf16 noise), each
+    chosen when the stage loads (--triton-ops, the default, and --no-triton-ops)."""
     from make_checkpoint import make_checkpoint
 
     from dejavu_py.models.attn_meta import SeqSlice, build_attn_meta
@@ -194,10 +202,10 @@ def test_stage_forward_matches_eager(interpret, monkeypatch, tmp_path, family, d
 
     path = make_checkpoint(tmp_path / family, family=family, seed=1, tokenizer=False)
     cfg = load_model_config(path)
-    stage = load_stage(path, split_stages(cfg.num_layers, 1)[0], dtype, "cpu")
+    spec = split_stages(cfg.num_layers, 1)[0]
     ids = torch.randint(3, cfg.vocab_size, (6,), generator=torch.Generator().manual_seed(0))
 
-    def logits() -> torch.Tensor:
+    def logits(stage) -> torch.Tensor:
         kv = KVCache(CacheSpec(num_blocks=4, block_size=4, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim),
                      stage.spec.layers, dtype, "cpu")
         meta = build_attn_meta([SeqSlice(0, len(ids), [2, 0])], 4)
@@ -206,11 +214,11 @@ def test_stage_forward_matches_eager(interpret, monkeypatch, tmp_path, family, d
             return stage(ids, meta, kv)
 
     calls = _count_calls(monkeypatch)
-    fused = logits()
+    fused = logits(load_stage(path, spec, dtype, "cpu"))
     L = cfg.num_layers  # per layer: input norm and q, k norms (one call each); add + norm; rotary; then the final norm
     assert calls == {"rms_norm": 3 * L + 1, "add_rms_norm": L, "rotary": L}, calls
-    monkeypatch.setenv("DEJAVU_TRITON_OPS", "0")
-    eager = logits()
+    eager = logits(load_stage(path, spec, dtype, "cpu", KernelConfig(triton_ops=False)))
+    assert calls == {"rms_norm": 3 * L + 1, "add_rms_norm": L, "rotary": L}, calls  # no Triton op since
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(fused, eager, atol=tol, rtol=tol)
 

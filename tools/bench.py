@@ -78,7 +78,7 @@ def run_dejavu(ckpt: Path, work: Path, batch: int, stages: int, a) -> dict:
            str(req), "--run-dir", str(run_dir), "--device", a.device, "--dtype", a.dtype, "--ignore-eos",
            "--max-batch-size", str(batch), "--max-batch-tokens", str(batch * a.prompt_len),
            "--kv-capacity-tokens", str(max(4096, 2 * batch * total)), "--max-model-len", str(total + 16),
-           "--block-size", "16", "--progress", "false", *a.dejavu_args]
+           "--block-size", "16", "--no-progress", *a.dejavu_args]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wait_gpu_free()

@@ -55,7 +55,7 @@ def run_one(name: str, ft: str, faults: bool, a, ckpt: Path, req: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
            f"--max-restarts={a.faults if ft == 'off' and faults else 0}", "--monitor-interval=0.1", "-m", "dejavu_py",
            "--model", str(ckpt), "--prompts", str(req), "--run-dir", str(run_dir), "--device", a.device,
-           "--dtype", a.dtype, "--ignore-eos", "--progress", "false", "--ft", ft, *a.dejavu_args, *(a.ft_on_args if ft == "on" else [])]
+           "--dtype", a.dtype, "--ignore-eos", "--no-progress", "--ft", ft, *a.dejavu_args, *(a.ft_on_args if ft == "on" else [])]
     t0 = time.time()
     console = open(run_dir / "console.txt", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(a), stdout=console, stderr=subprocess.STDOUT)

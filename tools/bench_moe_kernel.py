@@ -129,15 +129,15 @@ def run_case(model: str, shape: dict[str, int], dtype_name: str, T: int, weights
     def fused(**kw) -> Fn:
         return lambda i: fused_moe.fused_expert_ffn(x_TD, *routes[i], w_gu, w_d, **kw)
 
-    def unfused(grouped: bool) -> Fn:
-        return lambda i: expert_ffn(x_TD, *routes[i], w_gu, w_d, grouped=grouped)
+    def unfused(kernel: str) -> Fn:
+        return lambda i: expert_ffn(x_TD, *routes[i], w_gu, w_d, kernel)
 
     def align(fn) -> Fn:
         return lambda i: fn(routes[i][0], E, cfg["BLOCK_M"])[0]
 
-    paths = {"fused": fused(), "grouped": unfused(True), "loop": unfused(False)}
+    paths = {"fused": fused(), "grouped": unfused("grouped"), "loop": unfused("loop")}
     ids0, w0 = routes[0]
-    y_ref = expert_ffn(x_TD.float(), ids0, w0.float(), w_gu.float(), w_d.float(), grouped=False)
+    y_ref = expert_ffn(x_TD.float(), ids0, w0.float(), w_gu.float(), w_d.float(), kernel="loop")
     err = errors_vs_loop(paths, y_ref, errors)
     has_grouped = "grouped" not in errors
     eager = {

@@ -135,7 +135,7 @@ def run_mode(mode: str, a: argparse.Namespace, ckpt: Path, req: Path, kv_tokens:
     shutil.rmtree(run_dir, ignore_errors=True)  # a stale run directory would be resumed
     cmd = [sys.executable, "-m", "dejavu_py", "--nproc-per-node", str(a.nproc), "--model", str(ckpt), "--prompts", str(req),
            "--run-dir", str(run_dir), "--device", a.device, "--dtype", a.dtype, "--seed", str(a.seed), "--ignore-eos",
-           "--progress", "false", "--kv-capacity-tokens", str(kv_tokens), "--block-size", "16"]
+           "--no-progress", "--kv-capacity-tokens", str(kv_tokens), "--block-size", "16"]
     cmd += ["--prompt-stages", str(a.prompt_stages)] if mode == "disaggregated" else []
     cmd += a.dejavu_args + (a.disagg_args if mode == "disaggregated" else a.colocated_args)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -18,7 +18,7 @@ CK_ARGS=${CK_ARGS:---config configs/models/olmoe-1b-7b.json --dtype bfloat16 --i
 VOCAB=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['vocab_size'])" "$CK/config.json")
 DTYPE=${DTYPE:-bfloat16}
 RUN=(--model "$CK" --device "$DEVICE" --dtype "$DTYPE" --ignore-eos --max-batch-size 64 --max-batch-tokens 8192
-     --kv-capacity-tokens 65536 --max-model-len 512 --progress false)
+     --kv-capacity-tokens 65536 --max-model-len 512 --no-progress)
 
 if [ "$what" = recovery ] || [ "$what" = all ]; then
   python tools/make_requests.py --n $((N / 2)) --vocab "$VOCAB" --prompt-len 128 --max-new 256 --seed 5 --out "$WORK/req.jsonl"

@@ -23,7 +23,7 @@ run_case() {  # name dtype ckpt-args...
   for n in 1 2; do
     python -m dejavu_py --nproc-per-node $n --config configs/olmoe-1b-7b-1gpu.yaml --model "$WORK/$name" \
         --prompts "$WORK/$name.jsonl" --dtype "$dtype" --run-dir "$WORK/run-$name-$n" \
-        --output "$OUT/$name-$n-stages.jsonl" --max-batch-size 8 --progress false
+        --output "$OUT/$name-$n-stages.jsonl" --max-batch-size 8 --no-progress
     cp "$WORK/run-$name-$n/summary.json" "$OUT/$name-$n-stages-summary.json"
     python tools/compare_hf.py --model "$WORK/$name" --prompts "$WORK/$name.jsonl" \
         --outputs "$OUT/$name-$n-stages.jsonl" --dtype "$dtype" --device cuda --first 32 \

@@ -12,6 +12,7 @@ from torch import nn
 from dejavu_py.models import triton_ops
 from dejavu_py.models.attn_meta import AttnMeta, paged_attention
 from dejavu_py.models.config import ModelConfig
+from dejavu_py.models.kernels import EAGER, Kernels
 from dejavu_py.models.kv_cache import KVCache
 from dejavu_py.models.layers import RMSNorm, apply_rotary_qk
 
@@ -36,11 +37,14 @@ class Attention(nn.Module):
         elif cfg.qk_norm == "proj":
             self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(kv_dim, cfg.rms_norm_eps)
+        self.qkv_split: list[int] | None = None
+        """Set at load when q_proj, k_proj and v_proj became one ``qkv_proj`` (models/fuse.py): their widths."""
+        self.kernels: Kernels = EAGER
 
     def _qkv(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Projections as [T, H|K, Dh], normalised and clipped as the family does, before RoPE."""
         T = x_TD.shape[0]
-        if hasattr(self, "qkv_proj"):  # fused after loading (models/fuse.py)
+        if self.qkv_split is not None:
             q, k, v = self.qkv_proj(x_TD).split(self.qkv_split, dim=-1)
         else:
             q, k, v = self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD)
@@ -60,12 +64,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         q_THD, k_TKD, v_TKD = self._qkv(x_TD)
         k_NKD, v_NKD = kv.k_NKD[self.layer], kv.v_NKD[self.layer]
-        if triton_ops.enabled(q_THD) and k_NKD.dtype == k_TKD.dtype and v_TKD.stride(1) == self.head_dim:
+        triton = self.kernels.triton
+        if triton and k_NKD.dtype == k_TKD.dtype and v_TKD.stride(1) == self.head_dim:
             cache = (k_NKD, v_NKD, meta.slots_T, v_TKD)  # RoPE writes the cache: no copy kernels of its own
             q_THD, k_TKD = triton_ops.rotary(q_THD, k_TKD, cos_TD, sin_TD, cache)
             k_NKD, v_NKD = kv.written(self.layer, meta.slots_T, k_TKD, v_TKD)
         else:
-            q_THD, k_TKD = apply_rotary_qk(q_THD, k_TKD, cos_TD, sin_TD)
+            q_THD, k_TKD = apply_rotary_qk(q_THD, k_TKD, cos_TD, sin_TD, triton)
             k_NKD, v_NKD = kv.update(self.layer, meta.slots_T, k_TKD, v_TKD)
-        o_THD = paged_attention(q_THD, k_NKD, v_NKD, meta, self.scale, k_TKD, v_TKD)
+        o_THD = paged_attention(q_THD, k_NKD, v_NKD, meta, self.scale, k_TKD, v_TKD, triton=triton)
         return self.o_proj(o_THD.reshape(x_TD.shape[0], -1))

@@ -182,13 +182,15 @@ def paged_attention(
     scale: float,
     new_k_TKD: torch.Tensor | None = None,
     new_v_TKD: torch.Tensor | None = None,
+    triton: bool = False,
 ) -> torch.Tensor:
     """Causal attention of the step's new tokens over their cached context (new K/V already written).
 
     With the step's own K/V (``new_k_TKD``/``new_v_TKD``) fresh prompts of equal length are attended
-    as one batch straight from them, without gathering from the cache."""
+    as one batch straight from them, without gathering from the cache. ``triton`` (the stage's choice,
+    models/kernels.py): decode rows through the Triton kernel."""
     out_THD = torch.empty_like(q_THD)
-    if meta.decode_rows_B.numel() and triton_attention.enabled(q_THD) and k_NKD.dtype == q_THD.dtype:
+    if meta.decode_rows_B.numel() and triton and k_NKD.dtype == q_THD.dtype:
         triton_attention.decode_attention(q_THD, k_NKD, v_NKD, meta.decode_rows_B, meta.decode_slots_BL,
                                           meta.decode_len_B, scale, out_THD)
     elif meta.decode_rows_B.numel():

@@ -6,8 +6,8 @@ Legend: T = tokens, D = hidden size, F = MLP width; Q, Kv = query and key/value 
 At decode a layer's q, k and v projections (and a SwiGLU MLP's gate and up) are three (two) small
 GEMMs of one row each, each a launch plus a pass over its weight; one GEMM over the stacked weight
 reads the same bytes in one launch. The checkpoint keeps its own layout (the loader fills the
-modules as transformers names them); ``fuse_projections`` then stacks, and the modules take the
-fused path when they have it. Each output column is the same dot product as before, so results
+modules as transformers names them); ``fuse_projections`` then stacks, and sets the field each module
+reads to take the fused path (its choice is made here, at load, never per call). Each output column is the same dot product as before, so results
 change only where the GEMM library sums in another order (float32 on CUDA: last bits; the CPU path,
 where the token-exactness tests run, is left unfused). MoE blocks on the fused-kernel path are
 folded (``fold_moe``): the router and the shared expert's gate are one kernel, the shared expert
@@ -15,10 +15,13 @@ runs as more experts of the fused MoE kernels.
 """
 from __future__ import annotations
 
-import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from dejavu_py.config import KernelConfig
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
@@ -46,6 +49,7 @@ def fuse_attention(attn: nn.Module) -> None:
 def fuse_mlp(mlp: nn.Module) -> None:
     """gate_proj, up_proj -> gate_up_proj [2F, D]."""
     mlp.gate_up_proj = _stack([mlp.gate_proj, mlp.up_proj])
+    mlp.fused = True
     del mlp.gate_proj, mlp.up_proj
 
 
@@ -61,22 +65,20 @@ def fuse_shared_gate(moe: nn.Module) -> None:
     del moe.shared_expert_gate
 
 
-def foldable(moe: nn.Module) -> bool:
-    """Whether an MoE block takes the folded path (``fold_moe``): its experts on CUDA (or the Triton
-    interpreter), the fused kernels installed and chosen, a shared expert (if any) a whole number of
-    experts wide; env DEJAVU_FOLD_MOE=0 keeps the unfolded modules."""
+def foldable(moe: nn.Module, kernels: KernelConfig) -> bool:
+    """Whether an MoE block takes the folded path (``fold_moe``): folding not turned off (--no-fold-moe),
+    its experts on CUDA (or the Triton interpreter), the fused kernels installed and not another expert
+    kernel asked for (--moe-kernel), a shared expert (if any) a whole number of experts wide."""
     from dejavu_py.models import fused_moe
-    from dejavu_py.models.moe import requested_kernel
 
     w = moe.experts.gate_up_proj
-    if os.environ.get("DEJAVU_FOLD_MOE", "1").strip() == "0" or not fused_moe.available():
+    if not kernels.fold_moe or not fused_moe.available():
         return False
     if (not w.is_cuda and not fused_moe.interpreting()) or w.dtype not in fused_moe.DTYPES:
         return False
-    if requested_kernel() not in (None, "fused"):
-        return False  # another expert kernel asked for
-    shared = getattr(moe, "shared_expert", None)
-    return shared is None or shared.down_proj.in_features % moe.experts.down_proj.shape[2] == 0
+    if kernels.moe_kernel not in ("auto", "fused"):
+        return False
+    return not moe.has_shared or moe.shared_expert.down_proj.in_features % moe.experts.down_proj.shape[2] == 0
 
 
 def fold_moe(moe: nn.Module) -> None:
@@ -86,9 +88,9 @@ def fold_moe(moe: nn.Module) -> None:
     E, Fw = moe.experts.gate_up_proj.shape[0], moe.experts.down_proj.shape[2]
     router = moe.gate.weight
     moe.num_shared = 0
-    if hasattr(moe, "shared_expert"):
+    if moe.has_shared:
         mlp = moe.shared_expert
-        if not hasattr(mlp, "gate_up_proj"):
+        if not mlp.fused:
             fuse_mlp(mlp)
         gu, down = mlp.gate_up_proj.weight, mlp.down_proj.weight  # [2 S F, D], [D, S F]
         S = down.shape[1] // Fw
@@ -99,30 +101,31 @@ def fold_moe(moe: nn.Module) -> None:
         ex.gate_up_proj = nn.Parameter(torch.cat((ex.gate_up_proj, chunks_gu)), requires_grad=False)
         ex.down_proj = nn.Parameter(torch.cat((ex.down_proj, chunks_down)), requires_grad=False)
         router = torch.cat((router, moe.shared_expert_gate.weight))
-        moe.num_shared = S
+        moe.num_shared, moe.has_shared = S, False
         del moe.shared_expert, moe.shared_expert_gate
     moe.router_w_XD = router.contiguous()
     moe.gate.weight = nn.Parameter(moe.router_w_XD[:E], requires_grad=False)
+    moe.folded = True
 
 
-def fuse_projections(model: nn.Module) -> int:
+def fuse_projections(model: nn.Module, kernels: KernelConfig) -> int:
     """Fuse every attention's q/k/v and every dense SwiGLU MLP's gate/up (the shared expert's too), and
-    fold the MoE blocks that can be (``fold_moe``); returns how many modules were fused."""
+    fold the MoE blocks that can be (``foldable``); returns how many modules were fused."""
     from dejavu_py.models.attention import Attention
     from dejavu_py.models.layers import DenseMLP
     from dejavu_py.models.moe import SparseMoE
 
     n = 0
     for module in list(model.modules()):
-        if isinstance(module, Attention) and hasattr(module, "q_proj"):
+        if isinstance(module, Attention) and module.qkv_split is None:
             fuse_attention(module)
             n += 1
-        elif isinstance(module, DenseMLP) and hasattr(module, "gate_proj"):
+        elif isinstance(module, DenseMLP) and not module.fused:
             fuse_mlp(module)
             n += 1
     for module in list(model.modules()):
-        if isinstance(module, SparseMoE) and foldable(module):
+        if isinstance(module, SparseMoE) and not module.folded and foldable(module, kernels):
             fold_moe(module)
-        elif isinstance(module, SparseMoE) and hasattr(module, "shared_expert_gate"):
+        elif isinstance(module, SparseMoE) and module.has_shared and module.shared_gate_col is None:
             fuse_shared_gate(module)
     return n

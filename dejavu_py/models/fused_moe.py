@@ -25,7 +25,6 @@ and its rows fill SMs the routed experts leave idle at decode.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
@@ -204,7 +203,7 @@ def fused_expert_ffn(
     w_gate_up_EFD: torch.Tensor,
     w_down_EDF: torch.Tensor,
     config: Config | None = None,
-    align: str | None = None,
+    align: str = "kernel",
     num_shared: int = 0,
     round_weights: bool = False,
 ) -> torch.Tensor:
@@ -215,7 +214,7 @@ def fused_expert_ffn(
     the stacks), summed and scaled by weights_TJ[t, K] (its sigmoid gate), as qwen2_moe adds its shared
     expert. ``round_weights``: the routing weights are cast to x's dtype first (as the MoE block does
     for qwen and olmoe). ``config`` overrides ``pick_config`` (keys BLOCK_M, BLOCK_N, BLOCK_K,
-    num_warps, num_stages). ``align``: "kernel" (one launch, the default) or "torch"; env DEJAVU_MOE_ALIGN.
+    num_warps, num_stages). ``align``: "kernel" (one launch) or "torch" (a stage's is --moe-align).
     """
     _check_inputs(x_TD, ids_TJ, w_gate_up_EFD, w_down_EDF)
     T, J = ids_TJ.shape
@@ -224,7 +223,6 @@ def fused_expert_ffn(
     if A == 0:
         return torch.zeros_like(x_TD)
     cfg = config or pick_config(A, E, x_TD.dtype)
-    align = align or os.environ.get("DEJAVU_MOE_ALIGN", "kernel")
     assert align in ("kernel", "torch"), f"align={align!r}: kernel or torch"
     aligner = align_block_size_kernel if align == "kernel" else align_block_size
     rows_P, block_expert_B = aligner(ids_TJ, E, cfg["BLOCK_M"])

@@ -14,21 +14,24 @@ from torch import nn
 
 from dejavu_py.models import triton_ops
 from dejavu_py.models.config import RopeConfig
+from dejavu_py.models.kernels import EAGER, Kernels
 
 
 class RMSNorm(nn.Module):
     """``weight * x / rms(x)``, the statistics in float32, the product in the input dtype.
 
-    On CUDA (``triton_ops.enabled``) one Triton launch with the same rounding steps; else eager torch.
+    With the Triton ops (``kernels.triton``, chosen at load) one launch with the same rounding steps; else
+    eager torch.
     """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernels: Kernels = EAGER
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if triton_ops.enabled(x):
+        if self.kernels.triton:
             return triton_ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.to(torch.float32)
@@ -44,16 +47,19 @@ class DenseMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, width, bias=bias)
         self.up_proj = nn.Linear(hidden, width, bias=bias)
         self.down_proj = nn.Linear(width, hidden, bias=bias)
+        self.fused = False
+        """gate_proj and up_proj are one ``gate_up_proj`` (set at load by models/fuse.py)."""
+        self.kernels: Kernels = EAGER
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "gate_up_proj"):  # fused after loading (models/fuse.py)
+        if self.fused:
             return self.down_fused(self.gate_up_proj(x_TD))
         return self.down_proj(F.silu(self.gate_proj(x_TD)) * self.up_proj(x_TD))
 
     def down_fused(self, gu_TX: torch.Tensor) -> torch.Tensor:
         """The MLP's output from its fused gate/up projection [T, >= 2F] (columns past 2F are not its own)."""
         width = self.down_proj.in_features
-        if triton_ops.enabled(gu_TX) and gu_TX.dim() == 2:
+        if self.kernels.triton and gu_TX.dim() == 2:
             return self.down_proj(triton_ops.silu_mul(gu_TX, width))
         return self.down_proj(F.silu(gu_TX[..., :width]) * gu_TX[..., width:2 * width])
 
@@ -145,9 +151,9 @@ def apply_rotary(x_THD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor
 
 
 def apply_rotary_qk(
-    q_THD: torch.Tensor, k_TKD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor
+    q_THD: torch.Tensor, k_TKD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor, triton: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``apply_rotary`` of the queries and the keys: one Triton launch when ``triton_ops.enabled``."""
-    if triton_ops.enabled(q_THD):
+    """``apply_rotary`` of the queries and the keys: one Triton launch with ``triton`` (the stage's choice)."""
+    if triton:
         return triton_ops.rotary(q_THD, k_TKD, cos_TD, sin_TD)
     return apply_rotary(q_THD, cos_TD, sin_TD), apply_rotary(k_TKD, cos_TD, sin_TD)

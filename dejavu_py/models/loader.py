@@ -8,7 +8,6 @@ Every failure is a one-line :class:`CheckpointError` naming the file and the ten
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -19,7 +18,9 @@ import torch
 from safetensors import safe_open
 
 from dejavu_py import log
+from dejavu_py.config import KernelConfig
 from dejavu_py.errors import CheckpointError
+from dejavu_py.models import kernels as kernel_choice
 from dejavu_py.models.config import ModelConfig, load_model_config
 from dejavu_py.models.fuse import fuse_projections
 from dejavu_py.models.model import StageModel
@@ -227,8 +228,12 @@ def check_stage(ckpt_dir: Path, spec: StageSpec) -> None:
         read_pieces(files, plan_stage(files, cfg, wanted), shapes, torch.float32, "meta", check_only=True)
 
 
-def load_stage(ckpt_dir: Path, spec: StageSpec, dtype: torch.dtype, device: torch.device | str) -> StageModel:
-    """Build the stage's model and fill it with its tensors from the checkpoint (and nothing else)."""
+def load_stage(
+    ckpt_dir: Path, spec: StageSpec, dtype: torch.dtype, device: torch.device | str, kernels: KernelConfig | None = None
+) -> StageModel:
+    """Build the stage's model and fill it with its tensors from the checkpoint (and nothing else), fuse
+    its projections on CUDA and choose its kernels, per ``kernels`` (None: the run defaults)."""
+    kernels = kernels or KernelConfig()
     t0 = time.perf_counter()
     ckpt_dir = Path(ckpt_dir)
     cfg, model, shapes, wanted, tie = _meta_stage(ckpt_dir, spec)
@@ -244,8 +249,9 @@ def load_stage(ckpt_dir: Path, spec: StageSpec, dtype: torch.dtype, device: torc
     model.requires_grad_(False).eval()
     size = sum(t.numel() * t.element_size() for t in state.values())
     del state  # fusing replaces tensors: the loaded ones must not outlive their modules' reference
-    if torch.device(device).type == "cuda" and os.environ.get("DEJAVU_FUSE_PROJECTIONS", "1") != "0":
-        fuse_projections(model)  # one GEMM per layer for q/k/v (and gate/up): fewer, larger launches
+    if torch.device(device).type == "cuda" and kernels.fuse_projections:
+        fuse_projections(model, kernels)  # one GEMM per layer for q/k/v (and gate/up): fewer, larger launches
+    model.use_kernels(kernel_choice.choose(kernels, device, dtype))
     _log.info(
         "stage %d: loaded %d tensors (%.1f MB, %s) for layers %d..%d from %d file(s) in %.2f s",
         spec.index, len(pieces), size / 1e6, str(dtype).removeprefix("torch."), spec.first_layer,

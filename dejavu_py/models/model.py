@@ -14,9 +14,10 @@ from dejavu_py.models import triton_ops
 from dejavu_py.models.attention import Attention
 from dejavu_py.models.attn_meta import AttnMeta
 from dejavu_py.models.config import ModelConfig
+from dejavu_py.models.kernels import EAGER, Kernels
 from dejavu_py.models.kv_cache import KVCache
 from dejavu_py.models.layers import DenseMLP, RMSNorm, Rotary
-from dejavu_py.models.moe import RoutingSink, SparseMoE
+from dejavu_py.models.moe import Experts, RoutingSink, SparseMoE
 from dejavu_py.protocol.split import StageSpec
 
 
@@ -32,6 +33,7 @@ class DecoderLayer(nn.Module):
         self.mlp: nn.Module = (
             SparseMoE(cfg, layer) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
         )
+        self.kernels: Kernels = EAGER
 
     def forward(
         self,
@@ -52,7 +54,7 @@ class DecoderLayer(nn.Module):
     def _residual_norm(self, h_TD: torch.Tensor, a_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h + attention out, post_attention_layernorm of it): one Triton launch when enabled."""
         norm = self.post_attention_layernorm
-        if triton_ops.enabled(h_TD):
+        if self.kernels.triton:
             return triton_ops.add_rms_norm(h_TD, a_TD, norm.weight, norm.eps)
         h_TD = h_TD + a_TD
         return h_TD, norm(h_TD)
@@ -93,6 +95,12 @@ class StageModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def use_kernels(self, kernels: Kernels) -> None:
+        """Every module of the stage takes the paths ``kernels`` names (chosen once at load: models/kernels.py)."""
+        for module in self.modules():
+            if isinstance(module, _CHOOSING):
+                module.kernels = kernels
+
     def forward(self, x: torch.Tensor, meta: AttnMeta, kv: KVCache) -> torch.Tensor:
         """Token ids [T] (first stage) or hidden [T, D] -> hidden [T, D], or float32 logits [S, V] (last stage)."""
         h_TD = self.model.embed_tokens(x) if self.spec.has_embed else x
@@ -103,3 +111,7 @@ class StageModel(nn.Module):
             return h_TD
         h_SD = self.model.norm(h_TD[meta.logits_rows_S])
         return self.lm_head(h_SD).float()
+
+
+_CHOOSING = (DecoderLayer, Attention, RMSNorm, DenseMLP, SparseMoE, Experts)
+"""The modules whose forward takes a path of ``Kernels``."""

@@ -12,7 +12,6 @@ each expert's rows go through its SwiGLU, are scaled by their routing weight and
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -21,48 +20,11 @@ from torch import nn
 
 from dejavu_py.models import fused_moe, moe_router
 from dejavu_py.models.config import ModelConfig
+from dejavu_py.models.kernels import EAGER, GROUPED_MM, Kernels
 from dejavu_py.models.layers import DenseMLP
 
 RoutingSink = Callable[[int, torch.Tensor, torch.Tensor], None]
 """Called as ``sink(layer, topk_ids_TK int64, topk_weights_TK float32)`` by every MoE layer."""
-
-
-def _grouped_mm_fn() -> Callable[..., torch.Tensor] | None:
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def use_grouped_mm(x_TD: torch.Tensor) -> bool:
-    """The grouped GEMM path: CUDA, bf16 and a torch that has it."""
-    return x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and _grouped_mm_fn() is not None
-
-
-MOE_KERNELS = ("fused", "grouped", "loop")
-
-
-def requested_kernel() -> str | None:
-    """The routed-expert path env DEJAVU_MOE_KERNEL asks for (one of MOE_KERNELS), None for auto."""
-    env = os.environ.get("DEJAVU_MOE_KERNEL", "").strip().lower()
-    if env in MOE_KERNELS:
-        return env
-    if env not in ("", "auto"):
-        raise ValueError(f"DEJAVU_MOE_KERNEL={env!r}: expected one of {MOE_KERNELS} or auto")
-    return None
-
-
-def moe_kernel(x_TD: torch.Tensor, grouped: bool | None = None) -> str:
-    """Which routed-expert path runs: ``fused`` (Triton), ``grouped`` (torch grouped_mm) or ``loop``.
-
-    An explicit ``grouped`` wins (True: grouped, False: loop); then env DEJAVU_MOE_KERNEL if set to one
-    of MOE_KERNELS; else auto: fused on CUDA with triton, grouped_mm on CUDA bf16, the loop elsewhere.
-    """
-    if grouped is not None:
-        return "grouped" if grouped else "loop"
-    env = requested_kernel()
-    if env is not None:
-        return env
-    if x_TD.is_cuda and fused_moe.available() and x_TD.dtype in fused_moe.DTYPES:
-        return "fused"
-    return "grouped" if use_grouped_mm(x_TD) else "loop"
 
 
 def _swiglu(h_A2F: torch.Tensor) -> torch.Tensor:
@@ -89,7 +51,7 @@ def _grouped_ffn(
     x_AD: torch.Tensor, counts_E: torch.Tensor, w_gate_up_EFD: torch.Tensor, w_down_EDF: torch.Tensor
 ) -> torch.Tensor:
     """All experts in two grouped GEMMs; no host sync on the expert counts."""
-    mm = _grouped_mm_fn()
+    mm = GROUPED_MM
     assert mm is not None, "this torch has no grouped_mm"
     offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)  # [E] end row of each expert's group
     h_A2F = mm(x_AD, w_gate_up_EFD.transpose(-2, -1), offs=offs_E)
@@ -102,18 +64,18 @@ def expert_ffn(
     weights_TK: torch.Tensor,
     w_gate_up_EFD: torch.Tensor,
     w_down_EDF: torch.Tensor,
-    grouped: bool | None = None,
+    kernel: str,
+    align: str = "kernel",
 ) -> torch.Tensor:
     """Routed experts' output y_TD = sum_k weights_TK[t, k] * expert_{ids_TK[t, k]}(x_TD[t]).
 
-    The path is ``moe_kernel(x_TD, grouped)``: the Triton fused kernels (``fused_moe``), the grouped
-    GEMM or the per-expert loop, all with these semantics. The
-    weighted rows are summed per token in the dtype of ``y * weight`` (float32 when the weights are),
-    then cast to x's dtype, as transformers' grouped_mm experts do.
+    ``kernel`` (models/kernels.py, chosen at load): the Triton fused kernels ('fused', ``fused_moe``,
+    grouping rows by ``align``), the grouped GEMM ('grouped') or the per-expert loop ('loop'), all
+    with these semantics. The weighted rows are summed per token in the dtype of ``y * weight``
+    (float32 when the weights are), then cast to x's dtype, as transformers' grouped_mm experts do.
     """
-    kernel = moe_kernel(x_TD, grouped)
     if kernel == "fused":
-        return fused_moe.fused_expert_ffn(x_TD, ids_TK, weights_TK, w_gate_up_EFD, w_down_EDF)
+        return fused_moe.fused_expert_ffn(x_TD, ids_TK, weights_TK, w_gate_up_EFD, w_down_EDF, align=align)
     T, K = ids_TK.shape
     E = w_gate_up_EFD.shape[0]
     ids_A = ids_TK.reshape(-1)
@@ -155,9 +117,11 @@ class Experts(nn.Module):
         E, D, Fw = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fw, D))  # [E, 2F, D]
         self.down_proj = nn.Parameter(torch.empty(E, D, Fw))  # [E, D, F]
+        self.kernels: Kernels = EAGER
 
     def forward(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-        return expert_ffn(x_TD, ids_TK, weights_TK, self.gate_up_proj, self.down_proj)
+        k = self.kernels
+        return expert_ffn(x_TD, ids_TK, weights_TK, self.gate_up_proj, self.down_proj, k.moe, k.moe_align)
 
 
 class SparseMoE(nn.Module):
@@ -169,15 +133,23 @@ class SparseMoE(nn.Module):
         self.weights_fp32 = cfg.router_weights_fp32
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
-        if cfg.shared_expert_intermediate_size:
+        self.has_shared = bool(cfg.shared_expert_intermediate_size)
+        """A shared expert as its own modules (qwen2_moe), not folded into the experts."""
+        if self.has_shared:
             self.shared_expert = DenseMLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        self.shared_gate_col: int | None = None
+        """Set at load when the shared expert's gate became this column of its gate/up projection (models/fuse.py)."""
+        self.folded = False
+        """Set at load when the block was folded (models/fuse.py ``fold_moe``): router_w_XD, num_shared."""
+        self.num_shared = 0
+        self.kernels: Kernels = EAGER
 
     def forward(self, x_TD: torch.Tensor, sink: RoutingSink | None = None,
                 forced: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``forced`` (recorded top-k ids [T, K] and float32 weights [T, K]) replaces the router's choice:
         a replayed step routes exactly as it did the first time. The sink still sees the router's own."""
-        if hasattr(self, "router_w_XD"):  # folded after loading (models/fuse.py)
+        if self.folded:
             return self._forward_folded(x_TD, sink, forced)
         ids_TK, weights_TK = self.gate(x_TD)
         if sink is not None:
@@ -187,11 +159,11 @@ class SparseMoE(nn.Module):
         if not self.weights_fp32:  # qwen and olmoe cast the routing weights to the model dtype; mixtral does not
             weights_TK = weights_TK.to(x_TD.dtype)
         y_TD = self.experts(x_TD, ids_TK, weights_TK)
-        if hasattr(self, "shared_gate_col"):  # its gate is a column of the fused projection (models/fuse.py)
+        col = self.shared_gate_col
+        if col is not None:  # its gate is a column of the fused projection
             gu = self.shared_expert.gate_up_proj(x_TD)
-            col = self.shared_gate_col
             y_TD = y_TD + torch.sigmoid(gu[..., col:col + 1]) * self.shared_expert.down_fused(gu)
-        elif hasattr(self, "shared_expert"):
+        elif self.has_shared:
             y_TD = y_TD + torch.sigmoid(self.shared_expert_gate(x_TD)) * self.shared_expert(x_TD)
         return y_TD
 
@@ -207,4 +179,4 @@ class SparseMoE(nn.Module):
             ids_TJ = torch.cat((forced[0].to(ids_TJ.device, ids_TJ.dtype), ids_TJ[:, K:]), dim=1)
             w_TJ = torch.cat((forced[1].to(w_TJ.device, w_TJ.dtype), w_TJ[:, K:]), dim=1)
         return fused_moe.fused_expert_ffn(x_TD, ids_TJ, w_TJ, self.experts.gate_up_proj, self.experts.down_proj,
-                                          num_shared=S, round_weights=not self.weights_fp32)
+                                          align=self.kernels.moe_align, num_shared=S, round_weights=not self.weights_fp32)

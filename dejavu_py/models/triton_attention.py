@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from dejavu_py.models.triton_base import DTYPES, available, interpreting, tl, triton
-from dejavu_py.models.triton_ops import enabled
+from dejavu_py.models.triton_ops import supports
 
 if triton is not None:
     from dejavu_py.models.triton_base import _add_combine, _max_combine
@@ -35,7 +35,7 @@ BLOCK_N = 32
 MIN_SPLIT = 64
 """Fewest positions a split covers: below that the merge costs more than the parallelism gains."""
 
-__all__ = ["available", "decode_attention", "enabled", "splits_for"]
+__all__ = ["available", "decode_attention", "splits_for", "supports"]
 
 
 # ---------------------------------------------------------------- kernels (jitted in _kernels)

@@ -14,14 +14,14 @@ so they are bitwise equal to the eager code except for the order of the sum in R
 Launches use ``enable_fp_fusion=False`` so that no mul + add pair becomes an FMA that eager has not.
 
 Shapes and launch sizes depend only on the tensors' shapes: no host sync, CUDA-graph capturable.
-Triton is optional: ``enabled(x)`` says whether to use these ops (triton installed, x on CUDA or the
-interpreter on, env DEJAVU_TRITON_OPS not "0"). Kernels are jitted on first use, per TRITON_INTERPRET
-setting, as in ``fused_moe``.
+Triton is optional: ``supports(device, dtype)`` says whether these ops can run (triton installed, CUDA
+or the interpreter on); a stage uses them when it can and the run's --triton-ops allows it, chosen once
+at load (models/kernels.py). Kernels are jitted on first use, per TRITON_INTERPRET setting, as in
+``fused_moe``.
 """
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
@@ -34,14 +34,10 @@ if triton is not None:
     )
 
 
-def enabled(x: torch.Tensor) -> bool:
-    """Whether the Triton ops serve ``x``: triton, CUDA (or the interpreter), a supported dtype, not disabled."""
-    return (
-        available()
-        and (x.is_cuda or interpreting())
-        and x.dtype in DTYPES
-        and os.environ.get("DEJAVU_TRITON_OPS", "1").strip() != "0"
-    )
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the Triton ops can run on ``device`` in ``dtype``: triton, CUDA (or the interpreter), a
+    supported dtype."""
+    return available() and (device.type == "cuda" or interpreting()) and dtype in DTYPES
 
 
 # ---------------------------------------------------------------- kernels (jitted in _kernels)

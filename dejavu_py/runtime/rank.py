@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable
 
 from dejavu_py import log
-from dejavu_py.comm.store import RankInfo, connect, put_json, resolve_address
+from dejavu_py.comm.store import RankInfo, connect, get_json, put_json, resolve_address
 from dejavu_py.config import RunConfig
 from dejavu_py.errors import PipelineError, UserError
 from dejavu_py.protocol import keys
@@ -18,8 +18,9 @@ _log = log.get(__name__)
 
 
 def run_rank(cfg: RunConfig, info: RankInfo, report: Callable[[UserError], None]) -> int:
-    """``report``: says a user's mistake found once workers started (rank 0), before the other ranks
-    learn that the run is over (they exit then, and the launcher stops rank 0 when one does)."""
+    """``report``: says a user's mistake found once workers started: on rank 0 before the other ranks
+    learn that the run is over (they exit then, and the launcher stops rank 0 when one does), on the
+    others as they learn it, since the launcher may see one of them fail first (user_errors.py)."""
     model_cfg, layout = prepare(cfg, info.world_size, info.rank)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     level = cfg.runtime.log_level
@@ -41,6 +42,9 @@ def run_rank(cfg: RunConfig, info: RankInfo, report: Callable[[UserError], None]
         sup.start_workers()
         if coordinator is None:
             code = sup.wait_done()
+            error = get_json(store, keys.DONE).get("error")
+            if error:
+                report(UserError(error))
         else:
             coordinator.store, coordinator.addr = store, addr
             code = _coordinate(coordinator, source, store, sup, report)
@@ -52,17 +56,17 @@ def run_rank(cfg: RunConfig, info: RankInfo, report: Callable[[UserError], None]
 
 
 def _coordinate(coordinator, source, store, sup: Supervisor, report: Callable[[UserError], None]) -> int:
-    code = 1
+    code, error = 1, None
     try:
         code = coordinator.run(source)
         return code
     except UserError as e:
         report(e)
-        code = e.exit_code
+        code, error = e.exit_code, str(e)
         return code
     except PipelineError as e:
         _log.error("%s", e)
         return 1
     finally:
-        put_json(store, keys.DONE, {"code": code})
+        put_json(store, keys.DONE, {"code": code, "error": error})
         sup.wait_workers(coordinator.cfg.runtime.comm_timeout_s)

@@ -157,7 +157,7 @@ class Worker:
         """Handle messages until told to stop; returns the steps launched."""
         steps = 0
         self.times = LoopTimes()  # from the first message on: connecting is no step's cost
-        trace = StepTrace(self.me.name)
+        trace = StepTrace(self.me.name, self.spec.cfg.runtime)
         routes, lookup = self.messages.routes, self.messages.lookup
         while not self.stopped:
             trace.at(steps)

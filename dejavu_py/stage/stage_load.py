@@ -34,7 +34,7 @@ def load_runner(spec: WorkerSpec, device: torch.device) -> tuple[StageRunner, fl
     cache = CacheSpec(blocks, cfg.cache.block_size, mcfg.num_kv_heads, mcfg.head_dim)
     with ThreadPoolExecutor(1) as pool:  # pinning GBs of host memory for the replica overlaps the weights' load
         replica = pool.submit(replica_store_for, cfg, spec.layout, spec.member, cache, device, dtype)
-        model = load_stage(cfg.model, stage, dtype, device)
+        model = load_stage(cfg.model, stage, dtype, device, cfg.kernels)
         kv = KVCache(cache, stage.layers, dtype, device)
         replica_store = replica.result()
     swapper = Swapper(kv, cfg.swap_partitions, cfg.cache.swap_resident, cfg.cache.partition_blocks) if swap else None

@@ -1,19 +1,19 @@
 """An opt-in device trace of a stage worker's steps, for finding where a step's time goes.
 
-    DEJAVU_TRACE_DIR=traces DEJAVU_TRACE_STEPS=100:120 python -m dejavu_py ...
+    python -m dejavu_py ... --trace-dir traces --trace-steps 100:120
 
 Each stage worker records its host calls (with their shapes and Python stacks: who allocated what) and
 its device's kernels and copies (torch.profiler) from its
 step 100 to its step 120 and writes ``traces/<stage>.json`` (Chrome trace format). The stages' device
 timestamps share one clock: their traces can be laid side by side to see how stages sharing a GPU take
-turns. Off (no cost) unless both variables are set.
+turns. Off (no cost) unless asked for (RuntimeConfig.trace_dir and trace_steps).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from dejavu_py import log
+from dejavu_py.config import RuntimeConfig
 
 _log = log.get(__name__)
 
@@ -21,17 +21,10 @@ _log = log.get(__name__)
 class StepTrace:
     """Starts the profiler at the first step of the window, stops it and writes the trace at the last."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, cfg: RuntimeConfig) -> None:
         self.name = name
-        self.dir = os.environ.get("DEJAVU_TRACE_DIR", "").strip()
-        window = os.environ.get("DEJAVU_TRACE_STEPS", "").strip()
-        self.start = self.end = -1
-        if self.dir and window:
-            try:
-                start, end = (int(v) for v in window.split(":"))
-            except ValueError:
-                raise SystemExit(f"DEJAVU_TRACE_STEPS={window!r}: expected FIRST:LAST step numbers, e.g. 100:120") from None
-            self.start, self.end = start, end
+        self.dir = cfg.trace_dir
+        self.start, self.end = cfg.trace_steps or (-1, -1)  # both or neither (RuntimeConfig checks)
         self.prof = None
 
     def at(self, steps: int) -> None:
