@@ -362,17 +362,19 @@ def test_a_ranks_user_error_goes_to_the_launchers_error_file(tmp_path, monkeypat
 
 
 def test_front_end_prints_a_ranks_error_last(ckpt, reqs, tmp_path):
-    """A mistake only the running ranks find (here the output path, written once the requests are
-    served) is one line, printed by the front end after every rank has exited: the last line, and the
-    launcher's own failure report left out."""
-    blocked = tmp_path / "a-file"
-    blocked.write_text("")
+    """A mistake only the running ranks find (here --device cuda where no GPU is visible: each stage
+    worker finds it when it starts) is one line, printed by the front end after every rank has exited:
+    the last line, and the launcher's own failure report left out."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where no GPU is visible")
     proc = dejavu(base(ckpt, reqs, tmp_path, "--nproc-per-node", "2", "--config", str(ROOT / "configs/tiny-cpu.yaml"),
-                       "--output", str(blocked / "out.jsonl")))
+                       "--device", "cuda"))
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert "started worker of s0" in proc.stderr, proc.stderr  # found by the ranks, not the front end's check
-    assert lines[-1] == f"error: output file {blocked / 'out.jsonl'}: cannot create it (File exists); choose a writable path"
+    assert lines[-1] == "error: --device cuda: no GPU is visible to this process (check CUDA_VISIBLE_DEVICES)"
     assert [ln for ln in lines if "error: " in ln] == lines[-1:], proc.stderr
     assert "Traceback" not in proc.stderr and "torch/distributed" not in proc.stderr, proc.stderr
 
