@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from make_checkpoint import build_tokenizer
 
-from dejavu_py.serve.detokenize import REPLACEMENT, Detokenizer, IncrementalDecoder, StopStringFilter
+from dejavu_py.serve.detokenize import (
+    REPLACEMENT,
+    Detokenizer,
+    IncrementalDecoder,
+    StopStringFilter,
+)
 from dejavu_py.tokenizer import Tokenizer, load_tokenizer
 
 
