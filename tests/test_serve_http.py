@@ -198,6 +198,16 @@ def test_a_stream_is_sse_chunks_a_finish_a_usage_chunk_and_done(stack, coord, to
     assert len({c["id"] for c in events}) == 1
 
 
+def test_a_stream_of_several_prompts_carries_each_choice_by_index(stack, coord, tok):
+    coord.plan = lambda s: Script(tok.encode(REPLY)[:6], "length", delay_s=0.01)
+    events = sse_events(stack.client.post("/v1/completions", json={"prompt": ["one", "two"], "max_tokens": 6,
+                                                                    "stream": True}))
+    for index in (0, 1):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == index]
+        assert "".join(c["text"] for c in mine) == tok.decode(tok.encode(REPLY)[:6])
+        assert [c["finish_reason"] for c in mine].count("length") == 1 and mine[-1]["finish_reason"] == "length"
+
+
 def test_an_error_during_a_stream_is_an_error_event_then_done(stack, coord):
     coord.plan = lambda s: Script([], error="a stage failed for good")
     events = sse_events(stack.client.post("/v1/completions", json={"prompt": "Hi", "stream": True}))
@@ -255,6 +265,17 @@ def test_chat_renders_the_template_and_answers_a_message(stack, coord, tok, chat
         add_generation_prompt=True, tokenize=False)
     sub = next(s for s in coord.submits() if s.request_id == body["id"])
     assert sub.prompt_ids == tok.encode(expected) and sub.max_tokens == 4
+
+
+def test_chat_messages_too_long_for_the_model_are_a_400_on_messages(stack, chat_ckpt, monkeypatch):
+    monkeypatch.setattr(stack.ctx, "chat", ChatTemplate(chat_ckpt))
+    long = [{"role": "user", "content": "the quick brown fox " * 20}]
+    err = api_error(stack.client.post("/v1/chat/completions", json={"messages": long}), 400, "messages")
+    assert err["code"] == "context_length_exceeded"
+    short = [{"role": "user", "content": "hi"}]
+    err = api_error(stack.client.post("/v1/chat/completions", json={"messages": short, "max_tokens": 60}), 400,
+                    "messages")
+    assert "maximum context length" in err["message"]
 
 
 def test_chat_stream_starts_with_the_role(stack, coord, tok, chat_ckpt, monkeypatch):
