@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=$1 MODEL=$2 A=$(realpath "$3") B=$(realpath "$4")
-OUT=${OUT:-out/gpu-ab}; CK=${CK:-/dev/shm/$MODEL}; BATCHES=${BATCHES:-1,64}; REPEAT=${REPEAT:-1}
+OUT=$(realpath -m "${OUT:-out/gpu-ab}"); CK=${CK:-/dev/shm/$MODEL}; BATCHES=${BATCHES:-1,64}; REPEAT=${REPEAT:-1}
 mkdir -p "$OUT"
 [ -f "$CK/config.json" ] || PYTHONPATH=$B python "$B/tools/make_checkpoint.py" --config "configs/models/$MODEL.json" \
     --dtype bfloat16 --init-device cuda --no-tokenizer --out "$CK" 2>&1 | tail -1
@@ -18,11 +18,11 @@ run() {  # tree-dir tag rep
   if [ "$what" = bench ]; then
     (cd "$dir" && PYTHONPATH=$dir python tools/bench.py --model-config "configs/models/$MODEL.json" --ckpt "$CK" \
         --work "/dev/shm/ab-$tag" --stages 1,2 --batches "$BATCHES" --no-transformers \
-        --out "$OLDPWD/$OUT/bench-$MODEL-$tag-$rep.json") 2>&1 | grep -v '^{' || true
+        --out "$OUT/bench-$MODEL-$tag-$rep.json") 2>&1 | grep -v '^{' || true
   else
     (cd "$dir" && PYTHONPATH=$dir python tools/bench_ft_cost.py --model-config "configs/models/$MODEL.json" --ckpt "$CK" \
         --work "/dev/shm/ab-$tag" --stages 2 --batches "$BATCHES" --new-tokens 256 --repeat 2 \
-        --out "$OLDPWD/$OUT/ftcost-$MODEL-$tag-$rep.json") 2>&1 | tail -4
+        --out "$OUT/ftcost-$MODEL-$tag-$rep.json") 2>&1 | tail -4
   fi
 }
 if [ "$what" = bench ]; then  # a discarded warm-up: kernels compile on first use, into a cache both trees share
