@@ -72,8 +72,8 @@ def slot_of(table: list[int], pos: int, block_size: int) -> int:
 
 def step_slots(tables: list[list[int]], start_pos: list[int], num_tokens: list[int], block_size: int) -> list[int]:
     """Cache slots of positions ``start_pos[i] .. start_pos[i] + num_tokens[i] - 1`` of each sequence, in
-    order: what a step wrote, or a prompt's KV chunk holds (``slot_of``, inlined: a decode step of 64
-    sequences took 90 us through it)."""
+    order: what a step wrote, or a prompt's KV chunk holds (``slot_of``, inlined: it runs once per position of every
+    step)."""
     bs = block_size
     if all(n == 1 for n in num_tokens):
         return [t[p // bs] * bs + p % bs for t, p in zip(tables, start_pos)]

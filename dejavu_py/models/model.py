@@ -66,7 +66,7 @@ class _Body(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: StageSpec) -> None:
         super().__init__()
         if spec.has_embed:
-            # _weight skips the random init (on the meta device it would import torch._refs: ~2 s)
+            # _weight skips the random init (on the meta device it would import torch._refs, slow to import)
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in spec.layers})
         if spec.has_head:

@@ -1,13 +1,11 @@
 """Pinned host buffers reused across steps.
 
 Fault tolerance copies every step's MoE routing and new K/V to the host. Taking a fresh pinned tensor
-for each copy costs the stage's thread 60-200 us (measured on an H100 host, batch 64: the caching host
-allocator's bookkeeping, and a new page-locked allocation whenever its free blocks still wait on an
-event), three times a step. Here a buffer goes back to a free list once its user is done with its
+for each copy costs the stage's thread the caching host allocator's bookkeeping, and a new page-locked
+allocation whenever its free blocks still wait on an event, three times a step. Here a buffer goes back to a free list once its user is done with its
 bytes and is handed out again for any shape and dtype that fits.
 
-A new page-locked buffer is dear in another way too: cudaHostAlloc takes 2.7 ms for 4 MB and 8-11 ms for
-16 MB on an H100 host, and holds the driver's lock meanwhile, so every CUDA call of the process (the
+A new page-locked buffer is dear in another way too: cudaHostAlloc takes milliseconds for a few MB, and holds the driver's lock meanwhile, so every CUDA call of the process (the
 stage's kernel launches) waits for it. The sizes a stage will need (a decode step's K/V, a prompt's
 routing, a replica piece) are therefore ``reserve``d when the stage is built, not met first while serving.
 """

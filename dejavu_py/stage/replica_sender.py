@@ -53,8 +53,7 @@ PIECE_BYTES = 16 << 20
 WRITE_NOW_BYTES = 256 << 10
 """A step's chunk up to this size (a few tokens' worth) whose bytes are on the host is written into the
 holder's file by the stage's thread itself (``ReplicaSender._write_now``). A larger one goes to the sender
-thread: written by the stage's thread it would take longer than the lock the thread takes from it costs
-(measured at batch 64: a 4 MB write takes the stage's thread 0.5 ms)."""
+thread: written by the stage's thread it would take longer than the lock the thread takes from it costs."""
 
 
 @dataclass
@@ -92,8 +91,8 @@ class ReplicaSender:
     """A step's chunk waits at most this long for the next ones to go with it."""
     AHEAD = 2
     """A bulk job's pieces copied off the device ahead of the one being written (each goes with one of
-    the stage's next launches). One ahead spreads the prompt's replica over twice the steps, and was
-    worse (one H100, batch 64, FT on / off: 0.960x, pairs 0.94-0.99, against 0.980x with two)."""
+    the stage's next launches). One ahead spreads the prompt's replica over twice the steps, and cost
+    more throughput."""
 
     def __init__(self, me: str, kv: KVCache, lag: int, send, piece_bytes: int = PIECE_BYTES) -> None:
         self.me, self.kv, self.lag, self._send = me, kv, lag, send
@@ -159,8 +158,8 @@ class ReplicaSender:
         """Write a small step's chunk into the holder's file from the calling thread (the stage's, in its
         idle time), acknowledged at once, when the file is mapped here and the bytes are on the host already.
         Handed to the sender thread instead, the write would take the interpreter's lock from the stage's
-        thread while it launches its next step: at batch 1 that made each launch 0.2 ms longer
-        (tools/bench_ft_step.py), several times what the write itself costs."""
+        thread while it launches its next step: at batch 1 that lengthened each launch by several
+        times what the write itself costs (tools/bench_ft_step.py shows it)."""
         shm = self.shm
         if not self.enabled or shm is None or kv.is_cuda or kv.numel() * kv.element_size() > WRITE_NOW_BYTES:
             return False

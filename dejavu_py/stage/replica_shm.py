@@ -81,8 +81,8 @@ def _map(fd: int, shape: tuple[int, ...], dtype: torch.dtype, populate: bool) ->
 
 def create(path: Path, shape: tuple[int, ...], dtype: torch.dtype, threads: int = 8) -> Replica:
     """A new replica file, mapped, every page written now by a few threads: a page first touched in a
-    step costs a fault and a zeroing there (3 ms a step at batch 64), and mapping a file whose pages
-    exist with populated page tables (``attach``) is 15x faster than one whose pages do not."""
+    step costs a fault and a zeroing there, and mapping a file whose pages exist with populated page
+    tables (``attach``) is much faster than one whose pages do not."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     os.ftruncate(fd, _nbytes(shape, dtype))
     t = _map(fd, shape, dtype, populate=False)
@@ -154,8 +154,7 @@ COPY_THREADS = max(1, min(2, (os.cpu_count() or 1) // 4))
 """Threads that write a large chunk (a 16 MB piece of a prompt's replica) into a replica mapping (the
 copies leave the interpreter's lock). Two write a piece well within a decode step, and every stage
 process on the host writes its pieces at once, right after the prompts: more threads only compete with
-the stages' own for cores (on one H100 host, 2 and 8 threads gave the same throughput, 0.978x and
-0.980x of FT off at batch 64)."""
+the stages' own for cores, and gave no more throughput."""
 POOL_BYTES = 8 << 20
 """Chunks smaller than this (a decode step's, up to a few MB) are copied by the calling thread in one
 call: the pool's threads and futures take the interpreter's lock over and over, while one copy leaves
@@ -182,8 +181,8 @@ def write_chunk(target: Replica, index: dict[int, int], layers: list[int], slots
                 kv_2LTKD: torch.Tensor, tags_T: np.ndarray) -> None:
     """Write a chunk's K/V (host memory) into a replica at its slots, then the slots' tags (``tags_T``,
     one per slot) in those layers: a small chunk in one copy, a large one split over ``COPY_THREADS``.
-    numpy's fancy assignment copies each slot's row [K, D] as one block (17 GB/s on one core here, 6x
-    torch's index_copy_, which copies element by element) and leaves the interpreter's lock while it runs."""
+    numpy's fancy assignment copies each slot's row [K, D] as one block (torch's index_copy_ copies
+    element by element) and leaves the interpreter's lock while it runs."""
     idx_T = np.asarray(slots, dtype=np.int64)
     at = [index[layer] for layer in layers]
     run = at == list(range(at[0], at[0] + len(at)))  # consecutive layers of the replica: one slice

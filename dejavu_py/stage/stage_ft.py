@@ -52,10 +52,10 @@ if TYPE_CHECKING:
 _log = log.get(__name__)
 
 ATTACHED_ROUTING_BYTES = 64 << 10
-"""A step's routing record up to this size (a decode step's: 24 KB at batch 64 on OLMoE's shapes) rides
+"""A step's routing record up to this size (a decode step's, a few KB) rides
 to the coordinator with the pipeline's next messages. A larger one (a batch of prompts': MBs) goes to the
 coordinator on its own, from the idle time: riding along, its pickling and unpickling at every hop
-lengthened the first decode step after the prompts by tens of ms."""
+lengthened the first decode step after the prompts."""
 
 
 def ft_applies(cfg: RunConfig, me: Member) -> bool:
@@ -228,7 +228,7 @@ class StageFT:
     def after_step(self, done: Launched, out) -> bool:
         """What fault tolerance does on the pipeline's chain once a step is finished: the last stage's
         result takes the routing records relayed to it and its own of earlier steps (taking this step's
-        record apart here would lengthen the chain: 0.1 ms at batch 1). True when this stage ends a
+        record apart here would lengthen the chain). True when this stage ends a
         replay: the step is kept and its routing checked now, and nothing goes on. The rest waits for
         ``bookkeep``."""
         plan = done.plan
