@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from dejavu_py import log
 from dejavu_py.comm.edge import Edge
@@ -47,6 +48,7 @@ from dejavu_py.protocol.layout import COORD, Layout
 from dejavu_py.protocol.plan import StepCounter, StepResult, Stop
 from dejavu_py.protocol.recovery import Rebuilt, Replayed, ReplayHave
 from dejavu_py.protocol.replica import ReplicaCoverage
+from dejavu_py.protocol.serving import Cancel
 from dejavu_py.timing import LoopTimes
 
 _log = log.get(__name__)
@@ -59,6 +61,10 @@ class PipelineLost(RuntimeError):
 
 class Wake:
     """In the inbox: a request source's nudge to poll now (a request arrived unannounced)."""
+
+
+def _nothing() -> None:
+    pass
 
 
 class Coordinator:
@@ -81,20 +87,28 @@ class Coordinator:
         self.timeline: list[list] = []  # [unix time, tokens, requests done] -> timeline-<attempt>.json
         self.loop_times = LoopTimes()
         """The serving loop per step result: idle (waiting for any message), plan (everything else)."""
+        self.serving = False
+        """Every stage is ready and the run has not failed (a recovery under way keeps it true)."""
+        self.on_serving_change: Callable[[], None] = _nothing
+        """Called (on the serving loop) each time ``serving`` changes: an online front-end hears it at once."""
+        self._cancels: list[Cancel] = []
 
     # -- setup ---------------------------------------------------------------------------------
-    def load_requests(self) -> FileSource:
-        """The request file as a source; whole-file mistakes raise UserError here, before any worker
-        starts, and each bad line's error record waits for :meth:`run` to tell the sink."""
+    def request_limits(self) -> RequestLimits:
+        """What a request may ask of this model, cache and run (a file's line or an online client's)."""
         mc, cache = self.model_cfg, self.cfg.cache
-        limits = RequestLimits(
+        return RequestLimits(
             vocab_size=mc.vocab_size,
             max_model_len=cache.max_model_len or mc.max_position_embeddings,
             kv_capacity_tokens=cache.partition_blocks * cache.block_size,
             default_max_new_tokens=self.cfg.generation.max_new_tokens,
             run_seed=self.cfg.generation.seed,
         )
-        requests, errors = load_requests(self.cfg.prompts, limits, self.tokenizer)
+
+    def load_requests(self) -> FileSource:
+        """The request file as a source; whole-file mistakes raise UserError here, before any worker
+        starts, and each bad line's error record waits for :meth:`run` to tell the sink."""
+        requests, errors = load_requests(self.cfg.prompts, self.request_limits(), self.tokenizer)
         for err in errors:
             _log.warning("%s", err)
         self.rejected = [request_error_record(err) for err in errors]
@@ -143,6 +157,10 @@ class Coordinator:
 
         start_receiver(edge, peer, deliver, lambda event: self.inbox.put((peer, event)))
 
+    def cancel(self, request: Cancel) -> None:
+        """From any thread: end a request now (its client went away or matched a stop string)."""
+        self.inbox.put((None, request))
+
     def send(self, member: str, msg: object) -> None:
         """To a member; a failure becomes that member's loss, handled by the serving loop."""
         try:
@@ -189,7 +207,8 @@ class Coordinator:
         """The whole run once workers are starting: serve what ``source`` hands out until it is
         exhausted, telling ``sink`` (default: the output file) of every token and record. Returns the
         exit code (0 when every accepted request has its output)."""
-        self.journal = Journal(self.cfg.run_dir / "journal.jsonl", fingerprint(self.cfg.prompts, self.cfg.model))
+        self.journal = Journal(self.cfg.run_dir / "journal.jsonl", fingerprint(self.cfg.prompts, self.cfg.model),
+                               requests=not self.cfg.serve.enabled)
         self.journal.start()
         self.ledger = Ledger(self.journal, sink or JsonlSink(self.cfg.output), self.tokenizer)
         for rec in self.rejected:
@@ -200,11 +219,13 @@ class Coordinator:
         gc.freeze()  # what setting up made lives on: the collector's full passes skip it from here on
         t_gen = time.monotonic()
         source.start(t_gen, lambda: self.inbox.put((None, Wake())))
+        self._set_serving(True)
         code = 0
         try:
             self._serve(source, t_gen)
             self._stop()
         except (RuntimeError, TimeoutError) as e:
+            self._set_serving(False)
             code = 3 if isinstance(e, PipelineLost) else 1
             cause = str(e).splitlines()[0][:300]
             _log.error("run ended: %s", cause)
@@ -216,6 +237,11 @@ class Coordinator:
         self.refresh_workers_file({0: "done", 3: "ended"}.get(code, "failed"))
         self.close()
         return code
+
+    def _set_serving(self, serving: bool) -> None:
+        if serving != self.serving:
+            self.serving = serving
+            self.on_serving_change()
 
     def close(self) -> None:
         """Stop the watchers and abort the edges so that their threads return before the process exits."""
@@ -268,6 +294,8 @@ class Coordinator:
             now = time.monotonic()
             for seq in ledger.arrived(source.poll(now), t0):
                 driver.add(seq)
+            if self._cancels:  # after the poll: a request cancelled right after it came is known now
+                self._cancel_now()
             driver.fill()
             if not driver.busy():
                 if source.exhausted():
@@ -283,6 +311,9 @@ class Coordinator:
                     raise TimeoutError(f"no message from any stage for {limit:.0f}s") from None
                 continue
             if isinstance(msg, Wake):
+                continue
+            if isinstance(msg, Cancel):
+                self._cancels.append(msg)
                 continue
             self._handle(sender, msg)
             quiet_since = time.monotonic()  # a recovery may have taken a while: count from its end
@@ -306,6 +337,15 @@ class Coordinator:
             self.recovery.on_tokens(msg.seq_ids)
             self.ledger.tokens(msg.seq_ids, len(msg.token_ids))
         self.ledger.finished(finished)
+
+    def _cancel_now(self) -> None:
+        """The cancellations that came: each request still served ends now (its client has its tokens)."""
+        for c in self._cancels:
+            seq = self.ledger.by_id.get(c.request_id)
+            if seq is not None and self.driver.abort(seq):
+                self.ledger.cancelled(seq, c.reason)
+                _log.debug("request %s cancelled (%s)", c.request_id, c.reason)
+        self._cancels.clear()
 
     def _wait_s(self, source: RequestSource, now: float, quiet_since: float) -> float:
         """How long the loop may wait for a message: until the next known arrival, and while work is in
@@ -389,13 +429,13 @@ class Coordinator:
     # -- output --------------------------------------------------------------------------------
     def _finish(self, gen_s: float) -> None:
         self.ledger.sink.close()
-        t, seqs = self.ledger.tally, self.ledger.seqs
+        t = self.ledger.tally
         self.summary = RunSummary(
             requests=t.records,
             completed=t.records - t.failed,
             failed=t.failed,
-            prompt_tokens=sum(s.prompt_len for s in seqs),
-            generated_tokens=sum(len(s.output_ids) for s in seqs),
+            prompt_tokens=self.ledger.prompt_tokens,
+            generated_tokens=self.ledger.generated_tokens,
             wall_s=time.monotonic() - self.t_start,
             generate_s=gen_s,
             stages=len(self.layout.members),
