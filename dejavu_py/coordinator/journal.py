@@ -96,6 +96,8 @@ class Journal:
     def accept(self, request_ids: list[str]) -> None:
         """Requests that arrived and will be served (not flushed to disk at once: a crash before their
         record only means they are served again)."""
+        if not self.requests:
+            return
         self._append({"type": "accepted", "ids": list(request_ids)})
         self._sync()
 
