@@ -26,18 +26,14 @@ from dejavu_py.comm.receiver import EdgeBroken, start_receiver
 from dejavu_py.comm.store import StoreAddress, connect, get_json, has
 from dejavu_py.config import RunConfig
 from dejavu_py.coordinator import workers_file
-from dejavu_py.coordinator.block_manager import BlockManager
-from dejavu_py.coordinator.colocated import ColocatedDriver
-from dejavu_py.coordinator.disagg import DisaggDriver
 from dejavu_py.coordinator.driver import Driver
+from dejavu_py.coordinator.drivers import build_driver
 from dejavu_py.coordinator.journal import Journal, fingerprint
 from dejavu_py.coordinator.ledger import Ledger
 from dejavu_py.coordinator.output import request_error_record
-from dejavu_py.coordinator.prefill_scheduler import PrefillScheduler
 from dejavu_py.coordinator.progress import ProgressBar, RunSummary
 from dejavu_py.coordinator.recovery import Recovery
 from dejavu_py.coordinator.request import RequestLimits, load_requests
-from dejavu_py.coordinator.scheduler import Scheduler
 from dejavu_py.coordinator.sink import JsonlSink, OutputSink
 from dejavu_py.coordinator.source import FileSource, RequestSource
 from dejavu_py.tokenizer import load_tokenizer
@@ -215,7 +211,8 @@ class Coordinator:
             self.ledger.answer(rec, journal=False)
         self.await_members()
         self.connect()
-        self.driver = self._driver()
+        self.driver = build_driver(self.cfg, self.layout, self.model_cfg.eos_token_ids, self.store, self.steps,
+                                   self.send)
         gc.freeze()  # what setting up made lives on: the collector's full passes skip it from here on
         t_gen = time.monotonic()
         source.start(t_gen, lambda: self.inbox.put((None, Wake())))
@@ -250,37 +247,6 @@ class Coordinator:
             edge.close()
         if self.journal is not None:
             self.journal.close()
-
-    def _driver(self) -> Driver:
-        mc, gen, cache, sc = self.model_cfg, self.cfg.generation, self.cfg.cache, self.cfg.scheduler
-        stop_ids = frozenset() if gen.ignore_eos else frozenset(mc.eos_token_ids)
-        decode_pipe = self.layout.decode_pipeline
-        mbs = self._microbatches(decode_pipe)
-        if cache.swap:  # one partition per decode microbatch, in a block space larger than the device's
-            blocks = BlockManager(mbs * cache.partition_blocks, cache.block_size, partitions=mbs)
-        else:
-            blocks = BlockManager(cache.num_blocks, cache.block_size)
-        depth = 2 if self.cfg.pipeline.async_scheduling and not cache.swap else 1
-        decode = Scheduler(sc, blocks, mbs, stop_ids, self.steps, history=self.cfg.ft.max_checkpoints, depth=depth)
-        if not self.layout.disaggregated:
-            return ColocatedDriver(decode, decode_pipe, self.send)
-        prompt_pipe = self.layout.pipeline("prompt")
-        prefill = PrefillScheduler(sc, BlockManager(cache.num_blocks, cache.block_size), blocks,
-                                   self._microbatches(prompt_pipe), stop_ids, self.steps)
-        return DisaggDriver(prefill, decode, prompt_pipe, decode_pipe, self.send)
-
-    def _microbatches(self, pipeline) -> int:
-        """One microbatch per stage keeps every stage busy when each has its own processor. Stages
-        sharing a GPU take turns on it anyway, and each extra microbatch would read their weights
-        once more per step: there, one microbatch per distinct GPU."""
-        if self.cfg.cache.swap and pipeline == self.layout.decode_pipeline:
-            return self.cfg.swap_partitions
-        if self.cfg.pipeline.microbatches:
-            return self.cfg.pipeline.microbatches
-        places = [get_json(self.store, keys.member(m.name)) for m in pipeline]
-        if all(p["device"] == "cpu" for p in places):
-            return len(places)
-        return len({(p["host"], p["device"]) for p in places})
 
     def _serve(self, source: RequestSource, t0: float) -> None:
         """Until the source is exhausted and nothing is in flight: admit arrivals, plan, take one
