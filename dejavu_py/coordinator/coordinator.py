@@ -85,8 +85,9 @@ class Coordinator:
         """The serving loop per step result: idle (waiting for any message), plan (everything else)."""
         self.serving = False
         """Every stage is ready and the run has not failed (a recovery under way keeps it true)."""
-        self.on_serving_change: Callable[[], None] = _nothing
-        """Called (on the serving loop) each time ``serving`` changes: an online front-end hears it at once."""
+        self.on_state_change: Callable[[], None] = _nothing
+        """Called (on the serving loop) each time ``serving`` changes and when a recovery starts or ends:
+        an online front-end hears it at once."""
         self._cancels: list[Cancel] = []
 
     # -- setup ---------------------------------------------------------------------------------
@@ -238,7 +239,7 @@ class Coordinator:
     def _set_serving(self, serving: bool) -> None:
         if serving != self.serving:
             self.serving = serving
-            self.on_serving_change()
+            self.on_state_change()
 
     def close(self) -> None:
         """Stop the watchers and abort the edges so that their threads return before the process exits."""
@@ -324,7 +325,9 @@ class Coordinator:
         return max(wait, 0.001)
 
     def write_progress(self) -> None:
+        """Now: a recovery starts or ends."""
         self._progress(force=True)
+        self.on_state_change()
 
     def _progress(self, force: bool = False) -> None:
         """RUN_DIR/progress.json, a few times a second: what fault scripts and dashboards watch."""

@@ -186,7 +186,7 @@ class OnlineService:
                                    lambda: _waiting(coordinator))
         self.fronts = FrontEnds(server_info(cfg, coordinator.model_cfg, limits), self.source.deliver, self._connected)
         self.state = StatePublisher(EngineStateView(coordinator).snapshot, self._broadcast, cfg.serve.state_interval_s)
-        coordinator.on_serving_change = self.state.kick
+        coordinator.on_state_change = self.state.kick
 
     @property
     def address(self):
