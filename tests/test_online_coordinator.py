@@ -209,8 +209,9 @@ def test_tokens_stream_in_order_with_their_indexes_and_the_end_comes_last(served
     c.send(submit("a", n_prompt=5, max_tokens=12))  # the model's eos at position 9: its 5th token
     c.send(submit("b", n_prompt=5, max_tokens=12, ignore_eos=True))  # goes on to its 12th
     c.send(submit("c", n_prompt=2, max_tokens=6, stop_token_ids=(token_at(3),)))  # its own stop: 2nd token
+    c.send(Submit("d", (20, 21, 22), None, ignore_eos=True))  # no max_tokens: the run's default (64)
     wants = {"a": (expected(5, 12), "stop"), "b": (expected(5, 12, ignore_eos=True), "length"),
-             "c": ([token_at(2), token_at(3)], "stop")}
+             "c": ([token_at(2), token_at(3)], "stop"), "d": (expected(3, 64, ignore_eos=True), "length")}
     assert len(wants["a"][0]) == 5 and len(wants["b"][0]) == 12
     for rid, (want, reason) in wants.items():
         end = c.finished(rid)
@@ -563,6 +564,7 @@ def test_serving_from_stage_processes_matches_the_batch_command(tmp_path):
             end = c.finished(r["id"]).record
             assert end["output_ids"] == batch[r["id"]]["output_ids"] == stream_of(c, r["id"], start), r["id"]
             assert end["finish_reason"] == batch[r["id"]]["finish_reason"]
+            assert "text" in batch[r["id"]] and "text" not in end  # the front-end detokenizes
 
         start = len(c.log)  # again, with stage s1 killed while they stream: its replacement takes over
         for r in reqs:

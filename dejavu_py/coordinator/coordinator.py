@@ -207,7 +207,9 @@ class Coordinator:
         self.journal = Journal(self.cfg.run_dir / "journal.jsonl", fingerprint(self.cfg.prompts, self.cfg.model),
                                requests=not self.cfg.serve.enabled)
         self.journal.start()
-        self.ledger = Ledger(self.journal, sink or JsonlSink(self.cfg.output), self.tokenizer)
+        # an online front-end detokenizes itself: no text in its records, no decoding on the loop
+        tokenizer = None if self.cfg.serve.enabled else self.tokenizer
+        self.ledger = Ledger(self.journal, sink or JsonlSink(self.cfg.output), tokenizer)
         for rec in self.rejected:
             self.ledger.answer(rec, journal=False)
         self.await_members()

@@ -136,10 +136,12 @@ class OnlineSource:
 
     def _fields(self, msg: Submit) -> dict[str, Any]:
         """The request file's fields for ``msg`` (its checks then apply as they are)."""
+        ids = list(msg.prompt_ids) if isinstance(msg.prompt_ids, (list, tuple)) else msg.prompt_ids
         fields: dict[str, Any] = {
-            "input_ids": msg.prompt_ids, "max_new_tokens": msg.max_tokens, "temperature": msg.temperature,
-            "top_p": msg.top_p, "top_k": msg.top_k, "stop_token_ids": list(msg.stop_token_ids),
-            "ignore_eos": msg.ignore_eos}
+            "input_ids": ids, "temperature": msg.temperature, "top_p": msg.top_p, "top_k": msg.top_k,
+            "stop_token_ids": list(msg.stop_token_ids), "ignore_eos": msg.ignore_eos}
+        if msg.max_tokens is not None:  # else the run's default
+            fields["max_new_tokens"] = msg.max_tokens
         if msg.seed is not None:
             fields["seed"] = msg.seed
         if self._t0 is not None:  # queued_s counts from now (before serving began: from its start)

@@ -118,9 +118,10 @@ class StreamSink:
         for rid, link in owners.items():
             if link is None or link.closed:
                 continue  # its link has gone: a front-end that connects gets them all (adopt)
-            told, sent = self._told[rid], self._sent.get(rid, 0)
-            items.setdefault(link, []).append((rid, sent, told[sent:]))
-            self._sent[rid] = len(told)
+            told, sent = self._told.get(rid, []), self._sent.get(rid, 0)
+            if len(told) > sent:
+                items.setdefault(link, []).append((rid, sent, told[sent:]))
+                self._sent[rid] = len(told)
         self._dirty.clear()
         now = time.time()
         for link, batch in items.items():
