@@ -233,6 +233,10 @@ def test_a_submit_over_the_limits_gets_an_error_and_is_never_scheduled(served):
     assert "outside the vocabulary" in c.finished("vocab").record["error"]
     c.send(Submit("temp", [5], 4, temperature=-1.0))
     assert "temperature" in c.finished("temp").record["error"]
+    c.send(Submit("odd", [5], 4, stop_token_ids=None))  # a malformed one is refused, the link stays
+    assert "error" in c.finished("odd").record
+    c.send(Cancel(["not", "an", "id"]))
+    c.send("hello")
     c.send(submit("ok", max_tokens=200, ignore_eos=True))  # clamped to the model's length, like a file's line
     c.send(submit("ok", max_tokens=4))  # the same id while it is served
     assert "being served already" in c.finished("ok").record["error"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dejavu_py import log
-from dejavu_py.comm.local_link import Link, LinkServer
+from dejavu_py.comm.local_link import Link, LinkAddress, LinkServer
 from dejavu_py.coordinator.engine_state import EngineStateView, StatePublisher
 from dejavu_py.coordinator.output import error_record
 from dejavu_py.coordinator.request import Request, RequestLimits, online_request
@@ -62,7 +62,13 @@ class FrontEnds:
             self.links.append(link)
         _log.info("a front-end connected (%d linked)", len(self.links))
         self._on_connect(link)
-        link.start_reading(lambda msg: self._deliver(link, msg), lambda: self._gone(link), "frontend-link")
+        link.start_reading(lambda msg: self._handle(link, msg), lambda: self._gone(link), "frontend-link")
+
+    def _handle(self, link: Link, msg: object) -> None:
+        try:
+            self._deliver(link, msg)
+        except Exception:  # a message that cannot be handled must not take its link down
+            _log.exception("a front-end's message could not be handled: %.200r", msg)
 
     def _gone(self, link: Link) -> None:
         with self._lock:
@@ -105,15 +111,15 @@ class OnlineSource:
     def deliver(self, link: Link, msg: object) -> None:
         if isinstance(msg, Submit):
             self.submit(link, msg)
-        elif isinstance(msg, Cancel):
+        elif isinstance(msg, Cancel) and isinstance(msg.request_id, str) and isinstance(msg.reason, str):
             self._cancel(msg)
         else:
-            _log.warning("a front-end sent a %s; expected Submit or Cancel", type(msg).__name__)
+            _log.warning("a front-end sent %.200r; expected a Submit or a Cancel", msg)
 
     def submit(self, link: Link, msg: Submit) -> None:
         try:
             self._accept(link, msg)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # TypeError: a field of a type the checks do not take
             link.send(Finished(msg.request_id, error_record(None, msg.request_id, str(e))))
 
     def _accept(self, link: Link, msg: Submit) -> None:
@@ -186,12 +192,14 @@ class OnlineService:
         self.sink = StreamSink(cfg.serve.stream_flush_s)
         self.source = OnlineSource(limits, self.sink, coordinator.cancel, cfg.serve.max_waiting,
                                    lambda: _waiting(coordinator))
-        self.fronts = FrontEnds(server_info(cfg, coordinator.model_cfg, limits), self.source.deliver, self._connected)
+        self.fronts: FrontEnds | None = None
         self.state = StatePublisher(EngineStateView(coordinator).snapshot, self._broadcast, cfg.serve.state_interval_s)
         coordinator.on_state_change = self.state.kick
+        # last: a front-end may connect the moment it listens, and finds the rest ready
+        self.fronts = FrontEnds(server_info(cfg, coordinator.model_cfg, limits), self.source.deliver, self._connected)
 
     @property
-    def address(self):
+    def address(self) -> LinkAddress:
         return self.fronts.server.address
 
     def child_env(self) -> dict[str, str]:
@@ -202,7 +210,8 @@ class OnlineService:
         self.state.kick()
 
     def _broadcast(self, state: EngineState) -> None:
-        self.fronts.broadcast(state)
+        if self.fronts is not None:
+            self.fronts.broadcast(state)
 
     def close(self) -> None:
         """After serving: the last state, then the links close (the sink was closed by the coordinator)."""
