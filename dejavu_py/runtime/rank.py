@@ -40,13 +40,13 @@ def run_rank(cfg: RunConfig, info: RankInfo, report: Callable[[UserError], None]
     sys.stdout.flush()
     sys.stderr.flush()
     zygote = Zygote.start()  # still single-threaded: safe to fork
-    online = None
-    if coordinator is not None and cfg.serve.enabled:  # threads from here on
-        online = OnlineFrontEnd(coordinator)
     addr, host_server = resolve_address(info, cfg.runtime.startup_timeout_s)
     store = connect(addr, host_server)
     sup = Supervisor(cfg, info.rank, info.local_rank, store, addr, zygote, layout)
+    online = None
     try:
+        if coordinator is not None and cfg.serve.enabled:  # up while the workers load: it says so
+            online = OnlineFrontEnd(coordinator)
         sup.start_workers()
         if coordinator is None:
             code = sup.wait_done()
