@@ -113,10 +113,10 @@ class Client:
                 return msg
         raise AssertionError(f"not heard in {timeout_s}s; heard {self.log[-5:]}")
 
-    def finished(self, rid: str) -> Finished:
+    def finished(self, rid: str, timeout_s: float = 30.0) -> Finished:
         """The next end of ``rid`` not asked for before (heard already, or to come)."""
         match = lambda m: isinstance(m, Finished) and m.request_id == rid and id(m) not in self._taken  # noqa: E731
-        end = next((m for m in self.log if match(m)), None) or self.until(match)
+        end = next((m for m in self.log if match(m)), None) or self.until(match, timeout_s)
         self._taken.add(id(end))
         return end
 
@@ -247,14 +247,14 @@ def test_a_submit_over_the_limits_gets_an_error_and_is_never_scheduled(served):
 
 
 def test_requests_beyond_max_waiting_are_refused_at_once(served):
-    s = served(pace_s=0.01, max_waiting=2).start()  # a microbatch runs 4, 2 more may wait
+    s = served(pace_s=0.01, max_waiting=2).start()  # a microbatch runs 4 at most, 2 more may wait
     c = Client(s.service.address)
-    for i in range(10):
-        c.send(submit(f"r{i}", max_tokens=30, ignore_eos=True))
+    for i in range(10):  # all sent long before the first ends
+        c.send(submit(f"r{i}", max_tokens=60, ignore_eos=True))
     ends = [c.finished(f"r{i}").record for i in range(10)]
     refused = [e for e in ends if "overloaded" in e.get("error", "")]
     assert 4 <= len(refused) <= 8 and all("--max-waiting" in e["error"] for e in refused)
-    assert all(len(e["output_ids"]) == 30 for e in ends if e not in refused)
+    assert all(len(e["output_ids"]) == 60 for e in ends if e not in refused)
     s.stop()
 
 
@@ -294,7 +294,7 @@ def test_a_cancelled_request_leaves_the_plans_and_the_stages_are_told(served):
     told = [i for i, p in enumerate(plans) if 0 in p.release]
     assert len(told) == 1  # the stages forget x (seq 0) with the next plan...
     assert all(0 not in p.seq_ids for p in plans[told[0]:])  # ...and it runs no more
-    assert all(p.seq_ids == [0, 1] for p in plans[1:told[0]])
+    assert all(1 in p.seq_ids for p in plans[told[0]:])  # while y goes on
     c.send(Cancel("x"))  # cancelling again, or an unknown id, changes nothing
     c.send(Cancel("nobody"))
     c.send(Cancel("y"))
