@@ -228,8 +228,8 @@ class ServeConfig:
     served_model_name: str | None = None
     """The model's name in the API (what clients put in "model"). None: the checkpoint directory's name."""
     max_waiting: int = 1024
-    """Requests waiting for a place in a batch at most; a request beyond it is refused at once (the server
-    is overloaded) rather than queued without bound."""
+    """Requests in flight beyond which the HTTP server answers a new one 429 (retry later), and waiting for
+    a place in a batch beyond which the coordinator refuses one: a bounded queue, not an unbounded wait."""
     frontend_module: str = "dejavu_py.serve"
     """Python module rank 0 runs as the front-end process (python -m MODULE --link HOST:PORT --host ...
     --port ... --checkpoint ..., the link's key in its environment): any front-end that speaks

@@ -40,6 +40,7 @@ from dejavu_py.coordinator.block_manager import BlockManager
 from dejavu_py.coordinator.colocated import ColocatedDriver
 from dejavu_py.coordinator.coordinator import Coordinator, Wake
 from dejavu_py.coordinator.disagg import DisaggDriver
+from dejavu_py.coordinator.engine_state import cause_of, recovery_counters
 from dejavu_py.coordinator.journal import Journal
 from dejavu_py.coordinator.ledger import Ledger
 from dejavu_py.coordinator.online import OnlineService
@@ -112,6 +113,11 @@ class Client:
             if pred(msg):
                 return msg
         raise AssertionError(f"not heard in {timeout_s}s; heard {self.log[-5:]}")
+
+    def drain(self) -> None:
+        """Into the log: everything heard so far."""
+        while not self.heard.empty():
+            self.log.append(self.heard.get())
 
     def finished(self, rid: str, timeout_s: float = 30.0) -> Finished:
         """The next end of ``rid`` not asked for before (heard already, or to come)."""
@@ -238,8 +244,10 @@ def test_a_submit_over_the_limits_gets_an_error_and_is_never_scheduled(served):
     c.send(Cancel(["not", "an", "id"]))
     c.send("hello")
     c.send(submit("ok", max_tokens=200, ignore_eos=True))  # clamped to the model's length, like a file's line
-    c.send(submit("ok", max_tokens=4))  # the same id while it is served
-    assert "being served already" in c.finished("ok").record["error"]
+    c.until(lambda m: isinstance(m, Tokens))
+    other = Client(s.service.address)  # another live front-end, with the same id
+    other.send(submit("ok", max_tokens=4))
+    assert "being served already" in other.finished("ok").record["error"]
     end = c.finished("ok").record
     assert end["finish_reason"] == "length" and len(end["output_ids"]) == 128 - 3
     assert s.stage.plans and all(sid == 0 for p in s.stage.plans for sid in p.seq_ids)  # only "ok" ran
@@ -317,21 +325,37 @@ def test_the_source_ends_on_close_refusing_new_requests_after_those_in_flight(se
     s.stop()
 
 
+def heard_tokens(c: Client, rid: str) -> list[int]:
+    """``rid``'s tokens by index, each index heard the same every time it came (a front-end's view)."""
+    tokens: dict[int, int] = {}
+    for i, toks in c.streamed(rid):
+        for k, t in enumerate(toks):
+            assert tokens.setdefault(i + k, t) == t
+    assert sorted(tokens) == list(range(len(tokens)))
+    return [tokens[i] for i in range(len(tokens))]
+
+
 def test_a_front_end_that_connects_again_gets_its_streams_from_the_first_token(served):
+    """It submits its open requests again (same ids): nothing is served twice, and a request that ended
+    meanwhile is answered too."""
     s = served(pace_s=0.01).start()
     c = Client(s.service.address)
-    c.send(submit("r", max_tokens=40, ignore_eos=True))
+    c.send(submit("long", max_tokens=40, ignore_eos=True))
+    c.send(submit("short", max_tokens=3, ignore_eos=True))
     c.until(lambda m: isinstance(m, Tokens))
     c.link.close()  # cancels nothing
-    time.sleep(0.1)
+    time.sleep(0.2)  # "short" ends meanwhile, with no link to go to
     again = Client(s.service.address)
     assert isinstance(again.until(lambda m: True), ServerInfo)
-    end = again.finished("r")
-    tokens: dict[int, int] = {}
-    for i, toks in again.streamed("r"):
-        for k, t in enumerate(toks):
-            assert tokens.setdefault(i + k, t) == t  # a token heard twice is the same token
-    assert [tokens[i] for i in range(len(tokens))] == end.record["output_ids"] == expected(3, 40, ignore_eos=True)
+    time.sleep(0.1)
+    again.drain()
+    assert not again.streamed("long") and not any(isinstance(m, Finished) for m in again.log)  # unclaimed
+    again.send(submit("long", max_tokens=40, ignore_eos=True))
+    again.send(submit("short", max_tokens=3, ignore_eos=True))
+    for rid, n in (("long", 40), ("short", 3)):
+        end = again.finished(rid).record
+        assert heard_tokens(again, rid) == end["output_ids"] == expected(3, n, ignore_eos=True)
+    assert s.coord.ledger.tally.served == 2  # each was served once
     s.stop()
 
 
@@ -345,6 +369,19 @@ def test_engine_state_says_serving_at_once_and_counts_the_waiting(served):
     s.coord._set_serving(False)  # the run failed
     assert not c.until(lambda m: isinstance(m, EngineState)).serving
     s.stop()
+
+
+def test_recovery_counters_by_cause_and_kind():
+    records = [{"cause": "s1 killed by SIGKILL", "recovered_s": 1.5, "phases": {"load_s": 1.0}, "takeover": False,
+                "tokens_recomputed": 10},
+               {"cause": "s0 hung (no heartbeat for 5.2s)", "recovered_s": 0.5, "phases": {"load_s": 0.0},
+                "takeover": True, "replica_bytes": 4096},
+               {"cause": "s2 lost its connection (reset)", "recovered_s": 2.0, "phases": {"replay_s": 0.1}}]
+    c = recovery_counters(records)
+    assert c["recoveries_total"] == {("crash", "cold"): 1, ("hang", "standby"): 1, ("connection", "cold"): 1}
+    assert c["recovery_seconds"] == [1.5, 0.5, 2.0] and c["recovery_phase_seconds"] == {"replay_s": 0.1}
+    assert c["tokens_recomputed_total"] == 10 and c["replica_bytes_total"] == 4096
+    assert recovery_counters([])["recovery_seconds"] == [] and cause_of("s1 exited with code 1") == "crash"
 
 
 # ---- the front-end process -------------------------------------------------------------------------
@@ -525,7 +562,8 @@ def start_serving(cfg: RunConfig, nproc: int) -> tuple[subprocess.Popen, Client]
         time.sleep(0.05)
     doc = json.loads(relay.read_text())
     assert doc["args"] == {"--link": doc["args"]["--link"], "--host": "127.0.0.1", "--port": str(cfg.serve.port),
-                           "--checkpoint": str(cfg.model), "--served-model-name": "tiny"}
+                           "--checkpoint": str(cfg.model), "--max-waiting": "1024", "--log-level": "info",
+                           "--served-model-name": "tiny"}
     return proc, Client(LinkAddress(doc["host"], doc["port"], doc["key"]))
 
 
@@ -581,7 +619,8 @@ def test_serving_from_stage_processes_matches_the_batch_command(tmp_path):
             assert end["output_ids"] == batch[r["id"]]["output_ids"] == stream_of(c, r["id"], start), r["id"]
         after = c.until(lambda m: isinstance(m, EngineState) and m.counters["recoveries_total"], timeout_s=60)
         assert after.counters["recoveries_total"] == {("crash", "cold"): 1} and after.serving
-        assert after.counters["last_recovery_seconds"] > 0 and "replay_s" in after.counters["last_recovery_phases_seconds"]
+        (seconds,) = after.counters["recovery_seconds"]
+        assert seconds > 0 and "replay_s" in after.counters["recovery_phase_seconds"]
         states = [m for m in c.log[start:] if isinstance(m, EngineState)]
         assert any(m.recovering for m in states) and all(m.serving for m in states)  # paused, never down
 

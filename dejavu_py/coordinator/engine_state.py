@@ -5,16 +5,16 @@ It is read on a thread of its own, from the coordinator's live objects (lengths 
 read from another thread sees whole) and from the job's store through a client of its own: the
 serving loop pays nothing for it, and it goes on while a recovery holds the loop.
 
-``counters`` (cumulative unless said otherwise):
-  recoveries_total               {(cause, kind): n}; cause: crash, hang, connection or other;
-                                 kind: standby (a warm standby took over) or cold (a new process)
-  recovery_seconds_total         failure to first token after it, summed over recoveries
-  last_recovery_seconds          the same, of the last recovery (None before any)
-  last_recovery_phases_seconds   {phase: seconds} of the last recovery (coordinator/recovery.py)
-  tokens_recomputed_total        tokens whose KV recoveries recomputed from the tokens
-  replica_bytes_total            KV bytes restored from replicas
-  workers                        {state: n} now: loading, ready, replacing
-  standbys_ready                 warm standbys ready to take over, now
+``counters``, with the names the front-end's metrics read (serve/engine_metrics.py); cumulative unless
+said otherwise:
+  recoveries_total            {(cause, kind): n}; cause: crash, hang, connection or other;
+                              kind: standby (a warm standby took over) or cold (a new process)
+  recovery_seconds            [seconds, ...] of every recovery so far (failure to serving again), oldest first
+  recovery_phase_seconds      {phase: seconds} of the last recovery (coordinator/recovery.py), now
+  tokens_recomputed_total     tokens whose KV recoveries recomputed from the tokens
+  replica_bytes_total         KV bytes restored from replicas
+  workers                     {state: n} now: loading, ready, replacing
+  standbys_ready              warm standbys ready to take over, now
   requests_finished_total, requests_failed_total, tokens_generated_total
   kv_blocks_total, kv_blocks_used   the decode pipeline's KV cache, now
 """
@@ -52,9 +52,8 @@ def recovery_counters(records: list[dict]) -> dict[str, Any]:
     last = records[-1] if records else None
     return {
         "recoveries_total": dict(kinds),
-        "recovery_seconds_total": sum(r.get("recovered_s", 0.0) for r in records),
-        "last_recovery_seconds": last.get("recovered_s") if last else None,
-        "last_recovery_phases_seconds": dict(last.get("phases", {})) if last else {},
+        "recovery_seconds": [r.get("recovered_s", 0.0) for r in records],
+        "recovery_phase_seconds": dict(last.get("phases", {})) if last else {},
         "tokens_recomputed_total": sum(r.get("tokens_recomputed", 0) for r in records),
         "replica_bytes_total": sum(r.get("replica_bytes", 0) for r in records),
     }

@@ -4,9 +4,9 @@ connect over a local link (comm/local_link.py) and speak protocol/serving.py.
 :class:`FrontEnds` accepts the links and greets each with ``ServerInfo``; :class:`OnlineSource` turns
 their ``Submit`` messages into requests for the serving loop (and their ``Cancel`` messages into the
 coordinator's cancellations); :class:`StreamSink` streams tokens and ends back to the link that
-submitted each request. A link that goes away cancels nothing: a front-end may connect again, and the
-requests left without a link are streamed to the next one that does, from their first token (a
-front-end keeps one copy of each token by its index).
+submitted each request. A link that goes away cancels nothing: a front-end may connect again and
+submit its open requests again (the same ids); they stream to it again from their first token (a
+front-end keeps one copy of each token by its index), and are not served twice.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dejavu_py.comm.local_link import Link, LinkAddress, LinkServer
 from dejavu_py.coordinator.engine_state import EngineStateView, StatePublisher
 from dejavu_py.coordinator.output import error_record
 from dejavu_py.coordinator.request import Request, RequestLimits, online_request
-from dejavu_py.coordinator.stream_sink import StreamSink
+from dejavu_py.coordinator.stream_sink import Claim, StreamSink
 from dejavu_py.protocol.serving import Cancel, EngineState, Finished, ServerInfo, Submit
 
 if TYPE_CHECKING:
@@ -75,7 +75,8 @@ class FrontEnds:
             if link not in self.links:
                 return  # closed here, at the end
             self.links.remove(link)
-        _log.warning("a front-end link closed; its requests go on, for a front-end that connects again")
+        _log.warning("a front-end link closed; its requests go on, for a front-end that connects again and "
+                     "claims them")
 
     def broadcast(self, msg: object) -> None:
         with self._lock:
@@ -129,7 +130,10 @@ class OnlineSource:
         if queued >= self.max_waiting:
             raise ValueError(f"the server is overloaded: {queued} requests are waiting (--max-waiting); retry later")
         req = online_request(msg.request_id, self._fields(msg), self.limits)
-        if not self.sink.route(req.id, link):
+        claim = self.sink.claim(req.id, link)
+        if claim is Claim.ATTACHED:  # its front-end reconnected: it streams there again, from the start
+            return
+        if claim is Claim.TAKEN:
             raise ValueError(f"request id {req.id!r} is being served already: give every request an id of its own")
         with self._lock:  # with close(): a request is either refused or served before the loop ends
             closed = self._closed
@@ -206,8 +210,7 @@ class OnlineService:
         return self.fronts.server.child_env()
 
     def _connected(self, link: Link) -> None:
-        self.sink.adopt(link)
-        self.state.kick()
+        self.state.kick()  # the engine's state, at once
 
     def _broadcast(self, state: EngineState) -> None:
         if self.fronts is not None:

@@ -4,13 +4,17 @@ its end go to the link that submitted it, as ``Tokens`` and ``Finished`` message
 The serving loop only appends to a queue (``on_tokens`` is on the pipeline's critical path); a sender
 thread wakes on it, waits ``flush_s`` so that the other tokens of the same step result join, and sends
 one ``Tokens`` message per link with every request's new tokens and the index of the first. A
-request's ``Finished`` always follows its last ``Tokens``. The queue is the only thing the two threads
-share, so the sender's bookkeeping needs no lock; only the owners of requests (written by the
-front-ends' reader threads) are locked.
+request's ``Finished`` always follows its last ``Tokens``.
+
+A link that goes away cancels nothing. Its requests go on, and stream to a front-end again when it
+submits the same request id again (``claim``: a front-end that reconnected resubmits its open
+requests): from their first token, since a front-end keeps one copy of each token by its index. An end
+that found no link waits for its claim the same way.
 """
 from __future__ import annotations
 
 import collections
+import enum
 import threading
 import time
 from collections.abc import Sequence
@@ -22,7 +26,16 @@ from dejavu_py.protocol.serving import Finished, Tokens
 
 _log = log.get(__name__)
 
-_TOKENS, _FINISH, _ADOPT, _STOP = range(4)
+_TOKENS, _FINISH, _ATTACH, _STOP = range(4)
+
+
+class Claim(enum.Enum):
+    NEW = "new"
+    """No request of that id is being served: serve it."""
+    ATTACHED = "attached"
+    """It is being served (or ended) for a link that went away: it streams to the claiming link now."""
+    TAKEN = "taken"
+    """Another live link's request has that id."""
 
 
 class StreamSink:
@@ -30,32 +43,33 @@ class StreamSink:
         self.flush_s = flush_s
         self._queue: collections.deque[tuple] = collections.deque()
         self._kick = threading.Event()
-        self._lock = threading.Lock()
-        self._owner: dict[str, Link] = {}  # request id -> the link that submitted it, until its end
+        self._lock = threading.Lock()  # guards _owner and _unsent (the front-ends' threads read them)
+        self._owner: dict[str, Link] = {}  # request id -> the link it streams to, until its end is sent
+        self._unsent: dict[str, dict[str, Any]] = {}  # ends that found their link gone
         self._told: dict[str, list[int]] = {}  # sender thread: every token of a request not ended
-        self._sent: dict[str, int] = {}  # sender thread: of which its owner was sent this many
+        self._sent: dict[str, int] = {}  # sender thread: of which its link was sent this many
         self._dirty: set[str] = set()  # sender thread: requests with tokens not sent yet
-        self._unsent: dict[str, dict[str, Any]] = {}  # ends of requests whose link had gone
         self._thread = threading.Thread(target=self._run, name="stream-sender", daemon=True)
         self._thread.start()
 
     # -- the front-ends' side (reader and accept threads) -------------------------------------------
-    def route(self, request_id: str, link: Link) -> bool:
-        """Stream ``request_id`` to ``link``; False when a request of that id is being served already."""
+    def claim(self, request_id: str, link: Link) -> Claim:
+        """``link`` submitted ``request_id``: a new request, one of a link that went away, or taken."""
         with self._lock:
-            if request_id in self._owner:
-                return False
+            owner = self._owner.get(request_id)  # kept until its end is sent
+            if owner is None:
+                self._owner[request_id] = link
+                return Claim.NEW
+            if owner is not None and owner is not link and not owner.closed:
+                return Claim.TAKEN
             self._owner[request_id] = link
-            return True
+        self._put((_ATTACH, request_id, link))
+        return Claim.ATTACHED
 
     def unroute(self, request_id: str) -> None:
-        """A request routed but refused after all (it will hear nothing from here)."""
+        """A new request refused after all (it will hear nothing from here)."""
         with self._lock:
             self._owner.pop(request_id, None)
-
-    def adopt(self, link: Link) -> None:
-        """A front-end connected: requests whose link has gone are streamed to it, from the start."""
-        self._put((_ADOPT, link))
 
     # -- OutputSink (the serving loop) ---------------------------------------------------------------
     def on_tokens(self, request_id: str, token_ids: Sequence[int]) -> None:
@@ -100,8 +114,8 @@ class StreamSink:
             elif kind == _FINISH:
                 self._flush()
                 self._finish(event[1])
-            elif kind == _ADOPT:
-                self._adopt(event[1])
+            elif kind == _ATTACH:
+                self._attach(event[1], event[2])
             else:
                 self._flush()
                 return False
@@ -117,7 +131,7 @@ class StreamSink:
             owners = {rid: self._owner.get(rid) for rid in self._dirty}
         for rid, link in owners.items():
             if link is None or link.closed:
-                continue  # its link has gone: a front-end that connects gets them all (adopt)
+                continue  # its link has gone: sent when a front-end claims it
             told, sent = self._told.get(rid, []), self._sent.get(rid, 0)
             if len(told) > sent:
                 items.setdefault(link, []).append((rid, sent, told[sent:]))
@@ -130,27 +144,31 @@ class StreamSink:
     def _finish(self, record: dict[str, Any]) -> None:
         rid = record.get("id")
         with self._lock:
-            link = self._owner.pop(rid, None) if isinstance(rid, str) else None
+            link = self._owner.get(rid) if isinstance(rid, str) else None
+        if link is not None and (link.closed or not link.send(Finished(rid, record))):
+            with self._lock:
+                self._unsent[rid] = record  # until a front-end claims it (_attach, after this)
+            return
+        with self._lock:
+            self._owner.pop(rid, None)
         if link is None:
             _log.warning("the end of request %r has no front-end to go to", rid)
-        elif link.closed or not link.send(Finished(rid, record)):
-            self._unsent[rid] = record  # for a front-end that connects again
-            return
         self._told.pop(rid, None)
         self._sent.pop(rid, None)
 
-    def _adopt(self, link: Link) -> None:
+    def _attach(self, rid: str, link: Link) -> None:
+        """``rid`` streams to ``link`` from its first token (and ends there if it has ended)."""
         with self._lock:
-            for rid, owner in self._owner.items():
-                if owner.closed:
-                    self._owner[rid] = link
-                    self._sent[rid] = 0
-                    self._dirty.add(rid)
-        self._flush()
-        for rid, record in list(self._unsent.items()):
-            tokens = self._told.pop(rid, [])
-            if tokens:
-                link.send(Tokens([(rid, 0, tokens)], time.time()))
-            link.send(Finished(rid, record))
-            self._sent.pop(rid, None)
-            del self._unsent[rid]
+            record = self._unsent.pop(rid, None)
+            if record is not None:
+                self._owner.pop(rid, None)
+        if record is None:
+            self._sent[rid] = 0
+            self._dirty.add(rid)
+            self._flush()
+            return
+        tokens = self._told.pop(rid, [])
+        self._sent.pop(rid, None)
+        if tokens:
+            link.send(Tokens([(rid, 0, tokens)], time.time()))
+        link.send(Finished(rid, record))

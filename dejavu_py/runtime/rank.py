@@ -105,7 +105,8 @@ class OnlineFrontEnd:
     def _spawn(self) -> subprocess.Popen:
         serve, path = self.cfg.serve, self.cfg.logs_dir / "frontend.log"
         cmd = [sys.executable, "-m", serve.frontend_module, "--link", str(self.service.address), "--host", serve.host,
-               "--port", str(serve.port), "--checkpoint", str(self.cfg.model)]
+               "--port", str(serve.port), "--checkpoint", str(self.cfg.model), "--max-waiting", str(serve.max_waiting),
+               "--log-level", self.cfg.runtime.log_level.lower()]
         if serve.served_model_name:
             cmd += ["--served-model-name", serve.served_model_name]
         path.parent.mkdir(parents=True, exist_ok=True)
