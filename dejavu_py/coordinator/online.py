@@ -53,12 +53,16 @@ class FrontEnds:
         self.info, self._deliver, self._on_connect = info, deliver, on_connect
         self._lock = threading.Lock()
         self.links: list[Link] = []
+        self._closed = False
+        self.ending = False
+        """Serving is over: front-ends that go away now are expected to."""
         self.server = LinkServer(self._accepted)
 
     def _accepted(self, link: Link) -> None:
-        if not link.send(self.info):
-            return
-        with self._lock:
+        with self._lock:  # a connection the listener took while it was closing is not served
+            if self._closed or not link.send(self.info):
+                link.close()
+                return
             self.links.append(link)
         _log.info("a front-end connected (%d linked)", len(self.links))
         self._on_connect(link)
@@ -75,8 +79,9 @@ class FrontEnds:
             if link not in self.links:
                 return  # closed here, at the end
             self.links.remove(link)
-        _log.warning("a front-end link closed; its requests go on, for a front-end that connects again and "
-                     "claims them")
+        if not self.ending:
+                _log.warning("a front-end link closed; its requests go on, for a front-end that connects again and "
+                         "claims them")
 
     def broadcast(self, msg: object) -> None:
         with self._lock:
@@ -87,6 +92,7 @@ class FrontEnds:
     def close(self) -> None:
         self.server.close()
         with self._lock:
+            self._closed = True
             links, self.links = self.links, []
         for link in links:
             link.close()
@@ -216,10 +222,16 @@ class OnlineService:
         if self.fronts is not None:
             self.fronts.broadcast(state)
 
-    def close(self) -> None:
-        """After serving: the last state, then the links close (the sink was closed by the coordinator)."""
+    def finish(self) -> None:
+        """After serving: the last state, and every token and end sent (the links stay open)."""
+        if self.fronts is not None:
+            self.fronts.ending = True
         self.state.close()
         self.sink.close()
+
+    def close(self) -> None:
+        """Then the links close."""
+        self.finish()
         self.fronts.close()
 
 

@@ -139,12 +139,13 @@ class OnlineFrontEnd:
         return 1 if code == 0 and self.failed else code
 
     def close(self) -> None:
-        """After serving: the last words to the front-ends, then the front-end process stops."""
+        """After serving: the last words to the front-ends, then the front-end process stops (while its
+        link is still up: it would try to connect again), then the link."""
         self._stopping = True
         if threading.current_thread() is threading.main_thread():
             for sig, old in self._handlers.items():
                 signal.signal(sig, old)
-        self.service.close()
+        self.service.finish()
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -153,3 +154,4 @@ class OnlineFrontEnd:
                 _log.warning("the front-end process did not stop in %.0fs: killing it", self.cfg.serve.frontend_stop_timeout_s)
                 self.proc.kill()
                 self.proc.wait()
+        self.service.close()
