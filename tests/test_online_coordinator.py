@@ -1,36 +1,31 @@
-"""The coordinator's side of online serving: front-ends submit and cancel over the local link, tokens
-stream back in order with their indexes, a cancellation frees what its request held, and the engine's
-state reaches every front-end.
-
-The first tests run the real serving loop, scheduler and link in this process, with a stand-in stage
-that answers plans at its own pace; the schedulers' cancellation is tested on its own (colocated,
-disaggregated, around a recovery); the last test serves from real stage processes and compares with
-the batch command's outputs.
+"""The coordinator's side of online serving, in this process: front-ends submit and cancel over the
+local link, tokens stream back in order with their indexes, a cancellation frees what its request held,
+the engine's state reaches every front-end, and rank 0's front-end process and signals. The real serving
+loop and scheduler run here, with a stand-in stage answering plans at its own pace (tests/online_harness.py).
 """
 from __future__ import annotations
 
-import json
 import os
-import pickle
-import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from e2e import ROOT, env, mixed_requests, run_pipeline, write_requests
-from make_checkpoint import make_checkpoint
+from e2e import ROOT
+from online_harness import (
+    EOS,
+    VOCAB,
+    Client,
+    PacedStage,
+    expected,
+    heard_tokens,
+    token_at,
+)
 
-from dejavu_py.comm.local_link import Link, LinkAddress, connect
-from dejavu_py.comm.store import free_port
 from dejavu_py.config import (
     CacheConfig,
-    GenerationConfig,
-    PipelineConfig,
     RunConfig,
     RuntimeConfig,
     SchedulerConfig,
@@ -39,96 +34,21 @@ from dejavu_py.config import (
 from dejavu_py.coordinator.block_manager import BlockManager
 from dejavu_py.coordinator.colocated import ColocatedDriver
 from dejavu_py.coordinator.coordinator import Coordinator, Wake
-from dejavu_py.coordinator.disagg import DisaggDriver
 from dejavu_py.coordinator.engine_state import cause_of, recovery_counters
 from dejavu_py.coordinator.journal import Journal
 from dejavu_py.coordinator.ledger import Ledger
 from dejavu_py.coordinator.online import OnlineService
-from dejavu_py.coordinator.prefill_scheduler import PrefillScheduler
-from dejavu_py.coordinator.replay import for_replay
-from dejavu_py.coordinator.request import Request
 from dejavu_py.coordinator.scheduler import Scheduler
-from dejavu_py.coordinator.sequence import Sequence, Status
 from dejavu_py.protocol.layout import build_layout
-from dejavu_py.protocol.plan import KVAck, StepPlan, StepResult, Stop
-from dejavu_py.protocol.sampling import SamplingParams
-from dejavu_py.protocol.serving import Cancel, EngineState, Finished, ServerInfo, Submit, Tokens
+from dejavu_py.protocol.serving import (
+    Cancel,
+    EngineState,
+    Finished,
+    ServerInfo,
+    Submit,
+    Tokens,
+)
 from dejavu_py.runtime.rank import OnlineFrontEnd
-
-EOS = 2
-VOCAB = 64
-
-
-def token_at(pos: int) -> int:
-    """The stand-in model: the token sampled at position ``pos`` (end-of-sequence every 5th one)."""
-    return EOS if pos % 5 == 4 else 10 + pos % 40
-
-
-class PacedStage:
-    """A one-stage pipeline answering each plan after ``pace_s``, in order, on a thread of its own."""
-
-    def __init__(self, inbox: queue.Queue, pace_s: float = 0.01) -> None:
-        self.inbox, self.pace_s = inbox, pace_s
-        self.plans: list[StepPlan] = []
-        self._todo: queue.Queue = queue.Queue()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def send(self, member: str, msg: object) -> None:
-        self._todo.put(msg)
-
-    def _run(self) -> None:
-        while True:
-            msg = self._todo.get()
-            if isinstance(msg, Stop):
-                self.inbox.put(("s0", msg))
-                continue
-            time.sleep(self.pace_s)
-            self.plans.append(msg)
-            tokens = [token_at(start + n) for start, n in zip(msg.start_pos, msg.num_tokens)]
-            self.inbox.put(("s0", StepResult(msg.mb, msg.step, list(msg.seq_ids), tokens)))
-
-
-class Client:
-    """A front-end: everything it hears, in order."""
-
-    def __init__(self, address) -> None:
-        self.link: Link = connect(address, timeout_s=10)
-        self.heard: queue.Queue = queue.Queue()
-        self.log: list = []
-        self._taken: set[int] = set()  # ends already returned by finished()
-        self.link.start_reading(self.heard.put, lambda: None, "test-client")
-
-    def send(self, msg) -> None:
-        assert self.link.send(msg)
-
-    def until(self, pred, timeout_s: float = 10.0):
-        """Messages heard until one that ``pred`` accepts (returned)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                msg = self.heard.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            self.log.append(msg)
-            if pred(msg):
-                return msg
-        raise AssertionError(f"not heard in {timeout_s}s; heard {self.log[-5:]}")
-
-    def drain(self) -> None:
-        """Into the log: everything heard so far."""
-        while not self.heard.empty():
-            self.log.append(self.heard.get())
-
-    def finished(self, rid: str, timeout_s: float = 30.0) -> Finished:
-        """The next end of ``rid`` not asked for before (heard already, or to come)."""
-        match = lambda m: isinstance(m, Finished) and m.request_id == rid and id(m) not in self._taken  # noqa: E731
-        end = next((m for m in self.log if match(m)), None) or self.until(match, timeout_s)
-        self._taken.add(id(end))
-        return end
-
-    def streamed(self, rid: str) -> list[tuple[int, list[int]]]:
-        """(index, tokens) of every Tokens item for ``rid`` heard so far."""
-        return [(i, toks) for m in self.log if isinstance(m, Tokens) for r, i, toks in m.items if r == rid]
 
 
 class Served:
@@ -191,15 +111,6 @@ def served(tmp_path):
 
 def submit(rid: str, n_prompt: int = 3, max_tokens: int = 8, **kw) -> Submit:
     return Submit(rid, list(range(20, 20 + n_prompt)), max_tokens, **kw)
-
-
-def expected(n_prompt: int, max_tokens: int, ignore_eos: bool = False) -> list[int]:
-    out = []
-    for pos in range(n_prompt, n_prompt + max_tokens):
-        out.append(token_at(pos))
-        if out[-1] == EOS and not ignore_eos:
-            break
-    return out
 
 
 # ---- over the link, with the real serving loop ----------------------------------------------------
@@ -325,38 +236,38 @@ def test_the_source_ends_on_close_refusing_new_requests_after_those_in_flight(se
     s.stop()
 
 
-def heard_tokens(c: Client, rid: str) -> list[int]:
-    """``rid``'s tokens by index, each index heard the same every time it came (a front-end's view)."""
-    tokens: dict[int, int] = {}
-    for i, toks in c.streamed(rid):
-        for k, t in enumerate(toks):
-            assert tokens.setdefault(i + k, t) == t
-    assert sorted(tokens) == list(range(len(tokens)))
-    return [tokens[i] for i in range(len(tokens))]
-
-
 def test_a_front_end_that_connects_again_gets_its_streams_from_the_first_token(served):
     """It submits its open requests again (same ids): nothing is served twice, and a request that ended
-    meanwhile is answered too."""
+    meanwhile is answered too. (An end sent while the coordinator had not yet seen its link go would be
+    served again: the front-end resubmits what it never heard.)"""
     s = served(pace_s=0.01).start()
     c = Client(s.service.address)
-    c.send(submit("long", max_tokens=40, ignore_eos=True))
-    c.send(submit("short", max_tokens=3, ignore_eos=True))
+    c.send(submit("long", max_tokens=60, ignore_eos=True))
+    c.send(submit("short", max_tokens=20, ignore_eos=True))
     c.until(lambda m: isinstance(m, Tokens))
     c.link.close()  # cancels nothing
-    time.sleep(0.2)  # "short" ends meanwhile, with no link to go to
+    wait_until(lambda: not s.service.fronts.links)  # the coordinator saw it go...
+    assert "short" in s.coord.ledger.by_id
+    wait_until(lambda: "short" not in s.coord.ledger.by_id)  # ...before "short" ended, with no link to go to
     again = Client(s.service.address)
     assert isinstance(again.until(lambda m: True), ServerInfo)
     time.sleep(0.1)
     again.drain()
     assert not again.streamed("long") and not any(isinstance(m, Finished) for m in again.log)  # unclaimed
-    again.send(submit("long", max_tokens=40, ignore_eos=True))
-    again.send(submit("short", max_tokens=3, ignore_eos=True))
-    for rid, n in (("long", 40), ("short", 3)):
+    again.send(submit("long", max_tokens=60, ignore_eos=True))
+    again.send(submit("short", max_tokens=20, ignore_eos=True))
+    for rid, n in (("long", 60), ("short", 20)):
         end = again.finished(rid).record
         assert heard_tokens(again, rid) == end["output_ids"] == expected(3, n, ignore_eos=True)
     assert s.coord.ledger.tally.served == 2  # each was served once
     s.stop()
+
+
+def wait_until(cond, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.005)
 
 
 def test_engine_state_says_serving_at_once_and_counts_the_waiting(served):
@@ -420,230 +331,3 @@ def test_sigterm_stops_serving_and_the_front_end_is_stopped_last(served, monkeyp
     finally:
         fe.close()
     assert fe.proc.returncode is not None and not fe.failed and fe.outcome(0) == 0
-
-
-# ---- the schedulers' cancellation ---------------------------------------------------------------------
-
-
-def request(i: int, n_prompt: int = 4, max_new: int = 6, ignore_eos: bool = False) -> Request:
-    return Request(id=f"q{i}", input_ids=list(range(20, 20 + n_prompt)), max_new_tokens=max_new,
-                   sampling=SamplingParams(seed=i), ignore_eos=ignore_eos)
-
-
-def answer(plan: StepPlan) -> StepResult:
-    return StepResult(plan.mb, plan.step, list(plan.seq_ids),
-                      [token_at(start + n) for start, n in zip(plan.start_pos, plan.num_tokens)])
-
-
-def test_per_request_ignore_eos_keeps_a_set_lookup_per_token():
-    sched = Scheduler(SchedulerConfig(), BlockManager(64, 8), 1, frozenset({EOS}))
-    a, b = Sequence(0, request(0, max_new=9)), Sequence(1, request(1, max_new=9, ignore_eos=True))
-    for seq in (a, b):
-        sched.add(seq)
-    while sched.has_work():
-        for plan in sched.schedule_all():
-            sched.on_result(answer(plan))
-    assert a.output_ids == expected(4, 9) and a.finish_reason == "stop"
-    assert b.output_ids == expected(4, 9, ignore_eos=True) and b.finish_reason == "length"
-    assert b.stop_ids == frozenset() and a.stop_ids == frozenset({EOS})
-    assert sched.blocks.num_free() == 64 and not sched.seqs  # finished ones are not kept
-
-
-def test_abort_in_the_queue_and_in_a_microbatch_with_a_plan_in_flight():
-    blocks = BlockManager(64, 8)
-    sched = Scheduler(SchedulerConfig(max_batch_size=1), blocks, 1, frozenset({EOS}), depth=2)
-    a, b, c = (Sequence(i, request(i, max_new=20, ignore_eos=True)) for i in range(3))
-    for seq in (a, b, c):
-        sched.add(seq)
-    first, second = sched.schedule_all()  # a's prefill, and its next step in flight behind it
-    assert first.seq_ids == second.seq_ids == [0]
-    assert sched.abort(c) and not sched.abort(c)  # waiting: it just leaves the queue
-    assert sched.abort(a)  # running, two plans in flight
-    assert blocks.num_free() == 64 and list(sched.waiting) == [b]
-    assert sched.on_result(answer(first)) == [] and a.output_ids == []  # its tokens are dropped
-    assert sched.on_result(answer(second)) == []
-    nxt = sched.schedule(0)
-    assert nxt.seq_ids == [1] and sorted(nxt.release) == [0, 2] and 1 in nxt.new_seqs
-    assert blocks.num_free() == 64 - blocks.blocks_for(b.max_len)
-    assert sched.states().keys() == {1}
-
-
-def test_a_replay_after_an_abort_sends_the_aborted_rows_to_scratch():
-    sched = Scheduler(SchedulerConfig(), BlockManager(64, 8), 1, frozenset({EOS}))
-    a, b = Sequence(0, request(0, max_new=9, ignore_eos=True)), Sequence(1, request(1, max_new=9, ignore_eos=True))
-    sched.add(a), sched.add(b)
-    for _ in range(3):
-        (plan,) = sched.schedule_all()
-        sched.on_result(answer(plan))
-    sched.abort(a)
-    live = set(sched.states())
-    replayed = [for_replay(p, "s0", live) for p in sched.history[0]]
-    assert live == {1} and all(p.scratch_seqs == [0] for p in replayed)
-
-
-def disagg(token_blocks: int = 64) -> DisaggDriver:
-    cfg = SchedulerConfig(max_batch_size=2)
-    tb = BlockManager(token_blocks, 8)
-    prefill = PrefillScheduler(cfg, BlockManager(32, 8), tb, 1, frozenset({EOS}))
-    decode = Scheduler(cfg, tb, 1, frozenset({EOS}))
-    members = [SimpleNamespace(name=n) for n in ("p0", "t0")]
-    d = DisaggDriver(prefill, decode, (members[0],), (members[1],), lambda member, msg: d.sent.append(msg))
-    d.sent = []
-    return d
-
-
-def test_disaggregated_abort_waiting_prefilling_and_decoding():
-    d = disagg()
-    seqs = [Sequence(i, request(i, max_new=10, ignore_eos=True)) for i in range(4)]
-    for s in seqs:
-        d.add(s)
-    d.fill()
-    (plan,) = d.sent  # seqs 0 and 1 are prefilled; 2 and 3 wait
-    assert plan.seq_ids == [0, 1] and d.decode.blocks.num_free() == 64 - 4
-    assert d.abort(seqs[2]) and seqs[2].cancelled  # waiting: out of the queue
-    assert d.abort(seqs[0]) and not d.abort(seqs[0])  # its prefill is in flight: it ends now...
-    assert d.decode.blocks.num_free() == 64 - 4  # ...and its token-side blocks wait for its KV
-    done = d.on_message("p0", StepResult(0, plan.step, [0, 1], [30, 31]))
-    assert done == [] and seqs[0].output_ids == [] and seqs[1].output_ids == [31]
-    assert d.on_message("t0", KVAck("t0", [0, 1], [100, 100])) == []
-    assert d.decode.blocks.num_free() == 64 - 2 and 0 in d.decode._release  # 0's KV is in: freed, forgotten
-    assert list(d.decode.waiting) == [seqs[1]]
-    assert d.abort(seqs[1]) and d.decode.blocks.num_free() == 64 and not d.decode.has_work()
-    assert d.counts() == (0, 1) and d.busy()  # seq 3 still waits for its prefill
-    assert d.abort(seqs[3]) and not d.busy() and d.decode.blocks.num_free() == 64
-
-
-def test_disaggregated_recovery_does_not_prefill_a_cancelled_request_again():
-    d = disagg()
-    seqs = [Sequence(i, request(i, max_new=10)) for i in range(2)]
-    for s in seqs:
-        d.add(s)
-    d.fill()
-    (plan,) = d.sent
-    d.on_message("p0", StepResult(0, plan.step, [0, 1], [30, 31]))  # prefilled, KV not acknowledged
-    assert d.abort(seqs[0])
-    info = d.recover({"t0"})  # the token stage is replaced: unacknowledged prefills are redone...
-    assert info.notes["prefills_redone"] == 1
-    assert list(d.prefill.waiting) == [seqs[1]] and seqs[0].status is Status.FINISHED  # ...but not a cancelled one
-    assert d.decode.blocks.num_free() == 64 - 2 and 0 in d.decode._release
-
-
-# ---- real stage processes ---------------------------------------------------------------------------
-
-
-def serve_config(ckpt: Path, run_dir: Path, port: int) -> RunConfig:
-    """configs/tiny-cpu.yaml's settings, serving online through the relay (tests/online_relay.py)."""
-    return RunConfig(
-        model=ckpt, prompts=None, run_dir=run_dir,
-        pipeline=PipelineConfig(device="cpu", dtype="float32", threads=1),
-        scheduler=SchedulerConfig(max_batch_size=4, max_batch_tokens=512),
-        cache=CacheConfig(capacity_tokens=4096, block_size=8),
-        generation=GenerationConfig(max_new_tokens=32),
-        runtime=RuntimeConfig(comm_timeout_s=60, startup_timeout_s=120, progress=False),
-        serve=ServeConfig(enabled=True, port=port, served_model_name="tiny", frontend_module="online_relay"),
-    )
-
-
-def start_serving(cfg: RunConfig, nproc: int) -> tuple[subprocess.Popen, Client]:
-    """torchrun with tests/online_rank.py; the test's client connected through the relay."""
-    cfg.run_dir.mkdir(parents=True)
-    (cfg.run_dir / "cfg.pkl").write_bytes(pickle.dumps(cfg))
-    e = env()
-    e["PYTHONPATH"] = f"{ROOT / 'tests'}{os.pathsep}{e['PYTHONPATH']}"
-    e["DEJAVU_TEST_RELAY_FILE"] = str(cfg.run_dir / "relay.json")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--monitor-interval=0.1", str(ROOT / "tests/online_rank.py"), str(cfg.run_dir / "cfg.pkl")]
-    console = open(cfg.run_dir / "console.txt", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
-    relay = cfg.run_dir / "relay.json"
-    deadline = time.monotonic() + 120
-    while not relay.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, (cfg.run_dir / "console.txt").read_text()[-3000:]
-        time.sleep(0.05)
-    doc = json.loads(relay.read_text())
-    assert doc["args"] == {"--link": doc["args"]["--link"], "--host": "127.0.0.1", "--port": str(cfg.serve.port),
-                           "--checkpoint": str(cfg.model), "--max-waiting": "1024", "--log-level": "info",
-                           "--served-model-name": "tiny"}
-    return proc, Client(LinkAddress(doc["host"], doc["port"], doc["key"]))
-
-
-def as_submit(r: dict) -> Submit:
-    """A request file's line as a front-end submits it."""
-    return Submit(r["id"], r["input_ids"], r["max_new_tokens"], r.get("temperature", 0.0), r.get("top_p", 1.0),
-                  r.get("top_k", 0), r.get("seed"), tuple(r.get("stop_token_ids", ())), r.get("ignore_eos", False))
-
-
-def stream_of(c: Client, rid: str, since: int = 0) -> list[int]:
-    """The tokens of ``rid`` heard from log position ``since`` on, checked to come in order, each once."""
-    out: list[int] = []
-    for m in c.log[since:]:
-        if isinstance(m, Tokens):
-            for r, i, toks in m.items:
-                if r == rid:
-                    assert i == len(out), f"{rid}: tokens from {i}, {len(out)} heard"
-                    out += toks
-    return out
-
-
-def test_serving_from_stage_processes_matches_the_batch_command(tmp_path):
-    ckpt = make_checkpoint(tmp_path / "ck", family="olmoe", seed=5)
-    reqs = mixed_requests(5, 384, seed=61) + [{**r, "id": f"s{i}"} for i, r in
-                                              enumerate(mixed_requests(4, 384, seed=62, sampled=True))]
-    reqs[1]["ignore_eos"] = True
-    reqs[2]["stop_token_ids"] = [7, 9]
-    del reqs[6]["seed"]  # derived from the run's seed and its id, the same way by both
-    batch = run_pipeline(ckpt, write_requests(tmp_path / "req.jsonl", reqs), tmp_path / "batch", 2)
-    proc, c = start_serving(serve_config(ckpt, tmp_path / "serve", free_port()), 2)
-    try:
-        info = c.until(lambda m: True)
-        assert isinstance(info, ServerInfo) and info.model == "tiny" and info.max_model_len == 256
-        assert info.max_prompt_tokens == 255 and info.eos_token_ids == (2,) and info.default_max_tokens == 32
-        c.until(lambda m: isinstance(m, EngineState) and m.serving, timeout_s=120)
-        start = len(c.log)
-        for r in reqs:
-            c.send(as_submit(r))
-        for r in reqs:  # the same tokens as the batch command's, streamed in order
-            end = c.finished(r["id"]).record
-            assert end["output_ids"] == batch[r["id"]]["output_ids"] == stream_of(c, r["id"], start), r["id"]
-            assert end["finish_reason"] == batch[r["id"]]["finish_reason"]
-            assert "text" in batch[r["id"]] and "text" not in end  # the front-end detokenizes
-
-        start = len(c.log)  # again, with stage s1 killed while they stream: its replacement takes over
-        for r in reqs:
-            c.send(as_submit(r))
-        c.until(lambda m: isinstance(m, Tokens))
-        workers = json.loads((tmp_path / "serve" / "workers.json").read_text())["workers"]
-        os.kill(next(w["pid"] for w in workers if w["name"] == "s1"), signal.SIGKILL)
-        for r in reqs:
-            end = c.finished(r["id"]).record
-            assert end["output_ids"] == batch[r["id"]]["output_ids"] == stream_of(c, r["id"], start), r["id"]
-        after = c.until(lambda m: isinstance(m, EngineState) and m.counters["recoveries_total"], timeout_s=60)
-        assert after.counters["recoveries_total"] == {("crash", "cold"): 1} and after.serving
-        (seconds,) = after.counters["recovery_seconds"]
-        assert seconds > 0 and "replay_s" in after.counters["recovery_phase_seconds"]
-        states = [m for m in c.log[start:] if isinstance(m, EngineState)]
-        assert any(m.recovering for m in states) and all(m.serving for m in states)  # paused, never down
-
-        c.send(Submit("too-long", [5] * 256, 4))
-        assert "256 tokens" in c.finished("too-long").record["error"]
-
-        c.send(Submit("cancel-me", [5, 6, 7], 200, ignore_eos=True))
-        c.until(lambda m: isinstance(m, EngineState) and m.running == 1 and m.counters["kv_blocks_used"] > 0)
-        c.send(Cancel("cancel-me"))
-        end = c.finished("cancel-me").record
-        assert end["finish_reason"] == "abort" and 0 < len(end["output_ids"]) < 200
-        idle = c.until(lambda m: isinstance(m, EngineState) and m.running == 0)
-        assert idle.counters["kv_blocks_used"] == 0 and idle.counters["workers"] == {"ready": 2}
-
-        c.send(Submit("last", [5, 6, 7], 40, ignore_eos=True))  # in flight when rank 0 is told to stop
-        c.until(lambda m: isinstance(m, Tokens) and any(r == "last" for r, _, _ in m.items))
-        coordinator = json.loads((tmp_path / "serve" / "workers.json").read_text())["coordinator_pid"]
-        os.kill(coordinator, signal.SIGTERM)
-        assert len(c.finished("last").record["output_ids"]) == 40  # finished, not cut short
-        assert proc.wait(timeout=60) == 0, (tmp_path / "serve" / "console.txt").read_text()[-3000:]
-        journal = (tmp_path / "serve" / "journal.jsonl").read_text().splitlines()
-        assert {json.loads(x)["type"] for x in journal} == {"start", "member_lost"}  # no request is journaled
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
