@@ -272,6 +272,47 @@ class FTConfig:
             )
 
 
+@dataclass(kw_only=True, slots=True)
+class ServeConfig:
+    """Online serving: rank 0 starts an HTTP front-end process (an OpenAI-compatible server) and the
+    coordinator serves the requests it forwards, instead of a request file's."""
+
+    enabled: bool = False
+    """Serve clients over HTTP until stopped (SIGTERM or SIGINT to rank 0) instead of reading a request
+    file; the serve subcommand sets it."""
+    host: str = "127.0.0.1"
+    """Address the HTTP server listens on (0.0.0.0: every interface)."""
+    port: int = 8000
+    """TCP port the HTTP server listens on."""
+    served_model_name: str | None = None
+    """The model's name in the API (what clients put in "model"). None: the checkpoint directory's name."""
+    max_waiting: int = 1024
+    """Requests in flight beyond which the HTTP server answers a new one 429 (retry later), and waiting for
+    a place in a batch beyond which the coordinator refuses one: a bounded queue, not an unbounded wait."""
+    frontend_module: str = "dejavu_py.serve"
+    """Python module rank 0 runs as the front-end process (python -m MODULE --link HOST:PORT --host ...
+    --port ... --checkpoint ..., the link's key in its environment): any front-end that speaks
+    protocol/serving.py may take the HTTP server's place."""
+    stream_flush_s: float = 0.0002
+    """Seconds the token sender waits after a new token before sending, so that one message carries a
+    step's tokens of every request instead of one message each."""
+    state_interval_s: float = 0.25
+    """Seconds between two engine states (health, load, fault-tolerance counters) sent to the front-end;
+    a change of health is sent at once."""
+    frontend_stop_timeout_s: float = 10.0
+    """Seconds the front-end process has to exit once serving is over before it is killed."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise UserError(f"--port {self.port}: must be a TCP port, 1 to 65535")
+        _positive("--max-waiting", self.max_waiting)
+        _positive("--stream-flush", self.stream_flush_s)
+        _positive("--state-interval", self.state_interval_s)
+        _positive("--frontend-stop-timeout", self.frontend_stop_timeout_s)
+        if not self.frontend_module:
+            raise UserError("--frontend-module is empty: give a module name, e.g. dejavu_py.serve")
+
+
 def _new_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
@@ -282,8 +323,9 @@ class RunConfig:
 
     model: Path
     """Checkpoint directory: config.json + safetensors (+ tokenizer.json)."""
-    prompts: Path
-    """Request file, JSONL: one {id, input_ids|prompt, max_new_tokens, ...} per line."""
+    prompts: Path | None = None
+    """Request file, JSONL: one {id, input_ids|prompt, max_new_tokens, ...} per line; none when serving
+    online (``serve``)."""
     output: Path | None = None
     """Output JSONL, one line per request in input order. None: RUN_DIR/outputs.jsonl."""
     run_dir: Path = field(default_factory=_new_run_dir)
@@ -295,8 +337,11 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     ft: FTConfig = field(default_factory=FTConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
+        if self.prompts is None and not self.serve.enabled:
+            raise UserError("--prompts is required: give the request file (JSONL), or serve online instead")
         if self.output is None:
             self.output = self.run_dir / "outputs.jsonl"
 

@@ -32,10 +32,12 @@ SECTIONS: dict[str, str] = {
     "runtime": "runtime",
     "kernels": "kernels",
     "ft": "fault tolerance",
+    "serve": "serving (online, OpenAI-compatible HTTP)",
 }
 """RunConfig's field of each config section ('' = RunConfig's own fields) -> the help group it is listed in."""
 
-RENAMED: dict[tuple[str, str], str] = {("cache", "capacity_tokens"): "kv-capacity-tokens", ("ft", "enabled"): "ft"}
+RENAMED: dict[tuple[str, str], str] = {("cache", "capacity_tokens"): "kv-capacity-tokens", ("ft", "enabled"): "ft",
+                                      ("serve", "enabled"): "serve"}
 ON_OFF: frozenset[tuple[str, str]] = frozenset({("ft", "enabled")})
 """Bool fields whose flag takes a value, on or off (``--ft off``), as the flag always has."""
 

@@ -33,6 +33,15 @@ class ColocatedDriver:
         for plan in self.sched.schedule_all():
             self.send(self.pipeline[0].name, plan)
 
+    def abort(self, seq: Sequence) -> bool:
+        if not self.sched.abort(seq):
+            return False
+        seq.cancel()
+        return True
+
+    def counts(self) -> tuple[int, int]:
+        return self.sched.num_active() - len(self.sched.waiting), len(self.sched.waiting)
+
     def busy(self) -> bool:
         return self.sched.has_work()
 

@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from dejavu_py import log
 from dejavu_py.comm.edge import Edge
@@ -25,18 +26,14 @@ from dejavu_py.comm.receiver import EdgeBroken, start_receiver
 from dejavu_py.comm.store import StoreAddress, connect, get_json, has
 from dejavu_py.config import RunConfig
 from dejavu_py.coordinator import workers_file
-from dejavu_py.coordinator.block_manager import BlockManager
-from dejavu_py.coordinator.colocated import ColocatedDriver
-from dejavu_py.coordinator.disagg import DisaggDriver
 from dejavu_py.coordinator.driver import Driver
+from dejavu_py.coordinator.drivers import build_driver
 from dejavu_py.coordinator.journal import Journal, fingerprint
 from dejavu_py.coordinator.ledger import Ledger
 from dejavu_py.coordinator.output import request_error_record
-from dejavu_py.coordinator.prefill_scheduler import PrefillScheduler
 from dejavu_py.coordinator.progress import ProgressBar, RunSummary
 from dejavu_py.coordinator.recovery import Recovery
 from dejavu_py.coordinator.request import RequestLimits, load_requests
-from dejavu_py.coordinator.scheduler import Scheduler
 from dejavu_py.coordinator.sink import JsonlSink, OutputSink
 from dejavu_py.coordinator.source import FileSource, RequestSource
 from dejavu_py.tokenizer import load_tokenizer
@@ -47,6 +44,7 @@ from dejavu_py.protocol.layout import COORD, Layout
 from dejavu_py.protocol.plan import StepCounter, StepResult, Stop
 from dejavu_py.protocol.recovery import Rebuilt, Replayed, ReplayHave
 from dejavu_py.protocol.replica import ReplicaCoverage
+from dejavu_py.protocol.serving import Cancel
 from dejavu_py.timing import LoopTimes
 
 _log = log.get(__name__)
@@ -59,6 +57,10 @@ class PipelineLost(RuntimeError):
 
 class Wake:
     """In the inbox: a request source's nudge to poll now (a request arrived unannounced)."""
+
+
+def _nothing() -> None:
+    pass
 
 
 class Coordinator:
@@ -81,20 +83,29 @@ class Coordinator:
         self.timeline: list[list] = []  # [unix time, tokens, requests done] -> timeline-<attempt>.json
         self.loop_times = LoopTimes()
         """The serving loop per step result: idle (waiting for any message), plan (everything else)."""
+        self.serving = False
+        """Every stage is ready and the run has not failed (a recovery under way keeps it true)."""
+        self.on_state_change: Callable[[], None] = _nothing
+        """Called (on the serving loop) each time ``serving`` changes and when a recovery starts or ends:
+        an online front-end hears it at once."""
+        self._cancels: list[Cancel] = []
 
     # -- setup ---------------------------------------------------------------------------------
-    def load_requests(self) -> FileSource:
-        """The request file as a source; whole-file mistakes raise UserError here, before any worker
-        starts, and each bad line's error record waits for :meth:`run` to tell the sink."""
+    def request_limits(self) -> RequestLimits:
+        """What a request may ask of this model, cache and run (a file's line or an online client's)."""
         mc, cache = self.model_cfg, self.cfg.cache
-        limits = RequestLimits(
+        return RequestLimits(
             vocab_size=mc.vocab_size,
             max_model_len=cache.max_model_len or mc.max_position_embeddings,
             kv_capacity_tokens=cache.partition_blocks * cache.block_size,
             default_max_new_tokens=self.cfg.generation.max_new_tokens,
             run_seed=self.cfg.generation.seed,
         )
-        requests, errors = load_requests(self.cfg.prompts, limits, self.tokenizer)
+
+    def load_requests(self) -> FileSource:
+        """The request file as a source; whole-file mistakes raise UserError here, before any worker
+        starts, and each bad line's error record waits for :meth:`run` to tell the sink."""
+        requests, errors = load_requests(self.cfg.prompts, self.request_limits(), self.tokenizer)
         for err in errors:
             _log.warning("%s", err)
         self.rejected = [request_error_record(err) for err in errors]
@@ -143,6 +154,10 @@ class Coordinator:
 
         start_receiver(edge, peer, deliver, lambda event: self.inbox.put((peer, event)))
 
+    def cancel(self, request: Cancel) -> None:
+        """From any thread: end a request now (its client went away or matched a stop string)."""
+        self.inbox.put((None, request))
+
     def send(self, member: str, msg: object) -> None:
         """To a member; a failure becomes that member's loss, handled by the serving loop."""
         try:
@@ -189,22 +204,28 @@ class Coordinator:
         """The whole run once workers are starting: serve what ``source`` hands out until it is
         exhausted, telling ``sink`` (default: the output file) of every token and record. Returns the
         exit code (0 when every accepted request has its output)."""
-        self.journal = Journal(self.cfg.run_dir / "journal.jsonl", fingerprint(self.cfg.prompts, self.cfg.model))
+        self.journal = Journal(self.cfg.run_dir / "journal.jsonl", fingerprint(self.cfg.prompts, self.cfg.model),
+                               requests=not self.cfg.serve.enabled)
         self.journal.start()
-        self.ledger = Ledger(self.journal, sink or JsonlSink(self.cfg.output), self.tokenizer)
+        # an online front-end detokenizes itself: no text in its records, no decoding on the loop
+        tokenizer = None if self.cfg.serve.enabled else self.tokenizer
+        self.ledger = Ledger(self.journal, sink or JsonlSink(self.cfg.output), tokenizer)
         for rec in self.rejected:
             self.ledger.answer(rec, journal=False)
         self.await_members()
         self.connect()
-        self.driver = self._driver()
+        self.driver = build_driver(self.cfg, self.layout, self.model_cfg.eos_token_ids, self.store, self.steps,
+                                   self.send)
         gc.freeze()  # what setting up made lives on: the collector's full passes skip it from here on
         t_gen = time.monotonic()
         source.start(t_gen, lambda: self.inbox.put((None, Wake())))
+        self._set_serving(True)
         code = 0
         try:
             self._serve(source, t_gen)
             self._stop()
         except (RuntimeError, TimeoutError) as e:
+            self._set_serving(False)
             code = 3 if isinstance(e, PipelineLost) else 1
             cause = str(e).splitlines()[0][:300]
             _log.error("run ended: %s", cause)
@@ -217,6 +238,11 @@ class Coordinator:
         self.close()
         return code
 
+    def _set_serving(self, serving: bool) -> None:
+        if serving != self.serving:
+            self.serving = serving
+            self.on_state_change()
+
     def close(self) -> None:
         """Stop the watchers and abort the edges so that their threads return before the process exits."""
         self._stop_watch.set()
@@ -224,37 +250,6 @@ class Coordinator:
             edge.close()
         if self.journal is not None:
             self.journal.close()
-
-    def _driver(self) -> Driver:
-        mc, gen, cache, sc = self.model_cfg, self.cfg.generation, self.cfg.cache, self.cfg.scheduler
-        stop_ids = frozenset() if gen.ignore_eos else frozenset(mc.eos_token_ids)
-        decode_pipe = self.layout.decode_pipeline
-        mbs = self._microbatches(decode_pipe)
-        if cache.swap:  # one partition per decode microbatch, in a block space larger than the device's
-            blocks = BlockManager(mbs * cache.partition_blocks, cache.block_size, partitions=mbs)
-        else:
-            blocks = BlockManager(cache.num_blocks, cache.block_size)
-        depth = 2 if self.cfg.pipeline.async_scheduling and not cache.swap else 1
-        decode = Scheduler(sc, blocks, mbs, stop_ids, self.steps, history=self.cfg.ft.max_checkpoints, depth=depth)
-        if not self.layout.disaggregated:
-            return ColocatedDriver(decode, decode_pipe, self.send)
-        prompt_pipe = self.layout.pipeline("prompt")
-        prefill = PrefillScheduler(sc, BlockManager(cache.num_blocks, cache.block_size), blocks,
-                                   self._microbatches(prompt_pipe), stop_ids, self.steps)
-        return DisaggDriver(prefill, decode, prompt_pipe, decode_pipe, self.send)
-
-    def _microbatches(self, pipeline) -> int:
-        """One microbatch per stage keeps every stage busy when each has its own processor. Stages
-        sharing a GPU take turns on it anyway, and each extra microbatch would read their weights
-        once more per step: there, one microbatch per distinct GPU."""
-        if self.cfg.cache.swap and pipeline == self.layout.decode_pipeline:
-            return self.cfg.swap_partitions
-        if self.cfg.pipeline.microbatches:
-            return self.cfg.pipeline.microbatches
-        places = [get_json(self.store, keys.member(m.name)) for m in pipeline]
-        if all(p["device"] == "cpu" for p in places):
-            return len(places)
-        return len({(p["host"], p["device"]) for p in places})
 
     def _serve(self, source: RequestSource, t0: float) -> None:
         """Until the source is exhausted and nothing is in flight: admit arrivals, plan, take one
@@ -268,6 +263,8 @@ class Coordinator:
             now = time.monotonic()
             for seq in ledger.arrived(source.poll(now), t0):
                 driver.add(seq)
+            if self._cancels:  # after the poll: a request cancelled right after it came is known now
+                self._cancel_now()
             driver.fill()
             if not driver.busy():
                 if source.exhausted():
@@ -283,6 +280,9 @@ class Coordinator:
                     raise TimeoutError(f"no message from any stage for {limit:.0f}s") from None
                 continue
             if isinstance(msg, Wake):
+                continue
+            if isinstance(msg, Cancel):
+                self._cancels.append(msg)
                 continue
             self._handle(sender, msg)
             quiet_since = time.monotonic()  # a recovery may have taken a while: count from its end
@@ -307,6 +307,15 @@ class Coordinator:
             self.ledger.tokens(msg.seq_ids, len(msg.token_ids))
         self.ledger.finished(finished)
 
+    def _cancel_now(self) -> None:
+        """The cancellations that came: each request still served ends now (its client has its tokens)."""
+        for c in self._cancels:
+            seq = self.ledger.by_id.get(c.request_id)
+            if seq is not None and self.driver.abort(seq):
+                self.ledger.cancelled(seq, c.reason)
+                _log.debug("request %s cancelled (%s)", c.request_id, c.reason)
+        self._cancels.clear()
+
     def _wait_s(self, source: RequestSource, now: float, quiet_since: float) -> float:
         """How long the loop may wait for a message: until the next known arrival, and while work is in
         flight no longer than until the stages count as silent."""
@@ -318,7 +327,9 @@ class Coordinator:
         return max(wait, 0.001)
 
     def write_progress(self) -> None:
+        """Now: a recovery starts or ends."""
         self._progress(force=True)
+        self.on_state_change()
 
     def _progress(self, force: bool = False) -> None:
         """RUN_DIR/progress.json, a few times a second: what fault scripts and dashboards watch."""
@@ -389,13 +400,13 @@ class Coordinator:
     # -- output --------------------------------------------------------------------------------
     def _finish(self, gen_s: float) -> None:
         self.ledger.sink.close()
-        t, seqs = self.ledger.tally, self.ledger.seqs
+        t = self.ledger.tally
         self.summary = RunSummary(
             requests=t.records,
             completed=t.records - t.failed,
             failed=t.failed,
-            prompt_tokens=sum(s.prompt_len for s in seqs),
-            generated_tokens=sum(len(s.output_ids) for s in seqs),
+            prompt_tokens=self.ledger.prompt_tokens,
+            generated_tokens=self.ledger.generated_tokens,
             wall_s=time.monotonic() - self.t_start,
             generate_s=gen_s,
             stages=len(self.layout.members),

@@ -13,7 +13,7 @@ from dejavu_py.coordinator.colocated import recompute_notes
 from dejavu_py.coordinator.driver import RecoverInfo
 from dejavu_py.coordinator.prefill_scheduler import PrefillScheduler
 from dejavu_py.coordinator.scheduler import Scheduler
-from dejavu_py.coordinator.sequence import Sequence
+from dejavu_py.coordinator.sequence import Sequence, Status
 from dejavu_py.protocol.layout import Member
 from dejavu_py.protocol.plan import KVAck, StepResult, StepRouting, Stop
 
@@ -52,6 +52,26 @@ class DisaggDriver:
                 self.send(self.prompt[0].name, plan)
         for plan in self.decode.schedule_all():
             self.send(self.token[0].name, plan)
+
+    def abort(self, seq: Sequence) -> bool:
+        """Its client cancelled it. Waiting for a prefill or in the token pipeline: it leaves now, its
+        blocks are free. Its prefill in flight or its KV on the way: it ends now, and its token-side
+        blocks are freed once every token stage holds its KV (none lands in another's blocks then)."""
+        if seq.cancelled or (seq.status is Status.FINISHED and seq.seq_id not in self.prefilled):
+            return False  # answered already (one that stopped at its first token is not, until its KV is in)
+        if self.prefill.abort(seq) or self.decode.abort(seq):
+            seq.cancel()
+            return True
+        if seq.seq_id in self.prefilled or self.prefill.in_flight(seq):
+            seq.cancel()  # the rest when its KV is all there (_ready) or its prefill is redone (recover)
+            return True
+        return False
+
+    def counts(self) -> tuple[int, int]:
+        waiting = len(self.prefill.waiting) + len(self.decode.waiting)
+        # copies first: another thread may ask (the engine's state) while the loop changes them
+        prefilling = sum(len(seqs) for _, seqs in list(self.prefill.inflight.values())) + len(self.prefilled)
+        return self.decode.num_active() - len(self.decode.waiting) + prefilling, waiting
 
     def busy(self) -> bool:
         return bool(self.prefill.waiting or self.prefill.inflight or self.prefilled) or self.decode.has_work()
@@ -92,10 +112,12 @@ class DisaggDriver:
                 continue
             del self.prefilled[sid], self.acks[sid]
             seq.t_kv_ready, seq.kv_bytes = time.monotonic(), self.kv_bytes.pop(sid, 0)
-            if seq.finish_reason is not None:  # stopped at its first token: free its token-side blocks
-                self.decode.blocks.free(seq.block_table)
+            if seq.finish_reason is not None or seq.cancelled:  # stopped at its first token, or
+                self.decode.blocks.free(seq.block_table)  # cancelled: free its token-side blocks
                 seq.block_table = []
-                finished.append(seq)
+                self.decode.forget(sid)
+                if not seq.cancelled:  # a cancelled one was answered when it was cancelled
+                    finished.append(seq)
             else:
                 self.decode.add(seq)
         return finished
@@ -109,10 +131,12 @@ class DisaggDriver:
     def _lose_prompt_pipeline(self, name: str, why: str) -> None:
         """Redo on the token pipeline every prefill whose KV is not all there; nothing is lost."""
         self.prompt_alive = False
-        redo = self.prefill.drain()
+        # Cancelled ones are dropped with their token-side blocks held: the token pipeline writes its
+        # own prefills now, in no order with the prompt stages' late KV.
+        redo = [s for s in self.prefill.drain() if not s.cancelled]
         for sid, seq in list(self.prefilled.items()):
-            if seq.finish_reason is None:  # finished ones keep their blocks: late KV may still land there
-                redo.append(seq)
+            if seq.finish_reason is None and not seq.cancelled:  # finished ones keep their blocks: late
+                redo.append(seq)  # KV may still land there
                 del self.prefilled[sid]
         for seq in redo:
             self.acks.pop(seq.seq_id, None)
@@ -139,10 +163,13 @@ class DisaggDriver:
             del self.prefilled[seq.seq_id]
             self.acks.pop(seq.seq_id, None)
             self.kv_bytes.pop(seq.seq_id, None)
+        for seq in incomplete + [s for _, seqs in self.prefill.inflight.values() for s in seqs]:
+            if seq.cancelled:  # not prefilled again (rollback frees its blocks): the token stages forget
+                self.decode.forget(seq.seq_id)  # the KV that reached them
         dropped += self.prefill.rollback(incomplete)
         states = {name: (self.decode.states() if name in token_failed else {}) for name in failed}
         notes = recompute_notes(dropped, redo)
-        notes["prefills_redone"] = len(incomplete)
+        notes["prefills_redone"] = sum(not s.cancelled for s in incomplete)
         return RecoverInfo(states, redo, notes)
 
     def live_pipelines(self) -> list[tuple[Member, ...]]:

@@ -42,6 +42,16 @@ class Driver(Protocol):
         """Send the plans that fit now."""
         ...
 
+    def abort(self, seq: Sequence) -> bool:
+        """Its client cancelled it: end it now (out of the queue or its microbatch, blocks freed, the
+        stages told to forget it; whatever is in flight for it is dropped when it comes). False when it
+        is not being served (finished already)."""
+        ...
+
+    def counts(self) -> tuple[int, int]:
+        """(sequences running, waiting), for the engine's state."""
+        ...
+
     def busy(self) -> bool:
         """Anything waiting, in flight or not yet finished."""
         ...

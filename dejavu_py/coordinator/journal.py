@@ -24,9 +24,10 @@ _log = log.get(__name__)
 FSYNC_EVERY_S = 0.5
 
 
-def fingerprint(requests_file: Path, model: Path) -> str:
-    """What makes two runs the same job: the request file's bytes and the checkpoint's config."""
-    h = hashlib.sha256(Path(requests_file).read_bytes())
+def fingerprint(requests_file: Path | None, model: Path) -> str:
+    """What makes two runs the same job: the request file's bytes (None: an online server's, whose
+    requests come from its clients) and the checkpoint's config."""
+    h = hashlib.sha256(b"online" if requests_file is None else Path(requests_file).read_bytes())
     h.update((Path(model) / "config.json").read_bytes())
     return h.hexdigest()[:16]
 
@@ -60,9 +61,13 @@ def check_job(path: Path, job: str) -> None:
 
 
 class Journal:
-    def __init__(self, path: Path, job: str) -> None:
+    def __init__(self, path: Path, job: str, requests: bool = True) -> None:
+        """``requests`` False (an online server): requests are neither recorded nor answered from an
+        earlier attempt (their clients are gone with it, and a server's ids may repeat); only the
+        run's events are noted."""
         self.path = Path(path)
         self.job = job
+        self.requests = requests
         self.finished: dict[str, dict[str, Any]] = {}  # request id -> output record
         self.attempts = 0
         if self.path.exists():
@@ -77,7 +82,7 @@ class Journal:
                 if entry.get("job") != self.job:
                     raise _other_job(self.path)
                 self.attempts += 1
-            elif entry.get("type") == "finished":
+            elif entry.get("type") == "finished" and self.requests:
                 rec = entry["record"]
                 self.finished[str(rec["id"])] = rec
         if self.finished:
@@ -91,6 +96,8 @@ class Journal:
     def accept(self, request_ids: list[str]) -> None:
         """Requests that arrived and will be served (not flushed to disk at once: a crash before their
         record only means they are served again)."""
+        if not self.requests:
+            return
         self._append({"type": "accepted", "ids": list(request_ids)})
         self._sync()
 
@@ -98,6 +105,8 @@ class Journal:
         """A request's output record; a rerun answers its id with it instead of serving it again."""
         if not isinstance(record.get("id"), str):
             raise TypeError(f"journal records need a string 'id' (a request's): {record!r:.200}")
+        if not self.requests:
+            return
         self.finished[record["id"]] = record
         self._append({"type": "finished", "record": record})
         self._sync()

@@ -2,8 +2,9 @@
 
 A request the journal has finished before (an earlier attempt of the same job) is answered from it;
 the others become sequences for the scheduler. Their new tokens go to the output sink as step results
-bring them, and every end (a success, a bad line, a request the run could not finish) goes to the
-journal when it is this attempt's success, to the tally, and to the sink.
+bring them, and every end (a success, a bad line, a cancellation, a request the run could not finish)
+goes to the journal when it is this attempt's success, to the tally, and to the sink. Only sequences
+not answered yet are kept: an online server's ledger does not grow with every request it ever served.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from dejavu_py.coordinator.output import error_record, sequence_record
 from dejavu_py.coordinator.progress import Tally
-from dejavu_py.coordinator.sequence import Sequence, Status
+from dejavu_py.coordinator.sequence import Sequence
 
 if TYPE_CHECKING:
     from dejavu_py.coordinator.journal import Journal
@@ -23,9 +24,15 @@ if TYPE_CHECKING:
 class Ledger:
     def __init__(self, journal: Journal, sink: OutputSink, tokenizer: Tokenizer | None) -> None:
         self.journal, self.sink, self.tokenizer = journal, sink, tokenizer
-        self.seqs: list[Sequence] = []
-        """Every request served by this attempt; a sequence's seq_id is its index."""
+        self.live: dict[int, Sequence] = {}
+        """Requests being served (not answered yet), by seq_id: 0, 1, ... in arrival order."""
+        self.by_id: dict[str, Sequence] = {}
+        """The same, by request id."""
         self.tally = Tally()
+        self.prompt_tokens = 0
+        """Prompt tokens of every request served by this attempt."""
+        self._generated = 0  # output tokens of the requests answered
+        self._next_id = 0
 
     def arrived(self, requests: list[Request], t0: float) -> list[Sequence]:
         """New requests (``arrival_s`` counted from ``t0``): the sequences to serve."""
@@ -42,8 +49,14 @@ class Ledger:
                 self.tally.resumed += 1
                 self.answer(done, journal=False)
                 continue
-            seq = Sequence(len(self.seqs), r, t_arrival=t0 + r.arrival_s)
-            self.seqs.append(seq)
+            if r.id in self.by_id:
+                msg = f"request id {r.id!r} is being served already: give every request an id of its own"
+                self.answer(error_record(r.line, r.id, msg), journal=False)
+                continue
+            seq = Sequence(self._next_id, r, t_arrival=t0 + r.arrival_s)
+            self._next_id += 1
+            self.live[seq.seq_id] = self.by_id[r.id] = seq
+            self.prompt_tokens += seq.prompt_len
             fresh.append(seq)
         return fresh
 
@@ -58,24 +71,42 @@ class Ledger:
         """A step result: the sink learns the new tokens of its sequences (none for the result of a
         plan a recovery dropped, or the extra token of a sequence that already stopped)."""
         self.tally.tokens += num_tokens
-        seqs, tell = self.seqs, self.sink.on_tokens
+        live, tell = self.live, self.sink.on_tokens
         for sid in seq_ids:
-            seq = seqs[sid]
-            if len(seq.output_ids) > seq.told:  # the usual case: one new token
+            seq = live.get(sid)  # None: answered already (cancelled, or the step ahead's extra token)
+            if seq is not None and len(seq.output_ids) > seq.told:  # the usual case: one new token
                 tell(seq.request.id, seq.untold())
 
     def finished(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             self.tally.served += 1
+            self._forget(seq)
             self.answer(sequence_record(seq, self.tokenizer))
 
+    def cancelled(self, seq: Sequence, reason: str) -> None:
+        """Its client cancelled it (the driver has let it go): its record now, with the tokens told
+        so far; ``reason`` is "abort", or "stop" when the client matched a stop string."""
+        del seq.output_ids[seq.told :]
+        seq.finish_reason = reason if reason in ("abort", "stop") else "abort"
+        self.finished([seq])
+
+    def _forget(self, seq: Sequence) -> None:
+        self.live.pop(seq.seq_id, None)
+        self.by_id.pop(seq.request.id, None)
+        self._generated += len(seq.output_ids)
+
     def abandon(self, rest: list[Request], t0: float, why: str) -> None:
-        """The run ends early: every request not finished, ``rest`` (those yet to arrive) included,
+        """The run ends early: every request not answered, ``rest`` (those yet to arrive) included,
         gets an error record saying ``why``."""
         self._take(rest, t0)
-        for seq in self.seqs:
-            if seq.status is not Status.FINISHED:
-                self.answer(error_record(seq.request.line, seq.request.id, f"not finished: {why}"), journal=False)
+        for seq in list(self.live.values()):
+            self._forget(seq)
+            self.answer(error_record(seq.request.line, seq.request.id, f"not finished: {why}"), journal=False)
+
+    @property
+    def generated_tokens(self) -> int:
+        """Output tokens of every request of this attempt, answered or not."""
+        return self._generated + sum(len(s.output_ids) for s in self.live.values())
 
     @property
     def answered(self) -> int:

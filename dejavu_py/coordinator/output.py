@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 _log = log.get(__name__)
 
-FINISH_REASONS = ("stop", "length")
+FINISH_REASONS = ("stop", "length", "abort")
+"""Why generation ended: a stop id, the length limit, or its client cancelled it (online serving)."""
 
 
 @dataclass(frozen=True)

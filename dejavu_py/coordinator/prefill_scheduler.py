@@ -30,6 +30,21 @@ class PrefillScheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def abort(self, seq: Sequence) -> bool:
+        """Its client cancelled it while it waits here: it leaves the queue, and the token-side blocks a
+        redo kept for it are free (a prefill's late KV reaches them before any later prefill's, on the
+        same edges). False when it is not waiting (a prefill in flight ends on its own)."""
+        for i, s in enumerate(self.waiting):
+            if s is seq:
+                del self.waiting[i]
+                self.token_blocks.free(seq.block_table)
+                seq.block_table = []
+                return True
+        return False
+
+    def in_flight(self, seq: Sequence) -> bool:
+        return any(s is seq for _, seqs in self.inflight.values() for s in seqs)
+
     def idle_slots(self) -> list[int]:
         return [m for m in range(self.num_microbatches) if m not in self.inflight]
 
@@ -80,7 +95,8 @@ class PrefillScheduler:
         tokens = dict(zip(result.seq_ids, result.token_ids))
         for seq in seqs:
             seq.num_cached = seq.prompt_len  # once its KV has landed on the token stages
-            seq.append(tokens[seq.seq_id], self.stop_ids)
+            if not seq.cancelled:
+                seq.append(tokens[seq.seq_id], self.stop_ids)
             self.prompt_blocks.free(seq.prompt_table)
             seq.prompt_table = []
             self._release.append(seq.seq_id)
@@ -90,12 +106,23 @@ class PrefillScheduler:
         """Prefills in flight go back to the front of the queue, with ``redo`` (whose KV did not all
         arrive); their token-side reservations stay. Returns the plans dropped."""
         dropped = len(self.inflight)
-        back = self._release_inflight()
+        back = [s for s in self._release_inflight() + redo if not self._drop_cancelled(s)]
         for seq in redo:
-            seq.restart()
-        for seq in reversed(back + redo):
+            if not seq.cancelled:
+                seq.restart()
+        for seq in reversed(back):
             self.waiting.appendleft(seq)
         return dropped
+
+    def _drop_cancelled(self, seq: Sequence) -> bool:
+        """A cancelled sequence is not prefilled again: its token-side blocks are free, the prompt
+        stages forget it."""
+        if not seq.cancelled:
+            return False
+        self.token_blocks.free(seq.block_table)
+        seq.block_table = []
+        self._release.append(seq.seq_id)
+        return True
 
     def drain(self) -> list[Sequence]:
         """Everything waiting or in flight (the prompt pipeline is gone): their prefills must be redone."""

@@ -42,6 +42,7 @@ KNOWN_FIELDS = (
     "top_k",
     "seed",
     "stop_token_ids",
+    "ignore_eos",
     "arrival_s",
 )
 
@@ -63,6 +64,8 @@ class Request:
     """Sampling parameters; the seed is always set (given, or derived from the run seed and the id)."""
     stop_token_ids: tuple[int, ...] = ()
     """Generation stops (finish_reason "stop") after emitting one of these."""
+    ignore_eos: bool = False
+    """Generation goes on past the model's end-of-sequence ids (its own ``stop_token_ids`` still end it)."""
     prompt: str | None = None
     """The prompt text when the request gave one (input_ids are then its encoding)."""
     max_new_tokens_requested: int | None = None
@@ -119,6 +122,11 @@ class RequestLimits:
     """max_new_tokens of a request that gives none."""
     run_seed: int = 0
     """The run's seed: a request without "seed" gets ``derive_seed(run_seed, id)``."""
+
+    @property
+    def longest(self) -> int:
+        """The longest sequence (prompt + generated) a request may make."""
+        return _length_limit(self)[0]
 
 
 def derive_seed(run_seed: int, request_id: str) -> int:
@@ -235,6 +243,13 @@ def _parse_max_new_tokens(obj: dict[str, Any], default: int) -> int:
     return v
 
 
+def _parse_ignore_eos(obj: dict[str, Any]) -> bool:
+    v = obj.get("ignore_eos", False)
+    if not isinstance(v, bool):
+        raise _bad("ignore_eos", "true or false", v)
+    return v
+
+
 def _parse_arrival(obj: dict[str, Any]) -> float:
     v = obj.get("arrival_s", 0.0)
     if not is_number(v) or not math.isfinite(v) or v < 0:
@@ -266,11 +281,24 @@ def _parse_line(obj: dict[str, Any], rid: str, line: int, limits: RequestLimits,
         max_new_tokens=min(requested, limit - n),
         sampling=sampling,
         stop_token_ids=stop,
+        ignore_eos=_parse_ignore_eos(obj),
         prompt=prompt,
         max_new_tokens_requested=requested,
         arrival_s=_parse_arrival(obj),
         line=line,
     )
+
+
+def online_request(rid: str, fields: dict[str, Any], limits: RequestLimits) -> Request:
+    """A request an online client sent, checked and clamped exactly as a request file's line
+    (``fields``: that line's fields, ``input_ids`` given); raises ValueError saying what is wrong."""
+    if not isinstance(rid, str) or not rid:
+        raise ValueError(f"request id {_show(rid)}: expected a non-empty string")
+    try:
+        _check_fields(fields)
+        return _parse_line(fields, rid, None, limits, None)
+    except _LineError as e:
+        raise ValueError(f"request {rid}: {e}") from None
 
 
 def _read_text(path: Path) -> str:

@@ -46,7 +46,9 @@ class Scheduler:
         self.blocks = blocks
         self.num_microbatches = num_microbatches
         self.stop_ids = stop_ids
+        """The model's end-of-sequence ids (none with --ignore-eos); a request may ignore them."""
         self.seqs: dict[int, Sequence] = {}
+        """Sequences waiting or running here (a finished or cancelled one leaves)."""
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, list[Sequence]] = {m: [] for m in range(num_microbatches)}
         self.depth = depth
@@ -71,6 +73,25 @@ class Scheduler:
             raise ValueError(f"sequence {seq.seq_id} needs more KV blocks than the cache has")
         self.seqs[seq.seq_id] = seq
         self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> bool:
+        """Its client cancelled it: it leaves the queue or its microbatch now, its blocks are free and
+        the stages forget it with the next plan; the token of a plan in flight for it will be dropped.
+        False when it is not here."""
+        if self.seqs.pop(seq.seq_id, None) is None:
+            return False
+        _remove(self.waiting, seq)
+        if seq.mb is not None:
+            _remove(self.running[seq.mb], seq)
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+        self._announce.discard(seq.seq_id)
+        self._release.append(seq.seq_id)
+        return True
+
+    def forget(self, seq_id: int) -> None:
+        """The stages forget a sequence that never ran here (its prefill's KV reached them)."""
+        self._release.append(seq_id)
 
     def idle_slots(self) -> list[int]:
         return [m for m in range(self.num_microbatches) if len(self.inflight.get(m, ())) < self.depth]
@@ -177,12 +198,14 @@ class Scheduler:
         plan.routing = self._routing.pop(plan.step, {})
         self.history[result.mb].append(plan)
         finished = []
+        seqs = self.seqs
         for sid, n in zip(plan.seq_ids, plan.num_tokens):
-            self.seqs[sid].num_cached += n
+            if sid in seqs:
+                seqs[sid].num_cached += n
         for sid, token in zip(result.seq_ids, result.token_ids):
-            seq = self.seqs[sid]
-            if seq.status is Status.FINISHED:  # stopped the step before: this token comes from the step ahead
-                continue
+            seq = seqs.get(sid)
+            if seq is None or seq.status is Status.FINISHED:  # stopped the step before (this token comes
+                continue  # from the step ahead), or cancelled
             if seq.append(token, self.stop_ids):
                 finished.append(seq)
         for seq in finished:
@@ -230,9 +253,19 @@ class Scheduler:
 
     def _retire(self, seq: Sequence) -> None:
         self.running[seq.mb].remove(seq)
+        del self.seqs[seq.seq_id]
         self.blocks.free(seq.block_table)
         self._release.append(seq.seq_id)
         seq.block_table = []
+
+
+def _remove(seqs: list[Sequence] | collections.deque[Sequence], seq: Sequence) -> None:
+    """Take ``seq`` itself out of ``seqs`` if it is there (by identity: comparing sequences field by
+    field would be slow)."""
+    for i, s in enumerate(seqs):
+        if s is seq:
+            del seqs[i]
+            return
 
 
 def _fill_placeholders(plan: StepPlan, tokens: list[int]) -> None:

@@ -44,6 +44,11 @@ class Sequence:
     told: int = 0
     """Output tokens already told to the output sink. A restart keeps it: the tokens generated again
     are the same ones, and are not told twice."""
+    stop_ids: frozenset[int] | None = None
+    """Tokens that end it: the model's end-of-sequence ids unless its request ignores them, and the
+    request's own; made at its first token, so that each token costs one set lookup."""
+    cancelled: bool = False
+    """Its client cancelled it: it is answered already, and whatever still arrives for it is dropped."""
 
     @property
     def prompt_len(self) -> int:
@@ -82,13 +87,23 @@ class Sequence:
         self.finish_reason = None
         self.status = Status.WAITING
 
-    def append(self, token: int, stop_ids: frozenset[int]) -> bool:
-        """Add a sampled token; True when finished (a model stop id or one of the request's, or length)."""
+    def cancel(self) -> None:
+        """Ended by its client: finished now, whatever is still in flight for it."""
+        self.cancelled = True
+        self.status, self.t_finish = Status.FINISHED, time.monotonic()
+
+    def append(self, token: int, eos_ids: frozenset[int]) -> bool:
+        """Add a sampled token; True when finished (an end-of-sequence id of ``eos_ids``, the model's,
+        unless the request ignores them; one of the request's stop ids; or length)."""
         now = time.monotonic()
         if self.t_first_token is None:
             self.t_first_token = now
+        stops = self.stop_ids
+        if stops is None:
+            own = frozenset(self.request.stop_token_ids)
+            stops = self.stop_ids = own if self.request.ignore_eos else own | eos_ids
         self.output_ids.append(token)
-        if token in stop_ids or token in self.request.stop_token_ids:
+        if token in stops:
             self.finish_reason = "stop"
         elif len(self.output_ids) >= self.request.max_new_tokens:
             self.finish_reason = "length"
