@@ -308,13 +308,17 @@ class Coordinator:
         self.ledger.finished(finished)
 
     def _cancel_now(self) -> None:
-        """The cancellations that came: each request still served ends now (its client has its tokens)."""
+        """The cancellations that came: each request still served ends now (its client has its tokens),
+        and a recovery that waited for its recomputation waits no longer."""
+        ended = []
         for c in self._cancels:
             seq = self.ledger.by_id.get(c.request_id)
             if seq is not None and self.driver.abort(seq):
                 self.ledger.cancelled(seq, c.reason)
+                ended.append(seq.seq_id)
                 _log.debug("request %s cancelled (%s)", c.request_id, c.reason)
         self._cancels.clear()
+        self.recovery.log.gone(ended, self.recovery.generation)
 
     def _wait_s(self, source: RequestSource, now: float, quiet_since: float) -> float:
         """How long the loop may wait for a message: until the next known arrival, and while work is in
