@@ -301,6 +301,14 @@ class ServeConfig:
     a change of health is sent at once."""
     frontend_stop_timeout_s: float = 10.0
     """Seconds the front-end process has to exit once serving is over before it is killed."""
+    history: int = 10_000
+    """Latest steps whose loop times (coordinator and stages: summary.json's medians, timeline's step_ms)
+    and latest progress samples (the timeline's) a server keeps, so that its memory stays bounded while it
+    runs; means and counts still cover every step. A batch run keeps them all."""
+
+    def kept_history(self) -> int | None:
+        """How many steps and samples a run keeps: ``history`` when serving, None (all) for a batch run."""
+        return self.history if self.enabled else None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -309,6 +317,7 @@ class ServeConfig:
         _positive("--stream-flush", self.stream_flush_s)
         _positive("--state-interval", self.state_interval_s)
         _positive("--frontend-stop-timeout", self.frontend_stop_timeout_s)
+        _positive("ServeConfig.history", self.history)
         if not self.frontend_module:
             raise UserError("--frontend-module is empty: give a module name, e.g. dejavu_py.serve")
 

@@ -236,6 +236,22 @@ def test_the_source_ends_on_close_refusing_new_requests_after_those_in_flight(se
     s.stop()
 
 
+def test_a_server_keeps_only_its_latest_steps_and_progress_samples(served):
+    """Memory stays bounded however long it serves: the loop's times and the timeline keep ``history``
+    entries; the step count and the means still cover every step."""
+    s = served(pace_s=0.01, history=3).start()
+    c = Client(s.service.address)
+    c.send(submit("a", max_tokens=40, ignore_eos=True))
+    assert c.finished("a").record["output_ids"] == expected(3, 40, ignore_eos=True)
+    s.service.source.close()
+    s.thread.join(timeout=10)
+    times = s.coord.loop_times
+    assert times.steps >= 40 and times.kept == 3 and len(times.step_ms()) == 3
+    assert times.per_step_ms()["steps"] == times.steps
+    assert len(s.coord.timeline) == 3 and s.coord.timeline[-1][1] == 40  # the latest: every token counted
+    s.stop()
+
+
 def test_a_front_end_that_connects_again_gets_its_streams_from_the_first_token(served):
     """It submits its open requests again (same ids): nothing is served twice, and a request that ended
     meanwhile is answered too. (An end sent while the coordinator had not yet seen its link go would be

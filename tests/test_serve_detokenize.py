@@ -2,11 +2,7 @@
 that spans tokens ends the text before it, and a possible stop-string prefix waits until it is decided."""
 from __future__ import annotations
 
-import types
-from pathlib import Path
-
 import pytest
-from make_checkpoint import build_tokenizer
 
 from dejavu_py.serve.detokenize import (
     REPLACEMENT,
@@ -14,17 +10,8 @@ from dejavu_py.serve.detokenize import (
     IncrementalDecoder,
     StopStringFilter,
 )
-from dejavu_py.tokenizer import Tokenizer, load_tokenizer
 
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    """The byte-level BPE tokenizer the tiny checkpoints get (ASCII corpus: other characters are bytes)."""
-    out = tmp_path_factory.mktemp("tok")
-    build_tokenizer(types.SimpleNamespace(vocab_size=384), Path(out))
-    t = load_tokenizer(Path(out))
-    assert t is not None
-    return t
+pytest_plugins = ["serve_fixtures"]  # tok: the tiny checkpoints' tokenizer
 
 
 def _stream(detok: Detokenizer, ids: list[int]) -> list[str]:

@@ -9,22 +9,20 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
+from serve_stack import INFO
 
 from dejavu_py.comm.local_link import Link, LinkServer
 from dejavu_py.protocol.serving import (
     Cancel,
     EngineState,
     Finished,
-    ServerInfo,
     Submit,
     Tokens,
 )
 from dejavu_py.serve.engine_client import LINK_GONE, EngineClient, EngineRequestError
-
-INFO = ServerInfo(model="tiny", vocab_size=384, max_model_len=64, max_prompt_tokens=48, eos_token_ids=(2,),
-                  default_max_tokens=8, run_seed=0)
 
 
 class Coordinator:
@@ -44,6 +42,12 @@ class Coordinator:
         link.start_reading(self.heard.put, lambda: None, "test-coordinator")
         link.send(INFO)
         self.links.put(link)
+
+    def connect(self, reconnect_s: float, on_gone: Callable[[], None] | None = None) -> tuple[EngineClient, Link]:
+        """An engine client connected to this coordinator (it heard ServerInfo first), and its link here."""
+        client = EngineClient(self.server.address, reconnect_s=reconnect_s, on_gone=on_gone)
+        assert client.open(5) == INFO
+        return client, self.links.get(timeout=5)
 
     def hear(self, kind: type, timeout: float = 5.0):
         deadline = time.monotonic() + timeout
@@ -66,9 +70,7 @@ def _run(coro):
 
 def test_tokens_arrive_once_each_in_order(coord):
     async def main():
-        client = EngineClient(coord.server.address, reconnect_s=0)
-        assert client.open(5) == INFO
-        link = coord.links.get(timeout=5)
+        client, link = coord.connect(reconnect_s=0)
         stream = client.submit(Submit("r1", [5, 6], max_tokens=6))
         assert coord.hear(Submit).request_id == "r1"
         link.send(Tokens([("r1", 0, [10, 11])], 1.0))
@@ -87,9 +89,7 @@ def test_tokens_arrive_once_each_in_order(coord):
 
 def test_a_record_fills_tokens_never_sent(coord):
     async def main():
-        client = EngineClient(coord.server.address, reconnect_s=0)
-        client.open(5)
-        link = coord.links.get(timeout=5)
+        client, link = coord.connect(reconnect_s=0)
         stream = client.submit(Submit("r2", [5], max_tokens=4))
         coord.hear(Submit)
         link.send(Tokens([("r2", 2, [30])], 1.0))  # indices 0 and 1 never come as tokens
@@ -102,9 +102,7 @@ def test_a_record_fills_tokens_never_sent(coord):
 
 def test_an_error_record_raises_and_cancel_is_sent(coord):
     async def main():
-        client = EngineClient(coord.server.address, reconnect_s=0)
-        client.open(5)
-        link = coord.links.get(timeout=5)
+        client, link = coord.connect(reconnect_s=0)
         bad = client.submit(Submit("bad", [5], max_tokens=4))
         link.send(Finished("bad", {"id": "bad", "error": "prompt too long for the cache"}))
         with pytest.raises(EngineRequestError, match="too long"):
@@ -121,13 +119,12 @@ def test_an_error_record_raises_and_cancel_is_sent(coord):
 
 def test_engine_state_reaches_listeners(coord):
     async def main():
-        client = EngineClient(coord.server.address, reconnect_s=0)
-        client.open(5)
+        client, link = coord.connect(reconnect_s=0)
         seen = []
         client.state_listeners.append(seen.append)
         client.attach(asyncio.get_running_loop())
         assert not client.serving  # nothing said yet
-        coord.links.get(timeout=5).send(EngineState(serving=True, running=3))
+        link.send(EngineState(serving=True, running=3))
         for _ in range(200):
             if client.serving:
                 break
@@ -140,9 +137,7 @@ def test_engine_state_reaches_listeners(coord):
 
 def test_a_coordinator_that_comes_back_gets_the_open_requests_again(coord):
     async def main():
-        client = EngineClient(coord.server.address, reconnect_s=5)
-        client.open(5)
-        first = coord.links.get(timeout=5)
+        client, first = coord.connect(reconnect_s=5)
         stream = client.submit(Submit("r3", [5], max_tokens=3))
         coord.hear(Submit)
         first.send(Tokens([("r3", 0, [40])], 1.0))
@@ -162,9 +157,7 @@ def test_a_coordinator_gone_for_good_fails_the_streams_and_calls_on_gone(coord):
     gone = threading.Event()
 
     async def main():
-        client = EngineClient(coord.server.address, reconnect_s=0.2, on_gone=gone.set)
-        client.open(5)
-        link = coord.links.get(timeout=5)
+        client, link = coord.connect(reconnect_s=0.2, on_gone=gone.set)
         stream = client.submit(Submit("r4", [5], max_tokens=3))
         coord.hear(Submit)
         coord.refuse = True

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,38 +15,14 @@ from serve_stack import (
     REPLY,
     Script,
     api_error,
-    load_tok,
-    make_chat_ckpt,
-    make_ckpt,
-    running,
     sse_events,
     wait,
 )
 
 from dejavu_py.protocol.serving import Cancel, EngineState, Submit
 from dejavu_py.serve.chat_template import ChatTemplate
-from dejavu_py.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_ckpt(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def tok(ckpt) -> Tokenizer:
-    return load_tok(ckpt)
-
-
-@pytest.fixture(scope="module")
-def stack(ckpt, tok):
-    with running(ckpt, tok) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def chat_ckpt(ckpt, tmp_path_factory) -> Path:
-    return make_chat_ckpt(ckpt, tmp_path_factory.mktemp("chat"))
+pytest_plugins = ["serve_fixtures"]
 
 
 @pytest.fixture

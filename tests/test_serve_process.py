@@ -11,23 +11,14 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
-from serve_stack import REPLY, ScriptedCoordinator, load_tok, make_ckpt
+from serve_stack import REPLY, ScriptedCoordinator
 
 from dejavu_py.comm.local_link import KEY_ENV
-from dejavu_py.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_ckpt(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def tok(ckpt) -> Tokenizer:
-    return load_tok(ckpt)
+pytest_plugins = ["serve_fixtures"]
 
 
 def test_the_process_serves_and_exits_when_the_coordinator_is_gone(ckpt, tok):

@@ -2,28 +2,10 @@
 a scripted coordinator (tests/serve_stack.py: the HTTP layer only)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from serve_stack import api_error, load_tok, make_ckpt, running
+from serve_stack import api_error
 
-from dejavu_py.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return make_ckpt(tmp_path_factory.mktemp("ckpt"))
-
-
-@pytest.fixture(scope="module")
-def tok(ckpt) -> Tokenizer:
-    return load_tok(ckpt)
-
-
-@pytest.fixture(scope="module")
-def stack(ckpt, tok):
-    with running(ckpt, tok) as s:
-        yield s
+pytest_plugins = ["serve_fixtures"]
 
 
 @pytest.mark.parametrize("body, param", [

@@ -11,6 +11,7 @@ the others keep running; with it off, the run ends and a rerun with the same run
 """
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import math
@@ -80,8 +81,10 @@ class Coordinator:
         self.journal: Journal | None = None
         self._stop_watch = threading.Event()
         self._progress_t = 0.0
-        self.timeline: list[list] = []  # [unix time, tokens, requests done] -> timeline-<attempt>.json
-        self.loop_times = LoopTimes()
+        self.timeline: collections.deque[list] = collections.deque(maxlen=cfg.serve.kept_history())
+        """[unix time, tokens, requests done] -> timeline-<attempt>.json: every sample of a batch run, the
+        latest ones of a server (its memory stays bounded)."""
+        self.loop_times = LoopTimes(cfg.serve.kept_history())
         """The serving loop per step result: idle (waiting for any message), plan (everything else)."""
         self.serving = False
         """Every stage is ready and the run has not failed (a recovery under way keeps it true)."""
@@ -257,7 +260,7 @@ class Coordinator:
         driver, limit = self.driver, self.cfg.runtime.comm_timeout_s
         bar = ProgressBar(source.expected(), self.cfg.runtime.progress)
         ledger = self.ledger
-        self.loop_times = times = LoopTimes()
+        self.loop_times = times = LoopTimes(self.cfg.serve.kept_history())
         quiet_since = time.monotonic()  # the last message, or the last moment with nothing in flight
         while True:
             now = time.monotonic()
@@ -308,13 +311,17 @@ class Coordinator:
         self.ledger.finished(finished)
 
     def _cancel_now(self) -> None:
-        """The cancellations that came: each request still served ends now (its client has its tokens)."""
+        """The cancellations that came: each request still served ends now (its client has its tokens),
+        and a recovery that waited for its recomputation waits no longer."""
+        ended = []
         for c in self._cancels:
             seq = self.ledger.by_id.get(c.request_id)
             if seq is not None and self.driver.abort(seq):
                 self.ledger.cancelled(seq, c.reason)
+                ended.append(seq.seq_id)
                 _log.debug("request %s cancelled (%s)", c.request_id, c.reason)
         self._cancels.clear()
+        self.recovery.log.gone(ended, self.recovery.generation)
 
     def _wait_s(self, source: RequestSource, now: float, quiet_since: float) -> float:
         """How long the loop may wait for a message: until the next known arrival, and while work is in
@@ -420,6 +427,6 @@ class Coordinator:
         (self.cfg.run_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
         attempt = self.journal.attempts + 1
         (self.cfg.run_dir / f"timeline-{attempt}.json").write_text(
-            json.dumps({"samples": self.timeline, "step_ms": self.loop_times.step_ms()}) + "\n")
+            json.dumps({"samples": list(self.timeline), "step_ms": self.loop_times.step_ms()}) + "\n")
         self._write_ft_stats()
         _log.info("%s", self.summary.line())

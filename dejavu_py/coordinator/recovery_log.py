@@ -2,7 +2,8 @@
 lists them) and what it did.
 
 A record outlives its recovery: it is written once the pipeline produces again and every sequence whose
-KV was recomputed from its tokens has its next token, so that the line times the whole interruption. The
+KV was recomputed from its tokens has its next token or is gone (cancelled before it), so that the line
+times the whole interruption and a cancelled request does not hold it back. The
 failure is dated when the recovery starts and dated again, once the exit reports are in, before writing.
 """
 from __future__ import annotations
@@ -112,6 +113,19 @@ class RecoveryLog:
             t = self.t_resume.pop(sid)
             rec.phases["recompute_s"] = max(rec.phases.get("recompute_s", 0.0), time.monotonic() - t)
             if rec not in self.pending.values():
+                self._write(rec, generation)
+
+    def gone(self, seq_ids: list[int], generation: int) -> None:
+        """These sequences left without another token (cancelled): a recovery waits no longer for their
+        recomputation. Its record is written now if no other recomputed sequence is pending and the
+        pipeline produced since it resumed, else at that token as usual."""
+        for sid in seq_ids:
+            rec = self.pending.pop(sid, None)
+            if rec is None:
+                continue
+            self.t_resume.pop(sid)
+            rec.notes["recompute_cancelled"] = rec.notes.get("recompute_cancelled", 0) + 1
+            if rec not in self.pending.values() and rec not in self.first_token:
                 self._write(rec, generation)
 
     def _refill_standbys(self, generation: int) -> None:

@@ -13,7 +13,7 @@ from dejavu_py.serve.context import ServeContext
 from dejavu_py.serve.generation import Event
 from dejavu_py.serve.params import check_request, check_token_ids
 from dejavu_py.serve.prompts import Prompt
-from dejavu_py.serve.responses import chunks, collect, usage
+from dejavu_py.serve.responses import choice, chunk_choice, chunks, collect, usage
 from dejavu_py.serve.schemas import ChatCompletionRequest
 from dejavu_py.serve.streaming import event_stream, unless_disconnected
 
@@ -41,11 +41,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
     async def whole() -> dict[str, Any]:
         (r,) = await collect(gens)
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
-                                  "finish_reason": r.finish_reason, "stop_reason": r.stop_reason}
-        if body.return_token_ids:
-            choice["token_ids"] = r.token_ids
-        out = {**head, "object": "chat.completion", "choices": [choice], "usage": usage(gens)}
+        message = {"message": {"role": "assistant", "content": r.text}}
+        out = {**head, "object": "chat.completion", "choices": [choice(r, message, body.return_token_ids)],
+               "usage": usage(gens)}
         if body.return_token_ids:
             out["prompt_token_ids"] = ids
         return out
@@ -54,11 +52,4 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
 
 
 def _chunk_choice(event: Event, with_ids: bool) -> dict[str, Any] | None:
-    if not event.text and event.finish_reason is None and not (with_ids and event.token_ids):
-        return None
-    choice: dict[str, Any] = {"index": event.index, "delta": {"content": event.text} if event.text else {},
-                              "logprobs": None, "finish_reason": event.finish_reason,
-                              "stop_reason": event.stop_reason}
-    if with_ids:
-        choice["token_ids"] = event.token_ids
-    return choice
+    return chunk_choice(event, {"delta": {"content": event.text} if event.text else {}}, with_ids)

@@ -10,7 +10,7 @@ from dejavu_py.serve.context import ServeContext
 from dejavu_py.serve.generation import Event
 from dejavu_py.serve.params import check_request
 from dejavu_py.serve.prompts import completion_prompts
-from dejavu_py.serve.responses import chunks, collect, usage
+from dejavu_py.serve.responses import choice, chunk_choice, chunks, collect, usage
 from dejavu_py.serve.schemas import CompletionRequest
 from dejavu_py.serve.streaming import event_stream, unless_disconnected
 
@@ -31,25 +31,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         return event_stream(chunks(head, gens, include_usage, lambda e: _chunk_choice(e, body.return_token_ids)))
 
     async def whole() -> dict[str, Any]:
-        results = await collect(gens)
-        choices = []
-        for r in results:
-            choice: dict[str, Any] = {"index": r.index, "text": r.text, "logprobs": None,
-                                      "finish_reason": r.finish_reason, "stop_reason": r.stop_reason}
-            if body.return_token_ids:
-                choice["prompt_token_ids"] = gens[r.index].prompt.ids
-                choice["token_ids"] = r.token_ids
-            choices.append(choice)
+        with_ids = body.return_token_ids
+        choices = [choice(r, {"text": r.text, **({"prompt_token_ids": gens[r.index].prompt.ids} if with_ids else {})},
+                          with_ids) for r in await collect(gens)]
         return {**head, "choices": choices, "usage": usage(gens)}
 
     return await unless_disconnected(request, whole())
 
 
 def _chunk_choice(event: Event, with_ids: bool) -> dict[str, Any] | None:
-    if not event.text and event.finish_reason is None and not (with_ids and event.token_ids):
-        return None
-    choice: dict[str, Any] = {"index": event.index, "text": event.text, "logprobs": None,
-                              "finish_reason": event.finish_reason, "stop_reason": event.stop_reason}
-    if with_ids:
-        choice["token_ids"] = event.token_ids
-    return choice
+    return chunk_choice(event, {"text": event.text}, with_ids)

@@ -7,10 +7,12 @@ already delivered is dropped (the coordinator may send it twice, after a recover
 token after a gap waits until the gap is filled, so every token is delivered exactly once, in order.
 A request's ``Finished`` record lists all its output ids and fills any gap left.
 
-When the link drops, the client connects again for ``reconnect_s`` and submits its open requests again
-(same ids, same seeds, hence the same tokens: those already delivered are dropped by index); the
-coordinator is expected to end a link's requests when that link ends. If no coordinator comes back,
-every open request fails and ``on_gone`` is called (the process exits).
+When the link drops, the coordinator cancels nothing: a link's requests go on being served without
+it. The client connects again for ``reconnect_s`` and submits its open requests again (same ids, same
+seeds); the coordinator re-attaches each one it still holds, ended ones included, to the new link and
+streams it there again from its first token (those already delivered are dropped by index), so nothing
+is served twice. If no coordinator comes back, every open request fails and ``on_gone`` is called (the
+process exits).
 """
 from __future__ import annotations
 

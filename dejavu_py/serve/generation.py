@@ -19,7 +19,8 @@ from dejavu_py.tokenizer import Tokenizer
 
 @dataclass
 class Event:
-    """New text of one choice; the last event of a choice has its finish_reason."""
+    """New text of one choice; the last event of a choice has its finish_reason. A whole choice is one
+    event too (serve/responses.py's ``collect``)."""
 
     index: int
     text: str = ""

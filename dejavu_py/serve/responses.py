@@ -7,24 +7,12 @@ error event in the stream (as vLLM sends it), still followed by ``[DONE]``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from dejavu_py.serve.api_errors import APIError
 from dejavu_py.serve.engine_client import LINK_GONE, EngineRequestError
 from dejavu_py.serve.generation import Event, Generation
 from dejavu_py.serve.streaming import DONE, merged, sse
-
-
-@dataclass
-class ChoiceResult:
-    """A finished choice."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: str | int | None = None
 
 
 def usage(gens: list[Generation]) -> dict[str, int]:
@@ -39,9 +27,26 @@ def engine_error(e: EngineRequestError) -> APIError:
     return APIError(500, f"the engine could not finish the request: {e}", code="engine_error")
 
 
-async def collect(gens: list[Generation]) -> list[ChoiceResult]:
-    """Every choice, whole, in index order."""
-    results = [ChoiceResult(g.index) for g in gens]
+def choice(event: Event, content: dict[str, Any], with_ids: bool) -> dict[str, Any]:
+    """A choice of a whole response or of a chunk, as both endpoints shape it; ``content`` is the
+    endpoint's text field (completions' "text", chat's "message" or "delta")."""
+    out: dict[str, Any] = {"index": event.index, **content, "logprobs": None, "finish_reason": event.finish_reason,
+                           "stop_reason": event.stop_reason}
+    if with_ids:
+        out["token_ids"] = event.token_ids
+    return out
+
+
+def chunk_choice(event: Event, content: dict[str, Any], with_ids: bool) -> dict[str, Any] | None:
+    """A chunk's choice, or None when the event shows nothing (no text, no end, no ids asked for)."""
+    if not event.text and event.finish_reason is None and not (with_ids and event.token_ids):
+        return None
+    return choice(event, content, with_ids)
+
+
+async def collect(gens: list[Generation]) -> list[Event]:
+    """Every choice, whole (one event each: all its text and ids, and its end), in index order."""
+    results = [Event(g.index) for g in gens]
     try:
         async for e in merged(gens):
             r = results[e.index]
@@ -63,12 +68,12 @@ async def chunks(head: dict[str, Any], gens: list[Generation], include_usage: bo
     """The SSE lines of a streaming response; ``first`` are choices sent before any text (chat's role)."""
     extra = {"usage": None} if include_usage else {}
     try:
-        for choice in first or []:
-            yield sse({**head, "choices": [choice], **extra})
+        for c in first or []:
+            yield sse({**head, "choices": [c], **extra})
         async for event in merged(gens):
-            choice = choice_of(event)
-            if choice is not None:
-                yield sse({**head, "choices": [choice], **extra})
+            c = choice_of(event)
+            if c is not None:
+                yield sse({**head, "choices": [c], **extra})
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage(gens)})
     except EngineRequestError as e:
