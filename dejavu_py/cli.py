@@ -6,6 +6,11 @@
 ``python -m dejavu_py --nproc-per-node 3 ...`` does the same without torchrun on the command line: it
 checks the inputs first (a user mistake is one line, never a traceback) and then starts the ranks
 with torch's elastic launcher. Every YAML key is a flag name (``max_batch_size: 8``); flags win.
+
+``serve`` as the first argument serves clients online instead of a request file: rank 0 starts an
+OpenAI-compatible HTTP server (see ``python -m dejavu_py serve --help``), under any launcher:
+
+    python -m dejavu_py serve --nproc-per-node 3 --config configs/tiny-cpu.yaml --model CKPT_DIR --port 8000
 """
 from __future__ import annotations
 
@@ -29,12 +34,32 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
-def build_parser() -> _Parser:
+SERVE = "serve"
+"""The subcommand (the first argument) that serves online; without it the command runs a request file."""
+
+_SERVE_HELP = """\
+Serve a Mixture-of-Experts checkpoint online with a pipeline of stages, one process per stage: rank 0
+starts an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health,
+/metrics, /version) whose streams go on through a stage worker's death. No --prompts: requests come
+over HTTP until SIGTERM or SIGINT to rank 0 (or the launcher) stops serving."""
+
+
+def split_subcommand(argv: list[str]) -> tuple[bool, list[str]]:
+    """(serving, the flags): ``serve`` is only a subcommand as the first argument."""
+    if argv and argv[0] == SERVE:
+        return True, argv[1:]
+    return False, argv
+
+
+def build_parser(serving: bool = False) -> _Parser:
     """Every flag of the run configuration (flags.py: from the config dataclasses), plus --config and
-    --nproc-per-node, which choose how to run rather than what."""
+    --nproc-per-node, which choose how to run rather than what. ``serving``: the serve subcommand's."""
     p = _Parser(
-        prog="python -m dejavu_py",
-        description="Serve a Mixture-of-Experts checkpoint with a pipeline of stages, one process per stage.",
+        prog=f"python -m dejavu_py {SERVE}" if serving else "python -m dejavu_py",
+        description=_SERVE_HELP if serving else (
+            "Serve a Mixture-of-Experts checkpoint with a pipeline of stages, one process per stage.\n"
+            f"Subcommand: '{SERVE}' (the first argument) serves online over HTTP instead of a request file;\n"
+            f"its flags: '%(prog)s {SERVE} --help'."),
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -115,18 +140,33 @@ def _convert(path: Path, key: str, value: Any, action: argparse.Action) -> Any:
 
 
 def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
-    """Flags (over YAML defaults) -> RunConfig; raises UserError naming the flag or key."""
-    parser = build_parser()
+    """Flags (over YAML defaults) -> RunConfig; raises UserError naming the flag or key. A leading
+    ``serve`` sets ServeConfig.enabled, as ``--serve`` does."""
+    serving, argv = split_subcommand(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser(serving)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path)
     first, _ = pre.parse_known_args(argv)
     if first.config is not None:
         parser.set_defaults(**_yaml_defaults(parser, first.config))
     ns = parser.parse_args(argv)
-    for flag in ("model", "prompts"):
-        if getattr(ns, flag) is None:
-            raise UserError(f"--{flag} is required (or set '{flag}:' in the --config file)")
+    if serving:
+        ns.serve = True
+    _check_required(ns)
     return flags.to_config(ns), ns
+
+
+def _check_required(ns: argparse.Namespace) -> None:
+    """--model always; --prompts for a batch run only: a server gets its requests over HTTP, so a request
+    file given to it is refused rather than silently left unread."""
+    if ns.model is None:
+        raise UserError("--model is required (or set 'model:' in the --config file)")
+    if ns.serve and ns.prompts is not None:
+        raise UserError(f"--prompts {ns.prompts}: a server takes its requests over HTTP, not from a file; "
+                        f"leave --prompts out, or run the file without '{SERVE}' / --serve")
+    if not ns.serve and ns.prompts is None:
+        raise UserError("--prompts is required (or set 'prompts:' in the --config file), "
+                        f"or serve online: python -m dejavu_py {SERVE} ...")
 
 
 def main(argv: list[str] | None = None) -> int:

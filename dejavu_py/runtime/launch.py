@@ -1,4 +1,4 @@
-"""``python -m dejavu_py --nproc-per-node N``: check the inputs once, then start N ranks like torchrun.
+"""``python -m dejavu_py [serve] --nproc-per-node N``: check the inputs once, then start N ranks like torchrun.
 
 Checking first means a user mistake is one line and a non-zero exit, before any process starts. A
 mistake the ranks find later (user_errors.py) is printed here after they have exited, with torchrun's
@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dejavu_py.config import RunConfig
@@ -41,7 +43,24 @@ def validate(cfg: RunConfig, nproc: int) -> None:
 
     log.setup("WARNING", None, console_level=None)  # the ranks report bad lines; stay quiet here
     model_cfg, layout = prepare(cfg, nproc)
-    Coordinator(cfg, layout, model_cfg, store=None).load_requests()
+    if cfg.serve.enabled:
+        check_serving(cfg)
+    else:
+        Coordinator(cfg, layout, model_cfg, store=None).load_requests()
+
+
+def check_serving(cfg: RunConfig) -> None:
+    """What the HTTP front-end would otherwise only find once every worker has loaded its weights: the
+    checkpoint's tokenizer (text in and out of the API) and a port it can listen on."""
+    if not (Path(cfg.model) / "tokenizer.json").is_file():
+        raise UserError(f"--model {cfg.model}: no tokenizer.json; serving needs the checkpoint's tokenizer "
+                        "to turn text into tokens and back")
+    with socket.socket() as sock:
+        try:
+            sock.bind((cfg.serve.host, cfg.serve.port))
+        except OSError as e:
+            raise UserError(f"--host {cfg.serve.host} --port {cfg.serve.port}: cannot listen there "
+                            f"({e.strerror or e}); choose another --port") from None
 
 
 @contextlib.contextmanager
@@ -86,4 +105,4 @@ def launch_local(cfg: RunConfig, nproc: int, argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["UserError", "failure_line", "launch_local", "validate"]
+__all__ = ["UserError", "check_serving", "failure_line", "launch_local", "validate"]
