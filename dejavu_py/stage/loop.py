@@ -75,7 +75,9 @@ class Worker:
             self.receiver = KVReceiver(runner.kv, spec.cfg.cache.block_size, runner.swapper)
         self.ft = fault_tolerance(self, runner)
         """``StageFT``, or where the stage keeps none, ``FTOff``: the same calls, doing nothing."""
-        self.times = LoopTimes(self.cfg.serve.kept_history())
+        self.history = self.cfg.serve.kept_history()
+        """Steps whose times the loop keeps (None: all, a batch run's)."""
+        self.times = LoopTimes(self.history)
         """Per step: idle (waiting for input), replica_wait, launch, finish (device_wait of it included),
         record (routing to the coordinator), send, checkpoint (token state and replica chunk, after the send);
         busy: other messages (replica chunks held)."""
@@ -156,7 +158,7 @@ class Worker:
     def serve(self) -> int:
         """Handle messages until told to stop; returns the steps launched."""
         steps = 0
-        self.times = LoopTimes(self.cfg.serve.kept_history())  # from the first message on: connecting is no step's cost
+        self.times = LoopTimes(self.history)  # from the first message on: connecting is no step's cost
         trace = StepTrace(self.me.name, self.spec.cfg.runtime)
         routes, lookup = self.messages.routes, self.messages.lookup
         while not self.stopped:
