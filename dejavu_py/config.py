@@ -168,7 +168,10 @@ class RuntimeConfig:
     log_level: LogLevel = "INFO"
     """Level of the log files and of rank 0's console."""
     progress: bool = True
-    """Progress bar on rank 0 when stderr is a terminal."""
+    """Progress on rank 0: a bar when stderr is a terminal, else a log line every --progress-interval."""
+    progress_interval_s: float = 10.0
+    """Seconds between progress log lines when stderr is not a terminal (a pipe or a file, where a bar
+    cannot be redrawn in place)."""
     trace_dir: Path | None = None
     """Directory for a device trace of each stage worker's steps (torch.profiler: host calls with shapes
     and stacks, device kernels and copies; DIR/<stage>.json in Chrome trace format), with --trace-steps.
@@ -180,6 +183,7 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         _positive("--comm-timeout", self.comm_timeout_s)
         _positive("--startup-timeout", self.startup_timeout_s)
+        _positive("--progress-interval", self.progress_interval_s)
         if self.log_level.upper() not in get_args(LogLevel):
             raise UserError(f"--log-level {self.log_level!r}: choose DEBUG, INFO, WARNING or ERROR")
         if (self.trace_dir is None) != (self.trace_steps is None):

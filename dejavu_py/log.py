@@ -3,12 +3,18 @@
 Each process calls :func:`setup` once; every logger of the package then prints e.g.
 ``12:00:01.234 token t1 r3 INFO dejavu_py.stage.worker: loaded 4 layers in 0.8 s`` (role, stage
 name, rank).
+
+A progress bar drawn in place on the console goes through :func:`draw_bar` / :func:`end_bar`, so that
+the console handler can end the bar's line before it prints a record: log lines and the bar never
+share a line (the bar is drawn again on its next update).
 """
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 from pathlib import Path
+from typing import TextIO
 
 _FORMAT = "%(asctime)s.%(msecs)03d %(role)s %(stage)s r%(rank)s %(levelname)s %(name)s: %(message)s"
 _DATEFMT = "%H:%M:%S"
@@ -27,6 +33,53 @@ class _Identity(logging.Filter):
 
 
 _identity = _Identity()
+
+_CLEAR_LINE = "\r\033[K"
+"""Back to the start of the line and erase it (ANSI): what a record printed over the bar first writes."""
+
+
+class _BarLine:
+    """The bar's state on the console: which stream holds a drawn, unfinished bar line (None: none).
+    Its lock orders the bar's writes with the console handler's."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.stream: TextIO | None = None
+
+
+_bar = _BarLine()
+
+
+def draw_bar(text: str, stream: TextIO | None = None) -> None:
+    """Draw ``text`` in place of the current line of ``stream`` (stderr by default), no newline."""
+    out = sys.stderr if stream is None else stream
+    with _bar.lock:
+        out.write(_CLEAR_LINE + text)
+        out.flush()
+        _bar.stream = out
+
+
+def end_bar() -> None:
+    """Finish the bar's line with a newline (the bar stays visible above later output)."""
+    with _bar.lock:
+        if _bar.stream is not None:
+            _bar.stream.write("\n")
+            _bar.stream.flush()
+            _bar.stream = None
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """A stream handler that erases a bar drawn on its stream before it prints a record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with _bar.lock:
+            if _bar.stream is not None and _bar.stream is self.stream:
+                try:
+                    self.stream.write(_CLEAR_LINE)
+                except (OSError, ValueError):  # a closed stream: let emit report it the usual way
+                    pass
+                _bar.stream = None
+            super().emit(record)
 
 
 def set_identity(role: str | None = None, stage: int | str | None = None, rank: int | str | None = None) -> None:
@@ -51,7 +104,7 @@ def setup(level: str = "INFO", log_file: Path | None = None, console_level: str 
     fmt = logging.Formatter(_FORMAT, _DATEFMT)
     handlers: list[logging.Handler] = []
     if console_level is not None:
-        console = logging.StreamHandler(sys.stderr)
+        console = ConsoleHandler(sys.stderr)
         console.setLevel(console_level.upper())
         handlers.append(console)
     if log_file is not None:

@@ -32,7 +32,7 @@ from dejavu_py.coordinator.drivers import build_driver
 from dejavu_py.coordinator.journal import Journal, fingerprint
 from dejavu_py.coordinator.ledger import Ledger
 from dejavu_py.coordinator.output import request_error_record
-from dejavu_py.coordinator.progress import ProgressBar, RunSummary
+from dejavu_py.coordinator.progress import ProgressBar, RunSummary, latency_stats
 from dejavu_py.coordinator.recovery import Recovery
 from dejavu_py.coordinator.request import RequestLimits, load_requests
 from dejavu_py.coordinator.sink import JsonlSink, OutputSink
@@ -258,7 +258,7 @@ class Coordinator:
         """Until the source is exhausted and nothing is in flight: admit arrivals, plan, take one
         message. Silence of every stage for --comm-timeout while work is in flight ends the run."""
         driver, limit = self.driver, self.cfg.runtime.comm_timeout_s
-        bar = ProgressBar(source.expected(), self.cfg.runtime.progress)
+        bar = ProgressBar(source.expected(), self.cfg.runtime.progress, self.cfg.runtime.progress_interval_s)
         ledger = self.ledger
         self.loop_times = times = LoopTimes(self.cfg.serve.kept_history())
         quiet_since = time.monotonic()  # the last message, or the last moment with nothing in flight
@@ -289,7 +289,7 @@ class Coordinator:
                 continue
             self._handle(sender, msg)
             quiet_since = time.monotonic()  # a recovery may have taken a while: count from its end
-            bar.update(ledger.answered, ledger.tally.tokens)
+            bar.update(ledger.answered, ledger.tally.tokens, self.recovery.count)
             self._progress()
         bar.close(ledger.answered, ledger.tally.tokens)
         self._progress(force=True)
@@ -417,6 +417,8 @@ class Coordinator:
             wall_s=time.monotonic() - self.t_start,
             generate_s=gen_s,
             stages=len(self.layout.members),
+            ttft_s=latency_stats(t.ttft),
+            tpot_s=latency_stats(t.tpot),
         )
         self.recovery.finish()
         loops = {"coordinator": self.loop_times.per_step_ms(), **{
