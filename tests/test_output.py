@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dejavu_py.coordinator import output
 from dejavu_py.coordinator.output import (
     Timings,
     error_record,
@@ -23,6 +24,8 @@ from dejavu_py.protocol.sampling import SamplingParams
 
 
 class _FakeTokenizer:
+    vocab_size = 100
+
     def decode(self, ids: list[int]) -> str:
         return " ".join(f"t{i}" for i in ids)
 
@@ -46,6 +49,21 @@ def test_success_record_shape():
     }
     with_text = success_record(_req(2, "a"), [5, 6], "length", T, tokenizer=_FakeTokenizer())
     assert with_text["text"] == "t5 t6" and list(with_text)[:4] == ["line", "id", "output_ids", "text"]
+
+
+def test_ids_outside_the_tokenizer_are_noted_and_warned_once(caplog, monkeypatch):
+    """A tokenizer smaller than the model's vocabulary: the text leaves those ids out, and says so."""
+    monkeypatch.setattr(output, "_warned", set())
+    with caplog.at_level("WARNING", logger=output._log.name):
+        rec = success_record(_req(2, "a"), [5, 150, 6, 100, 2], "stop", T, tokenizer=_FakeTokenizer())
+        again = success_record(_req(3, "b"), [300], "length", T, tokenizer=_FakeTokenizer())
+    assert rec["text"] == "t5 t6 t2" and list(rec)[:5] == ["line", "id", "output_ids", "text", "text_note"]
+    assert rec["text_note"] == ("2 of the output ids are outside the tokenizer's vocabulary (100 tokens): "
+                                "the text leaves them out")
+    assert again["text"] == "" and again["text_note"].startswith("1 of the output ids")
+    warnings = [r for r in caplog.records if "outside the tokenizer's vocabulary" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING" and "vocab_size" in warnings[0].getMessage()
+    assert "text_note" not in success_record(_req(4, "c"), [99, 0], "stop", T, tokenizer=_FakeTokenizer())
 
 
 def test_sequence_record_counts_timings_from_arrival():

@@ -6,7 +6,8 @@ Either a tiny preset per supported family (``--family olmoe``) or any real model
 random from ``--seed`` and written by transformers' ``save_pretrained``: config.json,
 generation_config.json, model.safetensors or shards with model.safetensors.index.json. Expert weights
 are written per expert (what save_pretrained writes by default) or fused/stacked
-(``--expert-layout fused``). A byte-level BPE tokenizer is trained offline and saved beside them.
+(``--expert-layout fused``). A byte-level BPE tokenizer is trained offline and saved beside them,
+padded with synthetic tokens to the model's whole vocab_size, special tokens at the config's ids.
 
     python tools/make_checkpoint.py --family qwen2_moe --out ckpt/qwen2_moe
     python tools/make_checkpoint.py --config olmoe/config.json --dtype bfloat16 --out ckpt/olmoe-1b-7b
@@ -116,17 +117,39 @@ def _init_(model, seed: int, std: float, device: str = "cpu") -> None:
                 flat[i : i + n] = torch.randn(n, generator=gen, device=device).mul_(scale).add_(base).to(p.dtype)
 
 
-def build_tokenizer(config, out_dir: Path) -> None:
-    """Train a byte-level BPE tokenizer offline that fits the model's vocab and special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+_SPECIAL_NAMES = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
+_DEFAULT_SPECIAL_IDS = {"pad": 0, "bos": 1, "eos": 2}
+"""Where the special tokens go when the config names no ids (the tiny presets' own ids)."""
 
-    specials = ["<pad>", "<s>", "</s>"]
-    # Special ids of the config must point at the special tokens, else skip their mapping.
-    size = min(int(config.vocab_size), 1024)
+
+def _ids_of(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def special_tokens(config) -> dict[int, str]:
+    """Id -> text of the special tokens at the ids the config names (eos first: an id that is both
+    bos and eos, as in several real configs, is the end-of-sequence token)."""
+    vocab = int(config.vocab_size)
+    named = {k: _ids_of(getattr(config, f"{k}_token_id", None)) for k in ("eos", "bos", "pad")}
+    if not any(named.values()):
+        named = {k: [i] for k, i in _DEFAULT_SPECIAL_IDS.items()}
+    out: dict[int, str] = {}
+    for kind, ids in named.items():
+        for n, i in enumerate(ids):
+            if not 0 <= i < vocab:
+                raise SystemExit(f"error: {kind}_token_id {i} is outside vocab_size {vocab}; fix the config or --set it")
+            out.setdefault(i, _SPECIAL_NAMES[kind] if n == 0 else f"<{kind}_{n}>")
+    return out
+
+
+def _trained_bpe(size: int, specials: list[str]):
+    """A byte-level BPE trained offline on a small corpus: real merges, so text encodes sensibly."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=size,
         special_tokens=specials,
@@ -134,10 +157,51 @@ def build_tokenizer(config, out_dir: Path) -> None:
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", clean_up_tokenization_spaces=False
-    )
+    return tok
+
+
+def full_vocab(specials: dict[int, str], trained: list[str], size: int) -> dict[str, int]:
+    """Exactly ``size`` distinct tokens: the specials at their ids, the trained tokens in their order
+    in the free ids, then synthetic ``<tN>`` tokens (decodable, never produced by encoding) up to
+    ``size``, so that every id the model can sample has text."""
+    taken = set(specials.values())
+    trained = [t for t in trained if t not in taken]
+    if len(specials) + len(trained) > size:
+        raise SystemExit(
+            f"error: vocab_size {size} is too small for a byte-level tokenizer ({len(specials) + len(trained)} "
+            "tokens); raise vocab_size or pass --no-tokenizer"
+        )
+    fill = iter(trained)
+    vocab: dict[str, int] = {}
+    for i in range(size):
+        text = specials.get(i) or next(fill, None) or f"<t{i}>"
+        if text in vocab:  # a trained token spelled like a synthetic one: keep ids distinct
+            text = f"<t{i}_>"
+        vocab[text] = i
+    return vocab
+
+
+def build_tokenizer(config, out_dir: Path) -> None:
+    """Write a byte-level BPE tokenizer whose vocabulary has exactly the model's vocab_size tokens,
+    with the special tokens at the config's ids: an output id the model samples always decodes."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    size = int(config.vocab_size)
+    specials = special_tokens(config)
+    base = _trained_bpe(min(size, 1024), [specials[i] for i in sorted(specials)])
+    model = json.loads(base.to_str())["model"]
+    trained = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab=full_vocab(specials, trained, size), merges=merges, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(specials[i], special=True) for i in sorted(specials)])
+    names = {v: k for k, v in sorted(specials.items(), reverse=True)}
+    roles = {f"{kind}_token": text for kind, text in _SPECIAL_NAMES.items() if text in names}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **roles)
     fast.save_pretrained(out_dir)
+    _log(f"tokenizer: {tok.get_vocab_size(with_added_tokens=True)} tokens, specials {specials}")
 
 
 def make_checkpoint(

@@ -5,7 +5,8 @@ Success::
     {"line": 1, "id": "q1", "output_ids": [5, 9, 2], "text": "...", "finish_reason": "stop",
      "num_prompt_tokens": 7, "timings": {"queued_s": 0.01, "first_token_s": 0.2, "total_s": 0.9}}
 
-("text" only when the checkpoint has a tokenizer.) Failure::
+("text" only when the checkpoint has a tokenizer; "text_note" beside it says why the text leaves out
+some ids, e.g. ids outside the tokenizer's vocabulary.) Failure::
 
     {"line": 3, "id": "q3", "error": "requests.jsonl line 3: field 'top_p': expected ..."}
 
@@ -73,11 +74,37 @@ def success_record(
     ids = [int(t) for t in output_ids]
     rec: dict[str, Any] = {"line": request.line, "id": request.id, "output_ids": ids}
     if tokenizer is not None:
-        rec["text"] = tokenizer.decode(ids)
+        rec.update(decode_text(ids, tokenizer))
     rec["finish_reason"] = finish_reason
     rec["num_prompt_tokens"] = len(request.input_ids)
     rec["timings"] = {**timings.as_dict(), **(extra_timings or {})}
     return rec
+
+
+_warned: set[str] = set()
+"""Text problems already warned of in this process (a run warns once of each, not per request)."""
+
+
+def decode_text(ids: Sequence[int], tokenizer: Tokenizer) -> dict[str, str]:
+    """{"text"} of ``ids``, with "text_note" when some ids have no token in the tokenizer (a tokenizer
+    smaller than the model's vocabulary): those are left out of the text, and the note says so."""
+    size = tokenizer.vocab_size
+    known = [t for t in ids if 0 <= t < size]
+    out = {"text": tokenizer.decode(known)}
+    missing = len(ids) - len(known)
+    if missing:
+        out["text_note"] = (f"{missing} of the output ids are outside the tokenizer's vocabulary ({size} tokens): "
+                            "the text leaves them out")
+        _warn_once("vocab", f"some output ids are outside the tokenizer's vocabulary ({size} tokens), so their "
+                            "text is left out (see text_note); give the checkpoint a tokenizer that covers the "
+                            "model's vocab_size")
+    return out
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        _log.warning("%s", message)
 
 
 def sequence_record(seq: Seq, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
