@@ -26,7 +26,7 @@ from dejavu_py.comm.edge import Edge
 from dejavu_py.comm.receiver import EdgeBroken, start_receiver
 from dejavu_py.comm.store import StoreAddress, connect, get_json, has
 from dejavu_py.config import RunConfig
-from dejavu_py.coordinator import workers_file
+from dejavu_py.coordinator import run_files, workers_file
 from dejavu_py.coordinator.driver import Driver
 from dejavu_py.coordinator.drivers import build_driver
 from dejavu_py.coordinator.journal import Journal, fingerprint
@@ -37,7 +37,6 @@ from dejavu_py.coordinator.recovery import Recovery
 from dejavu_py.coordinator.request import RequestLimits, load_requests
 from dejavu_py.coordinator.sink import JsonlSink, OutputSink
 from dejavu_py.coordinator.source import FileSource, RequestSource
-from dejavu_py.tokenizer import load_tokenizer
 from dejavu_py.coordinator.watch import MemberLost, watch
 from dejavu_py.errors import PipelineError, UserError
 from dejavu_py.protocol import keys
@@ -47,6 +46,7 @@ from dejavu_py.protocol.recovery import Rebuilt, Replayed, ReplayHave
 from dejavu_py.protocol.replica import ReplicaCoverage
 from dejavu_py.protocol.serving import Cancel
 from dejavu_py.timing import LoopTimes
+from dejavu_py.tokenizer import load_tokenizer
 
 _log = log.get(__name__)
 LATE_RECOVERY_MESSAGES = (Rebuilt, Replayed, ReplayHave, ReplicaCoverage)
@@ -395,15 +395,6 @@ class Coordinator:
                     _log.warning("%s ended before the stop marker came back: %s", self.member_of(msg), self.why(msg))
                     break
 
-    def _write_ft_stats(self) -> None:
-        """RUN_DIR/ft_stats.json: per stage checkpoint and replica figures, and every recovery."""
-        stages = {m.name: get_json(self.store, keys.ft_stats(m.name)) for m in self.layout.members
-                  if has(self.store, keys.ft_stats(m.name))}
-        doc = {"enabled": self.cfg.ft.enabled, "policy": self.cfg.ft.checkpoint_policy,
-               "replica_lag": self.cfg.ft.replica_lag, "max_checkpoints": self.cfg.ft.max_checkpoints,
-               "stages": stages, "recoveries": self.recovery.records}
-        (self.cfg.run_dir / "ft_stats.json").write_text(json.dumps(doc, indent=2) + "\n")
-
     # -- output --------------------------------------------------------------------------------
     def _finish(self, gen_s: float) -> None:
         self.ledger.sink.close()
@@ -421,14 +412,10 @@ class Coordinator:
             tpot_s=latency_stats(t.tpot),
         )
         self.recovery.finish()
-        loops = {"coordinator": self.loop_times.per_step_ms(), **{
-            m.name: get_json(self.store, keys.ft_stats(m.name)).get("loop") for m in self.layout.members
-            if has(self.store, keys.ft_stats(m.name))}}
-        doc = {**self.summary.to_dict(), **self.driver.notes(), "recoveries": self.recovery.count, "loop_ms": loops,
-               "resumed_from_journal": t.resumed}
-        (self.cfg.run_dir / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
-        attempt = self.journal.attempts + 1
-        (self.cfg.run_dir / f"timeline-{attempt}.json").write_text(
-            json.dumps({"samples": list(self.timeline), "step_ms": self.loop_times.step_ms()}) + "\n")
-        self._write_ft_stats()
+        stages, run_dir = run_files.stage_stats(self.store, self.layout), self.cfg.run_dir
+        summary = {**self.summary.to_dict(), **self.driver.notes(), "recoveries": self.recovery.count,
+                   "resumed_from_journal": t.resumed}
+        run_files.write_summary(run_dir, summary, stages, self.loop_times.per_step_ms())
+        run_files.write_timeline(run_dir, self.journal.attempts + 1, list(self.timeline), self.loop_times.step_ms())
+        run_files.write_ft_stats(run_dir, self.cfg.ft, stages, self.recovery.records)
         _log.info("%s", self.summary.line())
